@@ -1,0 +1,76 @@
+"""The only place a SparkSession is built. Never at import time."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from typing import TYPE_CHECKING
+
+from config.config import Settings
+from src.errors import ProcessorError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+
+def check_java() -> None:
+    """Spark needs a JVM; say what to install instead of a Py4J stack trace."""
+    java_home = os.environ.get("JAVA_HOME")
+    java = os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
+    if not java or not os.path.exists(java):
+        raise ProcessorError(
+            "Java is not installed (Spark needs Java 17 or 21): install it, e.g. "
+            "`apt-get install openjdk-17-jre-headless`, or set JAVA_HOME"
+        )
+
+
+def spark_conf(settings: Settings, app_name: str) -> dict[str, str]:
+    """Everything we set on the session, as plain strings (also used by tests and --help docs)."""
+    scratch = settings.data_dir / "spark"
+    conf = {
+        "spark.app.name": app_name,
+        "spark.master": settings.spark_master,
+        "spark.driver.memory": settings.spark_driver_memory,
+        "spark.serializer": "org.apache.spark.serializer.KryoSerializer",
+        "spark.sql.shuffle.partitions": "2",
+        "spark.default.parallelism": "2",
+        "spark.sql.adaptive.enabled": "false",
+        "spark.ui.enabled": "true" if settings.spark_ui_enabled else "false",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.local.dir": str(scratch / "tmp"),
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.driver.bindAddress": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"),
+        "spark.driver.host": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"),
+        "spark.sql.parquet.mergeSchema": "false",
+        "spark.sql.sources.partitionColumnTypeInference.enabled": "false",
+        "spark.checkpoint.dir": str(scratch / "checkpoints"),
+        "spark.log.level": "WARN",
+    }
+    if settings.s3_bucket_name:
+        from src.utils.spark_utils import s3a_conf
+
+        conf.update(s3a_conf(settings))
+    return conf
+
+
+def build_spark_session(settings: Settings, app_name: str = "transaction-processor") -> "SparkSession":
+    check_java()
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+
+    conf = spark_conf(settings, app_name)
+    (settings.data_dir / "spark" / "tmp").mkdir(parents=True, exist_ok=True)
+    builder = SparkSession.builder
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("WARN")
+    session.sparkContext.setCheckpointDir(conf["spark.checkpoint.dir"])
+    log.info("Spark %s session up (master %s)", session.version, settings.spark_master)
+    return session

@@ -1,0 +1,98 @@
+-- Ledger and state tables the design needs beside SPEC §3's. Idempotent, applied at start.
+
+-- One row per file seen in the source.
+CREATE TABLE IF NOT EXISTS source_files (
+    file_id         TEXT        PRIMARY KEY,      -- local-<sha256(name)> or the Drive id
+    source          TEXT        NOT NULL,         -- local | gdrive
+    name            TEXT        NOT NULL,
+    kind            TEXT        NOT NULL,         -- transactions | importance | ignored | unknown
+    status          TEXT        NOT NULL,         -- ingesting | done | failed | ignored | conflict | deleted
+    checksum        TEXT,                         -- md5 of the content last ingested
+    size_bytes      BIGINT,
+    modified_time   TIMESTAMPTZ,
+    lines_done      BIGINT      NOT NULL DEFAULT 0,   -- data rows consumed (good + quarantined)
+    bytes_done      BIGINT      NOT NULL DEFAULT 0,   -- byte offset after the last consumed line
+    prefix_md5      TEXT,                         -- md5 of bytes [0, bytes_done)
+    rows_ingested   BIGINT      NOT NULL DEFAULT 0,
+    rows_quarantined BIGINT     NOT NULL DEFAULT 0,
+    chunks          INTEGER     NOT NULL DEFAULT 0,
+    reason          TEXT,
+    conflict_checksum TEXT,
+    first_seen      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    finished_at     TIMESTAMPTZ
+);
+
+-- One row per chunk. `seq` is the global order Mechanism Y follows.
+CREATE TABLE IF NOT EXISTS chunks (
+    seq             BIGSERIAL   PRIMARY KEY,
+    file_id         TEXT        NOT NULL REFERENCES source_files (file_id),
+    chunk_seq       INTEGER     NOT NULL,
+    first_line      BIGINT      NOT NULL,
+    last_line       BIGINT      NOT NULL,
+    rows_total      INTEGER     NOT NULL,          -- data rows in the range
+    rows_valid      INTEGER     NOT NULL,          -- rows in the object
+    rows_quarantined INTEGER    NOT NULL,
+    bytes_end       BIGINT      NOT NULL,
+    prefix_md5      TEXT        NOT NULL,
+    object_key      TEXT        NOT NULL UNIQUE,
+    content_md5     TEXT,
+    status          TEXT        NOT NULL,          -- pending | written
+    created_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    written_at      TIMESTAMPTZ,
+    processed_at    TIMESTAMPTZ,                   -- set by Mechanism Y in the same transaction as its state
+    y_rows_clean    INTEGER,
+    y_rows_rejected INTEGER,
+    y_new_detections INTEGER,
+    UNIQUE (file_id, chunk_seq)
+);
+CREATE INDEX IF NOT EXISTS chunks_unprocessed_idx ON chunks (seq) WHERE processed_at IS NULL;
+
+-- Rows that failed validation, with where they came from and why.
+CREATE TABLE IF NOT EXISTS quarantine (
+    file_id     TEXT        NOT NULL,
+    line_no     BIGINT      NOT NULL,
+    chunk_seq   INTEGER,
+    stage       TEXT        NOT NULL DEFAULT 'ingest',   -- ingest (X) | detect (Y)
+    reason      TEXT        NOT NULL,
+    raw_line    TEXT,
+    recorded_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (file_id, line_no, stage)
+);
+
+-- Which importance file is loaded; Mechanism Y reloads its weights when `version` changes.
+CREATE TABLE IF NOT EXISTS importance_state (
+    id          SMALLINT    PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    file_id     TEXT        NOT NULL,
+    checksum    TEXT        NOT NULL,
+    rows_loaded BIGINT      NOT NULL,
+    version     BIGINT      NOT NULL,
+    loaded_at   TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- Mechanism Y's running state per (merchant, customer).
+CREATE TABLE IF NOT EXISTS y_state (
+    merchant    TEXT          NOT NULL,
+    customer    TEXT          NOT NULL,
+    n           BIGINT        NOT NULL,
+    amount_sum  NUMERIC(38,2) NOT NULL,
+    has_f       BOOLEAN       NOT NULL,
+    has_m       BOOLEAN       NOT NULL,
+    PRIMARY KEY (merchant, customer)
+);
+
+-- Lake files of detections: assigned in PostgreSQL first, then written under the same name.
+CREATE TABLE IF NOT EXISTS detection_files (
+    object_key  TEXT        PRIMARY KEY,
+    pattern_id  TEXT        NOT NULL,
+    rows        INTEGER     NOT NULL,
+    written     BOOLEAN     NOT NULL DEFAULT false,
+    created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- Small key/value state: Drive change tokens and the like.
+CREATE TABLE IF NOT EXISTS kv_state (
+    key         TEXT        PRIMARY KEY,
+    value       TEXT        NOT NULL,
+    updated_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+);

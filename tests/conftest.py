@@ -1,0 +1,188 @@
+"""Shared fixtures: a real PostgreSQL server started by the tests, fresh databases, settings, Spark.
+
+The server is the machine's PostgreSQL (initdb + pg_ctl on 127.0.0.1, a free port, as the
+`postgres` user when we are root); where no such binaries exist, the embedded pgserver.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_bindir() -> Path | None:
+    env = os.environ.get("PG_BINDIR")
+    candidates = [Path(env)] if env else []
+    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    for c in candidates:
+        if (c / "initdb").exists() and (c / "pg_ctl").exists():
+            return c
+    return None
+
+
+@dataclass
+class PgServer:
+    host: str
+    port: int | None
+    user: str
+    admin_dsn: str
+
+    def env_for(self, db: str) -> dict[str, str]:
+        """POSTGRES_* (or the embedded DSN) that point the product at database `db`."""
+        if self.port is None:
+            base, _, query = self.admin_dsn.partition("?")
+            return {"TP_DATABASE_URL": base.rsplit("/", 1)[0] + "/" + db + (f"?{query}" if query else "")}
+        return {
+            "POSTGRES_HOST": self.host,
+            "POSTGRES_PORT": str(self.port),
+            "POSTGRES_DB": db,
+            "POSTGRES_USER": self.user,
+            "POSTGRES_PASSWORD": "",
+        }
+
+    def dsn_for(self, db: str) -> str:
+        if self.port is None:
+            return self.env_for(db)["TP_DATABASE_URL"]
+        return f"host={self.host} port={self.port} dbname={db} user={self.user}"
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    bindir = _pg_bindir()
+    if bindir is None:
+        import pgserver
+
+        tmp = Path(tempfile.mkdtemp(prefix="tp-pgserver-"))
+        server = pgserver.get_server(tmp, cleanup_mode="delete")
+        yield PgServer(host="", port=None, user="postgres", admin_dsn=server.get_uri())
+        server.cleanup()
+        return
+
+    tmp = Path(tempfile.mkdtemp(prefix="tp-pg-"))
+    pgdata = tmp / "data"
+    port = _free_port()
+    as_root = os.geteuid() == 0
+    prefix: list[str] = []
+    if as_root:
+        pw = pwd.getpwnam("postgres")
+        os.chown(tmp, pw.pw_uid, pw.pw_gid)
+        os.chmod(tmp, 0o755)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(
+        prefix + [str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {tmp} -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    subprocess.run(
+        prefix + [str(bindir / "pg_ctl"), "-D", str(pgdata), "-o", opts, "-l", str(tmp / "log"), "-w", "start"],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    try:
+        yield PgServer(host="127.0.0.1", port=port, user="postgres",
+                       admin_dsn=f"host=127.0.0.1 port={port} dbname=postgres user=postgres")
+    finally:
+        subprocess.run(prefix + [str(bindir / "pg_ctl"), "-D", str(pgdata), "-m", "immediate", "stop"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_db(pg_server):
+    """A fresh, empty database for one test; returns its name."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    conn = psycopg2.connect(pg_server.admin_dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    yield name
+    conn = psycopg2.connect(pg_server.admin_dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    conn.close()
+
+
+@pytest.fixture
+def pg_conn(pg_server, pg_db):
+    conn = psycopg2.connect(pg_server.dsn_for(pg_db))
+    conn.autocommit = True
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def base_env(tmp_path, pg_server, pg_db) -> dict[str, str]:
+    """Environment for a product run in `tmp_path` on a fresh database (local inbox and lake)."""
+    env = {
+        "LOCAL_INBOX_DIR": str(tmp_path / "inbox"),
+        "LOCAL_LAKE_DIR": str(tmp_path / "lake"),
+        "DATA_DIR": str(tmp_path / "data"),
+        "CHUNK_INTERVAL_SECONDS": "0",
+        "PROCESSING_INTERVAL": "0.2",
+        "DETECTIONS_FLUSH_SECONDS": "0.5",
+        "SPARK_MASTER": "local[2]",
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "LOG_LEVEL": "INFO",
+    }
+    env.update(pg_server.env_for(pg_db))
+    (tmp_path / "inbox").mkdir()
+    return env
+
+
+@pytest.fixture
+def make_settings(base_env):
+    from config.config import Settings
+
+    def make(**overrides: str):
+        env = dict(base_env)
+        env.update({k: str(v) for k, v in overrides.items()})
+        return Settings.from_env(env, dotenv=Path("/nonexistent"))
+
+    return make
+
+
+@pytest.fixture
+def product_env(base_env) -> dict[str, str]:
+    """A full process environment (for subprocess runs of the product)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "S3_", "GDRIVE_", "TP_"))}
+    env.update(base_env)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from config.spark_config import build_spark_session
+    from config.config import Settings
+
+    settings = Settings.from_env(
+        {"SPARK_MASTER": "local[2]", "DATA_DIR": tempfile.mkdtemp(prefix="tp-spark-")}, dotenv=Path("/nonexistent")
+    )
+    session = build_spark_session(settings, app_name="tests")
+    yield session
+    session.stop()
