@@ -11,6 +11,7 @@ CREATE TABLE IF NOT EXISTS source_files (
     size_bytes      BIGINT,
     modified_time   TIMESTAMPTZ,
     lines_done      BIGINT      NOT NULL DEFAULT 0,   -- data rows consumed (good + quarantined)
+    next_line       BIGINT      NOT NULL DEFAULT 2,   -- line number at bytes_done (the header is line 1)
     bytes_done      BIGINT      NOT NULL DEFAULT 0,   -- byte offset after the last consumed line
     prefix_md5      TEXT,                         -- md5 of bytes [0, bytes_done)
     rows_ingested   BIGINT      NOT NULL DEFAULT 0,
@@ -33,11 +34,13 @@ CREATE TABLE IF NOT EXISTS chunks (
     rows_total      INTEGER     NOT NULL,          -- data rows in the range
     rows_valid      INTEGER     NOT NULL,          -- rows in the object
     rows_quarantined INTEGER    NOT NULL,
+    bytes_start     BIGINT      NOT NULL,
     bytes_end       BIGINT      NOT NULL,
     prefix_md5      TEXT        NOT NULL,
     object_key      TEXT        NOT NULL UNIQUE,
     content_md5     TEXT,
-    status          TEXT        NOT NULL,          -- pending | written
+    ingest_date     DATE        NOT NULL,          -- UTC date in the object key
+    status          TEXT        NOT NULL,          -- pending | written | failed
     created_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
     written_at      TIMESTAMPTZ,
     processed_at    TIMESTAMPTZ,                   -- set by Mechanism Y in the same transaction as its state

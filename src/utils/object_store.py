@@ -136,3 +136,12 @@ class LocalObjectStore(ObjectStore):
 
     def describe(self) -> str:
         return f"local lake at {self.root}"
+
+
+def open_lake(settings) -> ObjectStore:
+    """The lake the settings name: S3 when S3_BUCKET_NAME is set, else LOCAL_LAKE_DIR."""
+    if settings.s3_bucket_name:
+        from src.utils.s3_utils import S3ObjectStore
+
+        return S3ObjectStore(settings)
+    return LocalObjectStore(settings.local_lake_dir)

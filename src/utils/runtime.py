@@ -1,0 +1,83 @@
+"""What every long-running process here shares: logging set-up, a stop flag wired to signals, capped retries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from typing import Callable, TypeVar
+
+from src.errors import RetryableError
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "pid": record.process,
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Configure the root logger once per process: every line carries the pid."""
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        formatter = logging.Formatter("%(asctime)s.%(msecs)03dZ %(process)d %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("py4j", "botocore", "boto3", "urllib3", "s3transfer", "googleapiclient", "google", "pgserver", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def install_stop_handlers(stop: threading.Event, name: str) -> None:
+    """SIGTERM and SIGINT set `stop`; the worker finishes its current step and exits cleanly."""
+
+    def handler(signum: int, _frame: object) -> None:
+        if not stop.is_set():
+            log.info("%s: %s received, stopping after the current step", name, signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+_sleep = time.sleep
+
+
+def retry_call(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    attempts: int = 5,
+    base_delay: float = 0.5,
+    max_delay: float = 10.0,
+    transient: Callable[[BaseException], bool] = lambda e: isinstance(e, RetryableError),
+) -> T:
+    """Call `fn`, retrying transient failures with capped exponential backoff and a log line per wait."""
+    delay = base_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - filtered by `transient` below
+            if not transient(exc) or attempt == attempts:
+                raise
+            log.warning("%s failed (attempt %d/%d), retrying in %.1fs: %s", what, attempt, attempts, delay, exc)
+            _sleep(delay)
+            delay = min(delay * 2, max_delay)
+    raise AssertionError("unreachable")
