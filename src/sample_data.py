@@ -23,8 +23,10 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,16 @@ CHILD_CUSTOMERS = 25
 HEAVY_COUNT = 70
 
 GENDERS = (("F", 0.5455), ("M", 0.45), ("E", 0.0025), ("U", 0.002))
-AGES = (("0", 0.004), ("1", 0.098), ("2", 0.315), ("3", 0.247), ("4", 0.184), ("5", 0.105), ("6", 0.045), ("U", 0.002))
+AGES = (
+    ("0", 0.004),
+    ("1", 0.098),
+    ("2", 0.315),
+    ("3", 0.247),
+    ("4", 0.184),
+    ("5", 0.105),
+    ("6", 0.045),
+    ("U", 0.002),
+)
 
 # category -> (mean amount relative to a transport ride, fraud probability per transaction); BankSim-like.
 CATEGORIES: dict[str, tuple[float, float]] = {
@@ -131,6 +142,8 @@ TAIL_MERCHANTS: tuple[tuple[str, float, str], ...] = (
 )
 LEAN = {"m": {"M": 1.6, "F": 0.7}, "f": {"M": 0.85, "F": 1.15}}
 
+NOISE_POINTS = 4096
+
 # Number of favourite small merchants per customer.
 FAVOURITES = ((1, 0.15), (2, 0.25), (3, 0.3), (4, 0.2), (5, 0.1))
 
@@ -147,7 +160,7 @@ class _Customer:
     level: float = 0.0
 
 
-def _pick(rng: random.Random, table: tuple[tuple[str, float], ...] | tuple[tuple[int, float], ...]):
+def _pick(rng: random.Random, table: tuple[tuple, ...]):
     return rng.choices([v for v, _ in table], weights=[w for _, w in table])[0]
 
 
@@ -239,11 +252,11 @@ def _favourites(rng: random.Random, gender: str, count: int, n_tail: int) -> lis
 
 def _plan(rng: random.Random, customers: list[_Customer], n_merchants: int) -> list[list[int]]:
     """For each customer, the merchant index of each of its transactions (0 and 1 are the big two)."""
-    n_tail = n_merchants - 2
+    n_tail = max(0, n_merchants - 2)
     plans: list[list[int]] = []
     for c in customers:
         n1 = round(c.total * c.share1)
-        n2 = min(c.total - n1, round(c.total * c.share2))
+        n2 = min(c.total - n1, round(c.total * c.share2)) if n_merchants > 1 else 0
         tail = c.total - n1 - n2
         merchants = [0] * n1 + [1] * n2
         if tail and n_tail > 0:
@@ -271,12 +284,13 @@ def _plan(rng: random.Random, customers: list[_Customer], n_merchants: int) -> l
 
 
 def _levels(rng: random.Random, customers: list[_Customer], plans: list[list[int]]) -> None:
+    """Spending level: a mean transport ride of the customer. Only the planted groups are cheap and busy."""
     for c, plan in zip(customers, plans, strict=True):
         if c.kind == "upgrade":
             c.level = rng.uniform(8.0, 13.0)
         elif c.kind == "child":
             c.level = rng.uniform(10.0, 16.0)
-        elif max(plan.count(0), plan.count(1), max((plan.count(m) for m in set(plan)), default=0)) >= HEAVY_COUNT:
+        elif plan and Counter(plan).most_common(1)[0][1] >= HEAVY_COUNT:
             c.level = rng.uniform(30.0, 50.0)
         else:
             c.level = rng.uniform(10.0, 50.0)
@@ -286,7 +300,7 @@ def _build_rows(rng: random.Random, rows: int) -> tuple[list[str], list[str], di
     customers = _make_customers(rng, rows)
     n_merchants = min(N_MERCHANTS, rows)
     merchant_ids = _unique_ids(rng, "M", n_merchants, 10**6, 2 * 10**9)
-    categories = ["es_transportation", "es_transportation"] + [t[0] for t in TAIL_MERCHANTS[: n_merchants - 2]]
+    categories = (["es_transportation"] * 2 + [t[0] for t in TAIL_MERCHANTS])[:n_merchants]
     plans = _plan(rng, customers, n_merchants)
     _levels(rng, customers, plans)
 
@@ -297,38 +311,44 @@ def _build_rows(rng: random.Random, rows: int) -> tuple[list[str], list[str], di
     ci_pair = [[f"'{c.cid}','{m}'," for m in merchant_ids] for c in customers]
     cat_txt = [f",'{cat}'," for cat in categories]
 
-    # Per-transaction noise is lognormal with mean 1, so a customer's mean amount tracks its level.
+    # Per-transaction noise is lognormal with mean 1 (read from a quantile table: one draw instead of a
+    # Gaussian), so a customer's mean amount tracks its level.
     sigma = 0.5
-    mu = -sigma * sigma / 2
-    gauss, rand, exp = rng.gauss, rng.random, math.exp
-    buckets: list[list[tuple[int, int, int, int]]] = [[] for _ in range(STEPS)]
+    unit = NormalDist()
+    noise = [math.exp(-sigma * sigma / 2 + sigma * unit.inv_cdf((i + 0.5) / NOISE_POINTS)) for i in range(NOISE_POINTS)]
+    rand = rng.random
+    # Each merchant's transactions of a customer are spread evenly over the days (stratified), so running
+    # counts grow steadily and the patterns, evaluated chunk by chunk, settle early instead of flickering.
+    buckets: list[list[tuple[float, int, int, int, int]]] = [[] for _ in range(STEPS)]
     for ci, (c, plan) in enumerate(zip(customers, plans, strict=True)):
-        rng.shuffle(plan)
-        k = len(plan)
-        span = STEPS / k
         level = c.level
-        for j, m in enumerate(plan):
-            step = int((j + rand()) * span)
-            amount = level * factor[m] * exp(mu + sigma * gauss())
-            fraud = 1 if rand() < fraud_p[m] else 0
-            if fraud:
-                amount *= 2.5 + 3.5 * rand()
-            buckets[step].append((ci, m, round(amount * 100), fraud))
+        for m in sorted(set(plan)):
+            cnt = plan.count(m)
+            span = STEPS / cnt
+            scale = level * factor[m]
+            p = fraud_p[m]
+            for j in range(cnt):
+                amount = scale * noise[int(rand() * NOISE_POINTS)]
+                fraud = 1 if p and rand() < p else 0
+                if fraud:
+                    amount *= 2.5 + 3.5 * rand()
+                buckets[int((j + rand()) * span)].append((rand(), ci, m, round(amount * 100), fraud))
 
     txn_lines = [TRANSACTIONS_HEADER]
     ci_lines = [CUSTOMER_IMPORTANCE_HEADER]
     for step, bucket in enumerate(buckets):
-        rng.shuffle(bucket)
-        for ci, m, cents, fraud in bucket:
+        bucket.sort()
+        for _, ci, m, cents, fraud in bucket:
             amt = str(cents / 100)
             txn_lines.append(f"{step},{cust_txt[ci]},{merch_txt[m]},{amt},{fraud}")
             ci_lines.append(f"{ci_pair[ci][m]}{amt}{cat_txt[m]}{fraud}")
 
+    used = {m for plan in plans for m in plan}
     stats = {
         "rows": rows,
         "customers": len(customers),
-        "merchants": n_merchants,
-        "categories": len(set(categories)),
+        "merchants": len(used),
+        "categories": len({categories[m] for m in used}),
     }
     return txn_lines, ci_lines, stats
 
@@ -370,7 +390,10 @@ def generate(out_dir: Path, rows: int = DEFAULT_ROWS, seed: int = DEFAULT_SEED) 
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -385,11 +408,25 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     parser.add_argument(
-        "--rows", type=_positive_int, default=DEFAULT_ROWS, help="number of transactions (default: %(default)s)"
+        "--rows",
+        type=_positive_int,
+        default=DEFAULT_ROWS,
+        metavar="N",
+        help="number of transactions; customers scale with it, at least 300 where rows allow (default: %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed (default: %(default)s)")
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help="output directory, created if missing (default: %(default)s)"
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        metavar="S",
+        help="random seed (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        metavar="DIR",
+        help="output directory, created if missing (default: %(default)s)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -21,7 +21,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import padding
 FOLDER_MIME = "application/vnd.google-apps.folder"
 SHEET_MIME = "application/vnd.google-apps.spreadsheet"
 JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+# google-auth always signs for Google's token endpoint, whatever the key's token_uri says.
+GOOGLE_TOKEN_AUD = "https://oauth2.googleapis.com/token"
 OPS = (
     "token",
     "files.list",
@@ -108,8 +110,9 @@ def apply_fields(value: Any, spec: dict[str, Any] | None) -> Any:
 
 
 class FakeDrive:
-    def __init__(self, *, page_size: int = 100) -> None:
+    def __init__(self, *, page_size: int = 100, export_limit: int = 10 * 1024 * 1024) -> None:
         self.page_size = page_size
+        self.export_limit = export_limit  # Drive refuses to export larger Docs Editors files
         self.files: dict[str, dict[str, Any]] = {}
         self.content: dict[str, bytes] = {}
         self.accounts: dict[str, Any] = {}  # client_email -> RSA public key
@@ -127,7 +130,7 @@ class FakeDrive:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def start(self) -> FakeDrive:
+    def start(self) -> Self:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="fake-drive", daemon=True)
@@ -144,7 +147,7 @@ class FakeDrive:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> FakeDrive:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -309,7 +312,11 @@ class FakeDrive:
                 self._public(m) for m in self.files.values() if parent in m.get("parents", []) and not m["trashed"]
             ]
         start = int(query["pageToken"].removeprefix("page-")) if query.get("pageToken") else 0
-        body: dict[str, Any] = {"kind": "drive#fileList", "incompleteSearch": False, "files": matches[start : start + size]}
+        body: dict[str, Any] = {
+            "kind": "drive#fileList",
+            "incompleteSearch": False,
+            "files": matches[start : start + size],
+        }
         if start + size < len(matches):
             body["nextPageToken"] = f"page-{start + size}"
         return 200, body
@@ -374,12 +381,10 @@ class FakeDrive:
         if key is None or header.get("alg") != "RS256":
             return refuse("Invalid grant: account not found")
         try:
-            key.verify(
-                _b64url_decode(signature), f"{head}.{payload}".encode(), padding.PKCS1v15(), hashes.SHA256()
-            )
+            key.verify(_b64url_decode(signature), f"{head}.{payload}".encode(), padding.PKCS1v15(), hashes.SHA256())
         except InvalidSignature:
             return refuse("Invalid JWT Signature.")
-        if claims.get("aud") != self.token_uri or claims.get("exp", 0) < time.time():
+        if claims.get("aud") not in (GOOGLE_TOKEN_AUD, self.token_uri) or claims.get("exp", 0) < time.time():
             return refuse("Invalid JWT: Token must be a short-lived token and in a reasonable timeframe.")
         access = "ya29.fake-" + secrets.token_urlsafe(24)
         with self._lock:
@@ -412,7 +417,7 @@ def _make_handler(fake: FakeDrive) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
         def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
@@ -449,10 +454,10 @@ def _make_handler(fake: FakeDrive) -> type[BaseHTTPRequestHandler]:
                 return "export", urllib.parse.unquote(parts[1]), query
             return None, None, query
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             self._handle()
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self._handle()
 
         def _handle(self) -> None:
@@ -509,6 +514,8 @@ def _make_handler(fake: FakeDrive) -> type[BaseHTTPRequestHandler]:
                 self._send(*_error(404, "notFound", f"File not found: {file_id}."))
             elif meta["mimeType"] != SHEET_MIME or query.get("mimeType") != "text/csv":
                 self._send(*_error(403, "fileNotExportable", "Export only supports Docs Editors files."))
+            elif len(data) > fake.export_limit:
+                self._send(*_error(403, "exportSizeLimitExceeded", "This file is too large to be exported."))
             else:
                 self._send(200, data, {"Content-Type": "text/csv"})
 
@@ -520,9 +527,7 @@ def _make_handler(fake: FakeDrive) -> type[BaseHTTPRequestHandler]:
                 self._send(*_error(404, "notFound", f"File not found: {file_id}."))
                 return
             if meta["mimeType"].startswith("application/vnd.google-apps."):
-                self._send(
-                    *_error(403, "fileNotDownloadable", "Only files with binary content can be downloaded.")
-                )
+                self._send(*_error(403, "fileNotDownloadable", "Only files with binary content can be downloaded."))
                 return
             total = len(data)
             status, start, end, headers = 200, 0, total - 1, {"Content-Type": meta["mimeType"]}

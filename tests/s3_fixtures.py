@@ -7,22 +7,26 @@ fixtures by name). Fixtures:
 - `s3_bucket`: a fresh, empty bucket name for one test;
 - `faulty_s3`: a `FaultyProxy` in front of the server, rules cleared for each test; point
   S3_ENDPOINT_URL at `faulty_s3.endpoint` and call `faulty_s3.inject(...)`;
-- `s3_settings`: factory of `Settings` for the bucket (endpoint = the server, or the proxy).
+- `s3_settings`: factory of `Settings` for the bucket (endpoint = the server, or the proxy);
+- `hadoop_aws_jars`: hadoop-aws + AWS SDK fetched once into a cache shared across runs
+  (`TP_TEST_CACHE_DIR`, default ~/.cache/transaction-processor); `use_shared_ivy(data_dir)`
+  makes a test's DATA_DIR use that cache, so Spark needs no download.
 """
 
 from __future__ import annotations
 
 import http.client
+import os
 import socket
 import struct
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 import pytest
@@ -59,6 +63,7 @@ class Seen:
     method: str
     path: str
     fault: int | str | None
+    status: int | None = None  # what the S3 server answered, when the request reached it
 
 
 @dataclass
@@ -94,7 +99,7 @@ class FaultyProxy:
                 if (method is None or s.method == method) and (faulted is None or (s.fault is not None) == faulted)
             ]
 
-    def _take(self, method: str, path: str) -> int | str | None:
+    def _take(self, method: str, path: str) -> Seen:
         with self.lock:
             fault = None
             for rule in self.rules:
@@ -102,8 +107,9 @@ class FaultyProxy:
                     rule.count -= 1
                     fault = rule.fault
                     break
-            self.seen.append(Seen(method, path, fault))
-            return fault
+            seen = Seen(method, path, fault)
+            self.seen.append(seen)
+            return seen
 
 
 def _make_handler(proxy: FaultyProxy) -> type[BaseHTTPRequestHandler]:
@@ -166,7 +172,8 @@ def _make_handler(proxy: FaultyProxy) -> type[BaseHTTPRequestHandler]:
 
         def _handle(self) -> None:
             body = self._body()
-            fault = proxy._take(self.command, self.path)
+            seen = proxy._take(self.command, self.path)
+            fault = seen.fault
             if fault == "reset":
                 self._reset()
                 return
@@ -178,6 +185,7 @@ def _make_handler(proxy: FaultyProxy) -> type[BaseHTTPRequestHandler]:
                 self._error(fault)
                 return
             status, headers, data = self._forward(body)
+            seen.status = status
             if fault == "reset_after":
                 self._reset()
                 return
@@ -263,6 +271,32 @@ def faulty_s3(_fault_proxy: FaultyProxy) -> Iterator[FaultyProxy]:
     _fault_proxy.clear()
 
 
+def shared_cache_dir() -> Path:
+    """Survives test runs (CI: cache this folder), so the ~700 MB SDK bundle is downloaded once."""
+    return Path(os.environ.get("TP_TEST_CACHE_DIR") or Path.home() / ".cache" / "transaction-processor")
+
+
+def use_shared_ivy(data_dir: Path) -> Path:
+    """Point `data_dir/ivy` (where the product keeps its jars) at the shared cache."""
+    shared = shared_cache_dir() / "ivy"
+    shared.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    link = data_dir / "ivy"
+    if not link.exists():
+        link.symlink_to(shared, target_is_directory=True)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def hadoop_aws_jars() -> list[Path]:
+    """hadoop-aws and its SDK in the shared cache (downloaded from Maven Central on the first run only)."""
+    from config.config import Settings
+    from src.utils.spark_utils import fetch_hadoop_aws_jars
+
+    data_dir = use_shared_ivy(Path(tempfile.mkdtemp(prefix="tp-ivy-")))
+    return fetch_hadoop_aws_jars(Settings.from_env({"DATA_DIR": str(data_dir)}, dotenv=Path("/nonexistent")))
+
+
 @pytest.fixture
 def s3_settings(s3_server: str, s3_bucket: str):
     """`make(endpoint=None, **env)` -> Settings for `s3_bucket` (endpoint defaults to the server)."""
@@ -286,4 +320,17 @@ def s3_settings(s3_server: str, s3_bucket: str):
     return make
 
 
-__all__ = ["s3_server", "s3_bucket", "faulty_s3", "_fault_proxy", "s3_settings", "FaultyProxy", "ProxyServer"]
+__all__ = [
+    "TEST_ACCESS_KEY",
+    "TEST_SECRET_KEY",
+    "FaultyProxy",
+    "ProxyServer",
+    "_fault_proxy",
+    "faulty_s3",
+    "hadoop_aws_jars",
+    "s3_bucket",
+    "s3_server",
+    "s3_settings",
+    "shared_cache_dir",
+    "use_shared_ivy",
+]

@@ -134,7 +134,7 @@ def scan_file(path: Path, start: int) -> FileScan:
 class RowBlock:
     """Non-blank data lines of a file region, with line numbers and end offsets."""
 
-    lines: list[bytes]  # without terminators
+    lines: pa.Array  # string, without terminators
     line_no: np.ndarray  # int64, 1-based line numbers in the file
     end_offset: np.ndarray  # int64, byte offset just after each line's terminator
 
@@ -145,10 +145,41 @@ class RowBlock:
         return RowBlock(self.lines[start:stop], self.line_no[start:stop], self.end_offset[start:stop])
 
     @staticmethod
+    def empty() -> "RowBlock":
+        return RowBlock(pa.array([], pa.string()), np.empty(0, np.int64), np.empty(0, np.int64))
+
+    @staticmethod
     def concat(a: "RowBlock", b: "RowBlock") -> "RowBlock":
         if not len(a):
             return b
-        return RowBlock(a.lines + b.lines, np.concatenate([a.line_no, b.line_no]), np.concatenate([a.end_offset, b.end_offset]))
+        if not len(b):
+            return a
+        return RowBlock(
+            pa.concat_arrays([a.lines, b.lines]),
+            np.concatenate([a.line_no, b.line_no]),
+            np.concatenate([a.end_offset, b.end_offset]),
+        )
+
+
+def _split_lines(body: bytes, pos: int, line: int) -> RowBlock:
+    """Vectorised line split of `body` (which starts at file offset `pos`, line number `line`)."""
+    raw = np.frombuffer(body, dtype=np.uint8)
+    nl = np.flatnonzero(raw == 10)
+    terminated = body.endswith(b"\n")
+    starts = np.concatenate(([0], nl + 1)) if not terminated else np.concatenate(([0], nl[:-1] + 1))
+    stops = np.concatenate((nl + 1, [len(body)])) if not terminated else nl + 1  # exclusive, incl. terminator
+    nlines = len(starts)
+    offsets = np.concatenate((starts, [len(body)])).astype(np.int32)
+    lines = pa.Array.from_buffers(pa.binary(), nlines, [None, pa.py_buffer(offsets), pa.py_buffer(body)])
+    text = pc.utf8_rtrim(lines.cast(pa.string()), "\r\n")
+    numbers = np.arange(line, line + nlines, dtype=np.int64)
+    ends = pos + stops.astype(np.int64)
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0)
+    if pc.any(blank).as_py():
+        keep = pc.invert(blank)
+        mask = keep.to_numpy(zero_copy_only=False)
+        text, numbers, ends = text.filter(keep), numbers[mask], ends[mask]
+    return RowBlock(text, numbers, ends)
 
 
 def iter_row_blocks(path: Path, start: int, first_line: int, end: int | None = None) -> Iterator[RowBlock]:
@@ -175,11 +206,10 @@ def iter_row_blocks(path: Path, start: int, first_line: int, end: int | None = N
         while True:
             want = READ_BLOCK if end is None else min(READ_BLOCK, end - pos - len(carry))
             data = fh.read(want) if want > 0 else b""
-            eof = not data
-            buf = carry + data
+            buf = carry + data if carry else data
             if not buf:
                 return
-            if eof:
+            if not data:
                 cut = len(buf)
             else:
                 last_nl = buf.rfind(b"\n")
@@ -188,24 +218,12 @@ def iter_row_blocks(path: Path, start: int, first_line: int, end: int | None = N
                     continue
                 cut = last_nl + 1
             body, carry = buf[:cut], buf[cut:]
-            parts = body.split(b"\n")
-            if body.endswith(b"\n"):
-                parts.pop()
-            lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
-            ends = pos + np.cumsum(lengths + 1)
-            if not body.endswith(b"\n") and len(ends):
-                ends[-1] -= 1  # the last line has no terminator
-            numbers = np.arange(line, line + len(parts), dtype=np.int64)
-            keep = [i for i, p in enumerate(parts) if p.strip(b" \t\r")] if any(not p.strip(b" \t\r") for p in parts) else None
-            if keep is None:
-                lines = [p[:-1] if p.endswith(b"\r") else p for p in parts]
-                yield RowBlock(lines, numbers, ends)
-            elif keep:
-                idx = np.asarray(keep, dtype=np.int64)
-                yield RowBlock([parts[i].rstrip(b"\r") for i in keep], numbers[idx], ends[idx])
+            block = _split_lines(body, pos, line)
+            if len(block):
+                yield block
             pos += len(body)
-            line += len(parts)
-            if eof:
+            line += body.count(b"\n") + (0 if body.endswith(b"\n") else 1)
+            if not data:
                 return
 
 
@@ -224,9 +242,8 @@ _DECIMAL = r"^-?[0-9]{1,16}(\.[0-9]+)?$"
 _DECIMAL_OK = r"^[0-9]{1,16}(\.[0-9]{1," + str(AMOUNT_SCALE) + r"})?$"
 
 
-def _fields(lines: list[bytes], ncols: int) -> tuple[pa.Array, list[pa.Array], np.ndarray]:
-    """Split lines into `ncols` unquoted string columns; returns (text, columns, ok_mask) for rows with ncols fields."""
-    text = pa.array(lines, type=pa.binary()).cast(pa.string())
+def _fields(text: pa.Array, ncols: int) -> tuple[pa.Array, list[pa.Array], np.ndarray]:
+    """Split lines into `ncols` unquoted string columns; returns (text, columns, field counts)."""
     parts = pc.split_pattern(text, ",")
     counts = pc.list_value_length(parts).to_numpy(zero_copy_only=False)
     ok = counts == ncols

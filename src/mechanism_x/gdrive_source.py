@@ -5,7 +5,9 @@ feed from a page token kept in PostgreSQL (`kv_state`), so a poll costs O(change
 O(folder). Downloads are streamed in Range chunks to a temporary file under
 DATA_DIR/downloads, checked against Drive's md5Checksum, and retried with a capped, logged
 backoff; a file that still fails raises `DownloadFailed` so the caller can mark it and go on.
-Google Sheets are exported as CSV (first tab only; Drive caps exports at 10 MB).
+Google Sheets are exported as CSV (first tab only; Drive caps exports at 10 MB). A Sheet has no
+md5Checksum, so each new version is exported once while listing and the md5 of that CSV is its
+checksum (the ledger then sees an unchanged Sheet as unchanged).
 
 The service-account key is never logged or put in an error message: errors name the key's
 path and the account's client_email, nothing else from the file.
@@ -13,6 +15,7 @@ path and the account's client_email, nothing else from the file.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import http.client
@@ -217,6 +220,11 @@ def load_credentials(path: Path) -> service_account.Credentials:
         ) from None
 
 
+class _NullFile:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
 class _HashingWriter:
     """A file handle that hashes what is written, so the md5 check costs no second read."""
 
@@ -267,6 +275,8 @@ class GoogleDriveSource(Source):
         self._https: list[httplib2.Http] = []
         self._lock = threading.Lock()
         self._files: dict[str, SourceFile] = {}
+        # Sheet id -> (modifiedTime, md5 and size of its CSV export, or why it failed): one export per version.
+        self._sheets: dict[str, tuple[str, str | None, str | None, int]] = {}
         self._token: str | None = None
         self._persisted: str | None = None
         self._listed = False
@@ -341,11 +351,6 @@ class GoogleDriveSource(Source):
                     f"{var} cannot be read by {email} ({_describe_error(exc)}): share the folder with {email}"
                 ) from None
             raise SourceError(f"{var} cannot be checked: {_describe_error(exc)}") from None
-        except google.auth.exceptions.RefreshError as exc:
-            raise SettingsError(
-                f"GOOGLE_CREDENTIALS_PATH={self.settings.google_credentials_path}: the token service refused "
-                f"the key of {email} ({_describe_error(exc)}): the key may be deleted or disabled, create a new one"
-            ) from None
         if meta.get("mimeType") != FOLDER_MIME:
             raise SourceError(
                 f"{var} is a file ({meta.get('mimeType')}), not a folder: copy the id from the folder's URL"
@@ -390,15 +395,24 @@ class GoogleDriveSource(Source):
         )
         _sleep(delay)
 
+    def _refused(self, exc: BaseException) -> SettingsError:
+        return SettingsError(
+            f"GOOGLE_CREDENTIALS_PATH={self.settings.google_credentials_path}: the token service refused the key "
+            f"of {self.client_email} ({_describe_error(exc)}): the key may be deleted or disabled, create a new one"
+        )
+
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         """Run one Drive request with capped exponential backoff on transient errors.
 
-        After the last attempt a transient fault becomes RetryableError; other errors pass through.
+        After the last attempt a transient fault becomes RetryableError; a refused key becomes
+        SettingsError; other errors pass through.
         """
         for attempt in range(1, self.attempts + 1):
             try:
                 return fn()
             except Exception as exc:
+                if isinstance(exc, google.auth.exceptions.RefreshError) and not is_transient(exc):
+                    raise self._refused(exc) from None
                 if not is_transient(exc):
                     raise
                 if attempt == self.attempts:
@@ -447,12 +461,34 @@ class GoogleDriveSource(Source):
             pages += 1
             for meta in resp.get("files", []):
                 if _is_candidate(meta):
-                    files[meta["id"]] = _to_source_file(meta)
+                    files[meta["id"]] = self._source_file(meta)
             page_token = resp.get("nextPageToken")
             if not page_token:
                 break
         log.info("Drive folder %s listed in full: %d CSV candidates (%d pages)", self.folder_id, len(files), pages)
         return files
+
+    def _source_file(self, meta: dict[str, Any]) -> SourceFile:
+        f = _to_source_file(meta)
+        if f.mime_type != SHEET_MIME:
+            return f
+        version = str(meta.get("modifiedTime", ""))
+        known = self._sheets.get(f.file_id)
+        if known is None or known[0] != version:
+            known = self._sheet_digest(f, version)
+            self._sheets[f.file_id] = known
+        return dataclasses.replace(f, checksum=known[1], size=known[3])
+
+    def _sheet_digest(self, f: SourceFile, version: str) -> tuple[str, str | None, str | None, int]:
+        """Sheets have no md5Checksum: export each new version once so the checksum is that of its CSV."""
+        sink = _HashingWriter(_NullFile())
+        try:
+            self._download_once(f, sink, exported=True)
+        except (DownloadFailed, RetryableError) as exc:
+            log.warning("Drive sheet %s (%s) cannot be exported as CSV: %s", f.file_id, f.name, exc)
+            return (version, None, str(exc), 0)
+        log.info("Drive sheet %s (%s) version %s: CSV export md5 %s", f.file_id, f.name, version, sink.md5.hexdigest())
+        return (version, sink.md5.hexdigest(), None, sink.size)
 
     def _apply_changes(self, token: str) -> str:
         """Apply every change since `token` to the in-memory map; return the token for the next poll."""
@@ -498,14 +534,20 @@ class GoogleDriveSource(Source):
             if gone is not None:
                 log.info("Drive file %s (%s) left the folder (removed, trashed or moved)", file_id, gone.name)
             return
-        new = _to_source_file(meta)
+        new = self._source_file(meta)
         old = self._files.get(file_id)
         if old != new:
             log.info("Drive file %s (%s) %s, md5 %s", file_id, new.name, "changed" if old else "added", new.checksum)
         self._files[file_id] = new
 
     def list_files(self) -> list[SourceFile]:
-        """The CSV candidates now directly in the folder (and Sheets, exported on fetch)."""
+        """The CSV candidates now directly in the folder, and its Google Sheets (read as CSV exports)."""
+        try:
+            return self._list_files()
+        except HttpError as exc:
+            raise SourceError(f"Drive folder {self.folder_id} cannot be listed: {_describe_error(exc)}") from None
+
+    def _list_files(self) -> list[SourceFile]:
         if not self._checked:
             self.check()
         if not self._listed:
@@ -558,7 +600,11 @@ class GoogleDriveSource(Source):
 
     def _download(self, f: SourceFile, path: Path) -> None:
         exported = f.mime_type == SHEET_MIME
-        expected = None if exported else f.checksum
+        expected = f.checksum
+        if exported and expected is None:
+            known = self._sheets.get(f.file_id)
+            if known and known[2] and _parse_time(known[0]) == f.modified_time:
+                raise DownloadFailed(known[2])  # the same version already failed to export while listing
         with open(path, "wb") as fh:
             out = _HashingWriter(fh)
             for round_ in range(1, MD5_ATTEMPTS + 1):
@@ -593,6 +639,8 @@ class GoogleDriveSource(Source):
                 _, done = downloader.next_chunk()
                 failures = 0  # the budget is per chunk: a long download may meet several faults
             except _IO_ERRORS as exc:
+                if isinstance(exc, google.auth.exceptions.RefreshError) and not is_transient(exc):
+                    raise self._refused(exc) from None
                 if not is_transient(exc):
                     if isinstance(exc, HttpError) and exc.resp.status == 404:
                         raise DownloadFailed(f"Drive file {f.file_id} ({f.name}) is gone: HTTP 404") from None

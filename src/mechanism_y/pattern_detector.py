@@ -81,6 +81,15 @@ def merge_state(state: DataFrame, delta: DataFrame) -> DataFrame:
     )
 
 
+def _merchant_totals(state: DataFrame) -> DataFrame:
+    """T(m), F(m) and M(m) in one aggregate, so PatId1 and PatId3 share its shuffle within `detect_all`."""
+    return state.groupBy("merchant").agg(
+        F.sum("n").alias("t"),
+        F.count_if(F.col("has_f")).alias("f"),
+        F.count_if(F.col("has_m")).alias("m"),
+    )
+
+
 def _mean_weight() -> Column:
     """w(c,m) as a double, via a 20-decimal exact quotient.
 
@@ -106,28 +115,30 @@ def patid1_upgrade(
     the customers of the merchant; a customer without an importance row has a null w, which the weight
     percentile ignores and which never satisfies `w <= P`.
     """
+    busy = F.broadcast(_merchant_totals(state).where(F.col("t") > F.lit(min_merchant_txns)).select("merchant"))
     # State and weights meet through a union grouped on (merchant, customer) after one shuffle by merchant,
-    # which the windows reuse: a join would shuffle on (merchant, customer) and the window again on merchant.
+    # which the window reuses: a join would shuffle on (merchant, customer) and the window again on merchant.
     pairs = (
-        state.select("merchant", "customer", "n", F.lit(None).cast("double").alias("w"))
-        .unionByName(weights.select("merchant", "customer", F.lit(None).cast("long").alias("n"), _mean_weight().alias("w")))
+        state.join(busy, "merchant", "left_semi")
+        .select("merchant", "customer", "n", F.lit(None).cast("double").alias("w"))
+        .unionByName(
+            weights.join(busy, "merchant", "left_semi").select(
+                "merchant", "customer", F.lit(None).cast("long").alias("n"), _mean_weight().alias("w")
+            )
+        )
         .repartition("merchant")
         .groupBy("merchant", "customer")
         .agg(F.max("n").alias("n"), F.max("w").alias("w"))
         .where(F.col("n").isNotNull())
     )
     by_merchant = Window.partitionBy("merchant")
-    scored = (
-        pairs.withColumn("t", F.sum("n").over(by_merchant))
-        .where(F.col("t") > F.lit(min_merchant_txns))
-        .select(
-            "merchant",
-            "customer",
-            "n",
-            "w",
-            F.percentile(F.col("n").cast("double"), F.lit(count_percentile)).over(by_merchant).alias("p_n"),
-            F.percentile(F.col("w"), F.lit(weight_percentile)).over(by_merchant).alias("p_w"),
-        )
+    scored = pairs.select(
+        "merchant",
+        "customer",
+        "n",
+        "w",
+        F.percentile(F.col("n").cast("double"), F.lit(count_percentile)).over(by_merchant).alias("p_n"),
+        F.percentile(F.col("w"), F.lit(weight_percentile)).over(by_merchant).alias("p_w"),
     )
     tol = F.lit(PERCENTILE_REL_TOL)
     return scored.where(
@@ -146,12 +157,10 @@ def patid2_child(state: DataFrame, *, max_avg_amount: float = 23, min_txns: int 
 
 def patid3_dei_needed(state: DataFrame, *, min_female_customers: int = 100) -> DataFrame:
     """PatId3: merchants with more than `min_female_customers` female customers, yet fewer female than male."""
-    counts = state.groupBy("merchant").agg(
-        F.count_if(F.col("has_f")).alias("f"),
-        F.count_if(F.col("has_m")).alias("m"),
-    )
-    return counts.where((F.col("f") < F.col("m")) & (F.col("f") > F.lit(min_female_customers))).select(
-        F.lit("").alias("customer_name"), F.col("merchant").alias("merchant_id")
+    return (
+        _merchant_totals(state)
+        .where((F.col("f") < F.col("m")) & (F.col("f") > F.lit(min_female_customers)))
+        .select(F.lit("").alias("customer_name"), F.col("merchant").alias("merchant_id"))
     )
 
 

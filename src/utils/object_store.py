@@ -15,6 +15,9 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from src.errors import LakeError, ObjectConflict
 
 
@@ -55,6 +58,13 @@ class ObjectStore(ABC):
         probe = "_health/probe"
         self.put_bytes(probe, b"ok", overwrite=True)
         self.delete(probe)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """Deterministic Parquet bytes: the same rows always give the same object (idempotent rewrites)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="snappy", write_statistics=True)
+    return sink.getvalue().to_pybytes()
 
 
 def _validate_key(key: str) -> str:
@@ -132,7 +142,7 @@ class LocalObjectStore(ObjectStore):
             pass
 
     def spark_uri(self, key: str) -> str:
-        return self._path(key).as_uri()
+        return "file://" + str(self._path(key))  # Spark/Hadoop want '=' unescaped
 
     def describe(self) -> str:
         return f"local lake at {self.root}"

@@ -21,8 +21,9 @@ import logging
 import random
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -30,13 +31,15 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionError as BotoConnectionError,
     FlexibleChecksumError,
     HTTPClientError,
     IncompleteReadError,
     NoCredentialsError,
     PartialCredentialsError,
     ResponseStreamingError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
 )
 
 from config.config import Settings
@@ -149,9 +152,7 @@ class S3ObjectStore(ObjectStore):
         # s3transfer drops IfNoneMatch from its arguments, so the conditional multipart upload
         # goes through a twin client that adds it to every CompleteMultipartUpload.
         self._cond_client = session.client("s3", endpoint_url=self.endpoint, config=config)
-        self._cond_client.meta.events.register(
-            "provide-client-params.s3.CompleteMultipartUpload", _add_if_none_match
-        )
+        self._cond_client.meta.events.register("provide-client-params.s3.CompleteMultipartUpload", _add_if_none_match)
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=max(multipart_threshold, 5 * MB),
@@ -251,6 +252,7 @@ class S3ObjectStore(ObjectStore):
                 "Bucket": self.bucket,
                 "Key": key,
                 "Body": data,
+                "ChecksumAlgorithm": "CRC32",
                 "ChecksumCRC32": _crc32_b64(data),
                 "Metadata": {SHA_META: sha},
             }
@@ -325,6 +327,8 @@ class S3ObjectStore(ObjectStore):
         except ClientError as exc:
             if _status(exc) == 404 or _code(exc) in ("404", "NoSuchKey", "NotFound"):
                 return False
+            if _status(exc) == 403:
+                raise self._denied("head", key, exc, f"s3:GetObject on arn:aws:s3:::{self.bucket}/*") from None
             raise
 
     def list_keys(self, prefix: str) -> Iterator[str]:
@@ -337,7 +341,7 @@ class S3ObjectStore(ObjectStore):
                 args["ContinuationToken"] = token
             page += 1
             try:
-                resp = self._retrying(f"list (page {page})", prefix, lambda: self._client.list_objects_v2(**args))
+                resp = self._retrying(f"list (page {page})", prefix, lambda a=args: self._client.list_objects_v2(**a))
             except ClientError as exc:
                 if _status(exc) == 403:
                     raise self._denied("list", prefix, exc, f"s3:ListBucket on arn:aws:s3:::{self.bucket}") from None
@@ -352,7 +356,12 @@ class S3ObjectStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         _validate_key(key)
-        self._retrying("delete", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
+        try:
+            self._retrying("delete", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
+        except ClientError as exc:
+            if _status(exc) == 403:
+                raise self._denied("delete", key, exc, f"s3:DeleteObject on arn:aws:s3:::{self.bucket}/*") from None
+            raise
 
     # -- identity ------------------------------------------------------------------------
 
@@ -386,8 +395,7 @@ class S3ObjectStore(ObjectStore):
             raise LakeError(f"S3 bucket {self.bucket} (region {self.region}) cannot be used: {_brief(exc)}") from None
         except BotoCoreError as exc:
             raise LakeError(
-                f"S3 bucket {self.bucket} (region {self.region}) unreachable at "
-                f"{self.endpoint or 'AWS'}: {_brief(exc)}"
+                f"S3 bucket {self.bucket} (region {self.region}) unreachable at {self.endpoint or 'AWS'}: {_brief(exc)}"
             ) from None
         stamp = f"ok {time.time():.0f}\n".encode()
         self._upload(HEALTH_KEY, stamp, hashlib.sha256(stamp).hexdigest(), conditional=False)

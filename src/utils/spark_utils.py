@@ -1,5 +1,18 @@
 """Spark helpers: the S3A settings that let Spark read the lake bucket through `s3a://`.
 
+hadoop-aws must be the exact Hadoop version bundled with pyspark; it pulls in the AWS SDK v2
+bundle (~690 MB). Where the jars come from, in order:
+
+1. SPARK_JARS (comma-separated paths or globs): machines without internet;
+2. the Ivy cache `DATA_DIR/ivy`, once `fetch_hadoop_aws_jars` has resolved them there;
+3. otherwise `spark.jars.packages`: Spark resolves them from Maven Central into the same cache.
+
+Spark's own resolution is the fallback only: for a Python application Spark also treats
+every resolved jar as a Python file, so each start copies the SDK bundle into the scratch
+directory and puts it on `sys.path` (+5 s and 660 MB of disk per start, measured). Jars
+handed over as files skip that; with a local master they go on the driver class path, where
+the executors (same JVM) see them without any copy.
+
 Credentials never go into the Spark conf (it is printed by `spark-submit --verbose`, the
 environment tab and our own start-up logs): the JVM reads them from its environment
 (`s3a_env`), or from the standard AWS chain when no keys are set.
@@ -7,12 +20,21 @@ environment tab and our own start-up logs): the JVM reads them from its environm
 
 from __future__ import annotations
 
+import glob
+import logging
+import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
 from config.config import Settings
 from src.errors import ProcessorError
+
+log = logging.getLogger(__name__)
 
 HADOOP_AWS = "org.apache.hadoop:hadoop-aws"
 # The v1 names are mapped by S3A; the v2 class names are what hadoop-aws 3.4+ loads natively.
@@ -41,19 +63,103 @@ def hadoop_aws_package(jars_dir: Path | None = None) -> str:
     return f"{HADOOP_AWS}:{bundled_hadoop_version(jars_dir)}"
 
 
-def s3a_conf(settings: Settings) -> dict[str, str]:
-    """Spark settings for reading `s3a://<S3_BUCKET_NAME>/...`; holds no secret.
+MAVEN_CENTRAL = "https://repo1.maven.org/maven2/"
+_IVY_SETTINGS = f"""<ivysettings>
+  <settings defaultResolver="central"/>
+  <resolvers><ibiblio name="central" m2compatible="true" root="{MAVEN_CENTRAL}"/></resolvers>
+</ivysettings>
+"""
 
-    hadoop-aws (and, transitively, the AWS SDK v2 bundle) come from Maven Central into the
-    Ivy cache `DATA_DIR/ivy` on the first start, or from local files listed in SPARK_JARS on
-    machines without internet.
+
+def ivy_dir(settings: Settings) -> Path:
+    return (settings.data_dir / "ivy").resolve()
+
+
+def _manifest(settings: Settings) -> Path:
+    return ivy_dir(settings) / f"hadoop-aws-{bundled_hadoop_version()}.classpath"
+
+
+def cached_hadoop_aws_jars(settings: Settings) -> list[Path] | None:
+    """The jars resolved by an earlier `fetch_hadoop_aws_jars`, if they are all still there."""
+    manifest = _manifest(settings)
+    try:
+        jars = [Path(p.strip()) for p in manifest.read_text().split(os.pathsep) if p.strip()]
+    except OSError:
+        return None
+    return jars if jars and all(j.is_file() for j in jars) else None
+
+
+def fetch_hadoop_aws_jars(settings: Settings, *, timeout: float = 1800) -> list[Path]:
+    """Resolve hadoop-aws and its AWS SDK from Maven Central into `DATA_DIR/ivy` (once).
+
+    Uses the Ivy that ships with pyspark, so it needs Java and, the first time, internet;
+    later calls return the cached jars without a network call.
     """
+    jars = cached_hadoop_aws_jars(settings)
+    if jars:
+        return jars
+    java_home = os.environ.get("JAVA_HOME")
+    java = os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
+    ivy_jars = sorted(pyspark_jars_dir().glob("ivy-*.jar"))
+    if not java or not ivy_jars:
+        raise ProcessorError("cannot fetch hadoop-aws: Java or pyspark's ivy jar is missing (or set SPARK_JARS)")
+    home = ivy_dir(settings)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "ivysettings-central.xml").write_text(_IVY_SETTINGS)
+    version = bundled_hadoop_version()
+    log.info(
+        "fetching hadoop-aws %s and the AWS SDK bundle (~700 MB, once) from %s into %s", version, MAVEN_CENTRAL, home
+    )
+    fd, tmp = tempfile.mkstemp(prefix="_tmp-", suffix=".classpath", dir=home)
+    os.close(fd)
+    cmd = [
+        java, "-jar", str(ivy_jars[-1]), "-settings", str(home / "ivysettings-central.xml"),
+        "-cache", str(home / "cache"), "-dependency", "org.apache.hadoop", "hadoop-aws", version,
+        "-confs", "default", "-types", "jar", "-cachepath", tmp,
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not Path(tmp).read_text().strip():
+            tail = " | ".join(line.strip() for line in (proc.stdout + proc.stderr).splitlines()[-3:])
+            raise ProcessorError(
+                f"could not fetch org.apache.hadoop:hadoop-aws:{version} from {MAVEN_CENTRAL} (exit "
+                f"{proc.returncode}): {tail}; without internet, set SPARK_JARS (docs/s3.md)"
+            )
+        os.replace(tmp, _manifest(settings))
+    except subprocess.TimeoutExpired:
+        raise ProcessorError(f"fetching hadoop-aws from {MAVEN_CENTRAL} took over {timeout:.0f}s") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    jars = cached_hadoop_aws_jars(settings)
+    if not jars:
+        raise ProcessorError(f"Ivy reported hadoop-aws jars that are not in {home / 'cache'}")
+    return jars
+
+
+def _expand(spec: str) -> list[Path]:
+    out: list[Path] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        matches = sorted(glob.glob(os.path.expanduser(item))) if glob.has_magic(item) else [os.path.expanduser(item)]
+        if not matches:
+            raise ProcessorError(f"SPARK_JARS entry {item!r} matches no file")
+        out += [Path(m) for m in matches]
+    return out
+
+
+def s3a_conf(settings: Settings) -> dict[str, str]:
+    """Spark settings for reading `s3a://<S3_BUCKET_NAME>/...`; holds no secret, makes no network call."""
     conf: dict[str, str] = {}
-    if settings.spark_jars:
-        conf["spark.jars"] = settings.spark_jars
-    else:
+    jars = _expand(settings.spark_jars) if settings.spark_jars else cached_hadoop_aws_jars(settings)
+    if jars is None:
         conf["spark.jars.packages"] = hadoop_aws_package()
-        conf["spark.jars.ivy"] = str(settings.data_dir / "ivy")
+        conf["spark.jars.ivy"] = str(ivy_dir(settings))
+    elif settings.spark_master.startswith("local"):
+        conf["spark.driver.extraClassPath"] = os.pathsep.join(str(j) for j in jars)
+    else:
+        conf["spark.jars"] = ",".join(str(j) for j in jars)
     prefix = "spark.hadoop.fs.s3a."
     conf.update(
         {
@@ -88,3 +194,23 @@ def s3a_env(settings: Settings) -> dict[str, str]:
         env["AWS_ACCESS_KEY_ID"] = settings.aws_access_key_id.get()
         env["AWS_SECRET_ACCESS_KEY"] = settings.aws_secret_access_key.get()
     return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m src.utils.spark_utils",
+        description="Fetch hadoop-aws (matching pyspark's Hadoop) and its AWS SDK into DATA_DIR/ivy and print "
+        "them as a SPARK_JARS value (copy the files to a machine without internet and point SPARK_JARS at them).",
+    )
+    parser.add_argument("command", choices=["fetch-jars"])
+    parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    jars = fetch_hadoop_aws_jars(Settings.from_env())
+    sys.stdout.write(",".join(str(j) for j in jars) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

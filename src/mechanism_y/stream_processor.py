@@ -1,0 +1,388 @@
+"""Mechanism Y: each chunk, in ledger order, through Spark into the running state and the patterns.
+
+Per chunk: read the Parquet object with Spark, annotate problems, fold the clean rows into the
+per (merchant, customer) state, evaluate PatId1-3 on the new state, then commit in ONE
+PostgreSQL transaction: the clean rows (`transactions`), the state delta (`y_state`), the new
+detections and the chunk's processed mark. A crash before the commit leaves no trace, so the
+chunk is done again from the state of the previous commit; after it, the chunk is never redone.
+
+    python -m src.mechanism_y.stream_processor [--drain]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from config.config import Settings
+from src.errors import ProcessorError
+from src.mechanism_x.data_ingestion import CHUNK_CHANNEL
+from src.mechanism_y import pattern_detector as patterns
+from src.mechanism_y.data_validator import PROBLEM, annotate_problems, check_schema
+from src.mechanism_y.detection_writer import DetectionWriter, ist
+from src.schemas.transaction_schemas import chunk_spark_schema, state_spark_schema, weights_spark_schema
+from src.utils import lake_paths
+from src.utils.object_store import ObjectStore
+from src.utils.postgres_utils import Database, copy_csv, copy_rows, is_transient
+from src.utils.runtime import retry_call
+
+log = logging.getLogger(__name__)
+COMPONENT = "mechanism_y"
+SINGLE_Y_LOCK = 7261002
+
+TRANSACTION_COLUMNS = {
+    "source_file_id": "source_file_id",
+    "source_line": "source_line",
+    "chunk_seq": "chunk_seq",
+    "step": "step",
+    "customer": "customer",
+    "age": "age",
+    "gender": "gender",
+    "zipcodeOri": "zipcode_ori",
+    "merchant": "merchant",
+    "zipMerchant": "zip_merchant",
+    "category": "category",
+    "amount": "amount",
+    "fraud": "fraud",
+}
+STATE_COLUMNS = ("merchant", "customer", "n", "amount_sum", "has_f", "has_m")
+ACTIONS = {"PatId1": "UPGRADE", "PatId2": "CHILD", "PatId3": "DEI-NEEDED"}
+
+
+class StreamProcessor:
+    def __init__(self, settings: Settings, db: Database, store: ObjectStore, spark, stop: threading.Event) -> None:
+        self.settings = settings
+        self.db = db
+        self.store = store
+        self.spark = spark
+        self.stop = stop
+        self.drain_requested = threading.Event()
+        self.y_start = datetime.now(timezone.utc)
+        self.thresholds = patterns.thresholds_from_settings(settings)
+        self.writer = DetectionWriter(settings, db, store)
+        self.state = None
+        self.weights = None
+        self.weights_version: int | None = None
+        self.emitted: set[tuple[str, str, str]] = set()
+        self._listen = None
+        self.stats = {"chunks": 0, "rows": 0, "detections": 0}
+
+    # ---------------------------------------------------------------- start-up
+
+    def start(self) -> None:
+        with self.db.transaction() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%s)", (SINGLE_Y_LOCK,))
+            if not cur.fetchone()[0]:
+                raise ProcessorError("another Mechanism Y is already running against this database; stop it first")
+        self._listen = psycopg2.connect(**self.db._kwargs)
+        self._listen.autocommit = True
+        with self._listen.cursor() as cur:
+            cur.execute(f"LISTEN {CHUNK_CHANNEL}")
+        self._load_state()
+        self.emitted = {
+            (p, c, m) for p, c, m in self.db.query("SELECT pattern_id, customer_name, merchant_id FROM pattern_detections")
+        }
+        self.writer.tick(final=False)
+        log.info(
+            "mechanism Y up (YStartTime %s): state of %d (merchant, customer) pairs, %d detections so far",
+            ist(self.y_start), self.state_rows, len(self.emitted),
+        )
+
+    def _copy_out(self, sql: str, schema: pa.Schema) -> pa.Table:
+        buf = io.BytesIO()
+        with self.db.transaction() as cur:
+            cur.copy_expert(f"COPY ({sql}) TO STDOUT WITH (FORMAT csv, HEADER true)", buf)
+        if buf.tell() == 0:
+            return schema.empty_table()
+        buf.seek(0)
+        table = pacsv.read_csv(
+            buf,
+            read_options=pacsv.ReadOptions(column_names=schema.names, skip_rows=1),
+            convert_options=pacsv.ConvertOptions(column_types=schema, strings_can_be_null=False,
+                                                 quoted_strings_can_be_null=False),
+        )
+        return table.cast(schema)
+
+    def _load_state(self) -> None:
+        schema = pa.schema(
+            [("merchant", pa.string()), ("customer", pa.string()), ("n", pa.int64()),
+             ("amount_sum", pa.decimal128(38, 2)), ("has_f", pa.bool_()), ("has_m", pa.bool_())]
+        )
+        table = self._copy_out("SELECT merchant, customer, n, amount_sum, has_f, has_m FROM y_state", schema)
+        self.state = self.spark.createDataFrame(table, schema=state_spark_schema()).localCheckpoint(eager=True)
+        self.state_rows = table.num_rows
+
+    def _refresh_weights(self) -> bool:
+        """Load (or reload) the importance weights when X has loaded a new version; False if none yet."""
+        rows = self.db.query("SELECT version FROM importance_state WHERE id = 1")
+        if not rows:
+            return False
+        version = rows[0][0]
+        if version == self.weights_version:
+            return True
+        # Aggregated to (customer, merchant) where the rows live: the file repeats keys, so joining raw
+        # rows would multiply counts; and it ships a few thousand rows to Spark instead of the whole file.
+        schema = pa.schema([("customer", pa.string()), ("merchant", pa.string()),
+                            ("weight_sum", pa.decimal128(38, 2)), ("weight_count", pa.int64())])
+        table = self._copy_out(
+            "SELECT source, target, sum(weight), count(*) FROM customer_importance GROUP BY source, target", schema
+        )
+        if self.weights is not None:
+            self.weights.unpersist()
+        self.weights = self.spark.createDataFrame(table, schema=weights_spark_schema()).localCheckpoint(eager=True)
+        log.info("importance weights loaded: version %d, %d (customer, merchant) pairs", version, table.num_rows)
+        self.weights_version = version
+        log.info("importance weights loaded: version %d, %d rows", version, table.num_rows)
+        return True
+
+    # ---------------------------------------------------------------- loop
+
+    def _next_chunk(self):
+        rows = self.db.query(
+            "SELECT seq, file_id, chunk_seq, object_key, status, written_at FROM chunks "
+            "WHERE processed_at IS NULL AND status <> 'failed' ORDER BY seq LIMIT 1"
+        )
+        return rows[0] if rows else None
+
+    def _x_busy(self) -> bool:
+        return bool(self.db.query("SELECT 1 FROM source_files WHERE status = 'ingesting' LIMIT 1"))
+
+    def _wait(self, timeout: float) -> None:
+        """Sleep until X notifies a chunk (or importance) or the timeout passes."""
+        if self._listen is None:
+            self.stop.wait(timeout)
+            return
+        end = time.monotonic() + timeout
+        while not self.stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            ready, _, _ = select.select([self._listen], [], [], min(left, 0.5))
+            if ready:
+                self._listen.poll()
+                if self._listen.notifies:
+                    self._listen.notifies.clear()
+                    return
+
+    def run(self, *, drain: bool) -> int:
+        self.start()
+        waiting_since: float | None = None
+        try:
+            while not self.stop.is_set():
+                self.writer.tick()
+                chunk = self._next_chunk()
+                draining = drain or self.drain_requested.is_set()
+                if chunk is None or chunk[4] != "written":
+                    if draining and chunk is None and (self.drain_requested.is_set() or not self._x_busy()):
+                        log.info("drain: every chunk in the ledger is processed")
+                        return 0
+                    self._wait(min(0.5, self.settings.detections_flush_seconds))
+                    continue
+                if not self._refresh_weights():
+                    if waiting_since is None:
+                        waiting_since = time.monotonic()
+                        log.warning("chunk %d waits: no CustomerImportance file has been loaded yet", chunk[0])
+                    if draining and not self._x_busy() and self.drain_requested.is_set():
+                        log.error("drain impossible: chunks wait for a CustomerImportance file the source does not have")
+                        return 1
+                    self._wait(1.0)
+                    continue
+                waiting_since = None
+                self.process_chunk(*chunk[:4], written_at=chunk[5])
+            return 0
+        finally:
+            try:
+                self.writer.tick(final=True)
+            finally:
+                if self._listen is not None:
+                    self._listen.close()
+
+    # ---------------------------------------------------------------- one chunk
+
+    def process_chunk(self, seq: int, file_id: str, chunk_seq: int, key: str, *, written_at: datetime) -> int:
+        t0 = time.perf_counter()
+        df = self.spark.read.schema(chunk_spark_schema()).parquet(self.store.spark_uri(key))
+        check_schema(df)
+        rows = annotate_problems(df).toArrow()
+        problem = rows.column(PROBLEM)
+        clean_mask = pc.is_null(problem)
+        clean = rows.filter(clean_mask).drop_columns([PROBLEM])
+        rejected = rows.filter(pc.invert(clean_mask))
+
+        clean_df = self.spark.createDataFrame(clean, schema=chunk_spark_schema())
+        delta = patterns.chunk_delta(clean_df).toArrow()
+        delta_df = self.spark.createDataFrame(delta, schema=state_spark_schema())
+        new_state = patterns.merge_state(self.state, delta_df).localCheckpoint(eager=True)
+        found = patterns.detect_all(new_state, self.weights, **self.thresholds).collect()
+        new = sorted({(r["pattern_id"], r["customer_name"], r["merchant_id"]) for r in found} - self.emitted)
+
+        with self.db.transaction() as cur:
+            cur.execute(
+                "UPDATE chunks SET processed_at = clock_timestamp(), y_rows_clean = %s, y_rows_rejected = %s, "
+                "y_new_detections = %s WHERE seq = %s AND processed_at IS NULL",
+                (clean.num_rows, rejected.num_rows, len(new), seq),
+            )
+            if cur.rowcount != 1:
+                raise ProcessorError(f"chunk {seq} was processed by someone else; refusing to count it twice")
+            if clean.num_rows:
+                out = clean.select(list(TRANSACTION_COLUMNS)).rename_columns(list(TRANSACTION_COLUMNS.values()))
+                buf = io.BytesIO()
+                pacsv.write_csv(out, buf)
+                buf.seek(0)
+                copy_csv(cur, "transactions", out.column_names, buf)
+            if delta.num_rows:
+                cur.execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS y_delta (LIKE y_state INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+                )
+                buf = io.BytesIO()
+                pacsv.write_csv(delta.select(list(STATE_COLUMNS)), buf)
+                buf.seek(0)
+                copy_csv(cur, "y_delta", STATE_COLUMNS, buf)
+                cur.execute(
+                    "INSERT INTO y_state SELECT * FROM y_delta ON CONFLICT (merchant, customer) DO UPDATE SET "
+                    "n = y_state.n + EXCLUDED.n, amount_sum = y_state.amount_sum + EXCLUDED.amount_sum, "
+                    "has_f = y_state.has_f OR EXCLUDED.has_f, has_m = y_state.has_m OR EXCLUDED.has_m"
+                )
+            if new:
+                psycopg2.extras.execute_values(
+                    cur,
+                    "INSERT INTO pattern_detections (pattern_id, action_type, customer_name, merchant_id, "
+                    "y_start_time, detection_time, chunk_id) VALUES %s",
+                    [(p, ACTIONS[p], c, m, self.y_start, datetime.now(timezone.utc), seq) for p, c, m in new],
+                )
+            if rejected.num_rows:
+                self._record_rejected(cur, seq, file_id, chunk_seq, rejected)
+        self.state.unpersist()
+        self.state = new_state
+        self.emitted.update(new)
+        self.writer.note_new(len(new))
+        latency = (datetime.now(timezone.utc) - written_at).total_seconds() if written_at else float("nan")
+        self.stats["chunks"] += 1
+        self.stats["rows"] += clean.num_rows
+        self.stats["detections"] += len(new)
+        log.info(
+            "chunk %d (%s-%06d): %d rows, %d rejected, %d new detection(s) %s, %.0f ms in Y, latency %.3f s",
+            seq, file_id, chunk_seq, clean.num_rows, rejected.num_rows, len(new),
+            "(" + ", ".join(f"{p}:{sum(1 for x in new if x[0] == p)}" for p in ACTIONS) + ")",
+            (time.perf_counter() - t0) * 1000, latency,
+        )
+        if rejected.num_rows:
+            self.write_quality_report()
+        return len(new)
+
+    def _record_rejected(self, cur, seq: int, file_id: str, chunk_seq: int, rejected: pa.Table) -> None:
+        lines = rejected.column("source_line").to_pylist()
+        reasons = rejected.column(PROBLEM).to_pylist()
+        copy_rows(
+            cur, "quarantine", ("file_id", "line_no", "chunk_seq", "stage", "reason", "raw_line"),
+            ((file_id, ln if ln is not None else -1 - i, chunk_seq, "detect", r, None)
+             for i, (ln, r) in enumerate(zip(lines, reasons))),
+        )
+        self.db.log_event(COMPONENT, "WARNING", "rows_rejected",
+                          f"chunk {seq}: {len(reasons)} row(s) excluded from the state, first: {reasons[0]}",
+                          file_id=file_id, chunk_id=seq, row_count=len(reasons), cur=cur)
+
+    def write_quality_report(self) -> None:
+        totals = self.db.query(
+            "SELECT count(*) FILTER (WHERE processed_at IS NOT NULL), coalesce(sum(y_rows_clean), 0), "
+            "coalesce(sum(y_rows_rejected), 0) FROM chunks"
+        )[0]
+        by_reason = self.db.query(
+            "SELECT reason, count(*) FROM quarantine WHERE stage = 'detect' GROUP BY reason ORDER BY 2 DESC"
+        )
+        recent = self.db.query(
+            "SELECT seq, file_id, chunk_seq, y_rows_clean, y_rows_rejected FROM chunks "
+            "WHERE y_rows_rejected > 0 ORDER BY seq DESC LIMIT 100"
+        )
+        doc = {
+            "updated_at": ist(datetime.now(timezone.utc)),
+            "chunks_checked": totals[0],
+            "rows_clean": int(totals[1]),
+            "rows_rejected": int(totals[2]),
+            "rejected_by_reason": {r: n for r, n in by_reason},
+            "chunks_with_problems": [
+                {"chunk_id": s, "file_id": f, "chunk_seq": c, "rows_clean": rc, "rows_rejected": rr}
+                for s, f, c, rc, rr in recent
+            ],
+        }
+        data = json.dumps(doc, indent=2).encode()
+        retry_call(lambda: self.store.put_bytes(lake_paths.QUALITY_REPORT_KEY, data, overwrite=True),
+                   what="write quality_reports.json", transient=is_transient)
+
+
+# -------------------------------------------------------------------- entry point
+
+
+def run_worker(settings: Settings, *, drain: bool, stop: threading.Event | None = None) -> int:
+    from config.spark_config import build_spark_session
+    from src.utils.object_store import open_lake
+
+    stop = stop or threading.Event()
+    db = Database(settings)
+    db.apply_schema()
+    store = open_lake(settings)
+    spark = build_spark_session(settings, app_name="mechanism-y")
+    processor = StreamProcessor(settings, db, store, spark, stop)
+    signal.signal(signal.SIGUSR1, lambda *_: processor.drain_requested.set())
+    log.info("mechanism Y: reading %s with Spark %s", store.describe(), spark.version)
+    try:
+        code = processor.run(drain=drain)
+        processor.write_quality_report()
+        return code
+    finally:
+        spark.stop()
+        db.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m src.mechanism_y.stream_processor",
+        description=(
+            "Mechanism Y alone: process each chunk Mechanism X records, in order, with PySpark; keep the running "
+            "state, evaluate PatId1 (UPGRADE), PatId2 (CHILD) and PatId3 (DEI-NEEDED) after every chunk, and "
+            "write each new detection once to PostgreSQL and the lake. Settings come from the environment and .env."
+        ),
+    )
+    parser.add_argument("--drain", action="store_true",
+                        help="exit 0 once every chunk in the ledger is processed and no file is mid-ingest")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from src.utils.runtime import configure_logging, install_stop_handlers
+
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ProcessorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    stop = threading.Event()
+    install_stop_handlers(stop, "mechanism Y")
+    try:
+        return run_worker(settings, drain=args.drain, stop=stop)
+    except ProcessorError as exc:
+        log.error("mechanism Y stopped: %s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

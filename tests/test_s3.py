@@ -1,0 +1,372 @@
+"""The S3 lake against a real S3 server (moto, on 127.0.0.1), with faults injected by a proxy."""
+
+from __future__ import annotations
+
+import base64
+import decimal
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from config.config import Settings
+from src.errors import LakeError, ObjectConflict, RetryableError
+from src.schemas.transaction_schemas import CHUNK_ARROW_SCHEMA
+from src.utils import s3_utils
+from src.utils.object_store import LocalObjectStore
+from src.utils.s3_utils import S3ObjectStore, make_object_store
+from src.utils.spark_utils import bundled_hadoop_version, s3a_conf, s3a_env
+from tests.s3_fixtures import *
+from tests.s3_fixtures import TEST_SECRET_KEY, use_shared_ivy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def waits(monkeypatch) -> list[float]:
+    """Backoff waits requested by the store (not slept for real)."""
+    recorded: list[float] = []
+    monkeypatch.setattr(s3_utils, "_sleep", recorded.append)
+    return recorded
+
+
+@pytest.fixture
+def store(s3_settings) -> S3ObjectStore:
+    return S3ObjectStore(s3_settings())
+
+
+@pytest.fixture
+def flaky(s3_settings, faulty_s3, waits) -> S3ObjectStore:
+    """A store talking to the server through the fault proxy, with small retry budgets."""
+    return S3ObjectStore(s3_settings(faulty_s3.endpoint), attempts=4, sdk_attempts=2, read_timeout=1)
+
+
+def _admin(settings: Settings):
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.aws_region,
+        aws_access_key_id=settings.aws_access_key_id.get(),
+        aws_secret_access_key=settings.aws_secret_access_key.get(),
+    )
+
+
+def _chunk(file_id: str, seq: int, rows: int) -> bytes:
+    table = pa.table(
+        {
+            "step": pa.array([i % 180 for i in range(rows)], pa.int32()),
+            "customer": [f"C{1000 + i % 37}" for i in range(rows)],
+            "age": ["3"] * rows,
+            "gender": ["F" if i % 3 else "M" for i in range(rows)],
+            "zipcodeOri": ["28007"] * rows,
+            "merchant": [f"M{i % 5}" for i in range(rows)],
+            "zipMerchant": ["28007"] * rows,
+            "category": ["es_transportation"] * rows,
+            "amount": pa.array([decimal.Decimal(i % 1000) / 10 for i in range(rows)], pa.decimal128(18, 2)),
+            "fraud": pa.array([0] * rows, pa.int8()),
+            "source_file_id": [file_id] * rows,
+            "chunk_seq": pa.array([seq] * rows, pa.int32()),
+            "source_line": pa.array(range(2, rows + 2), pa.int64()),
+        },
+        schema=CHUNK_ARROW_SCHEMA,
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+# -- writes and reads --------------------------------------------------------------------
+
+
+def test_put_is_write_once_idempotent_and_checksummed(store, s3_settings):
+    key = "raw-transactions/year=2026/month=11/day=26/f1-000001.parquet"
+    data = b"PAR1 chunk one"
+    assert store.put_bytes(key, data) is True
+    assert store.put_bytes(key, data) is False
+    with pytest.raises(ObjectConflict, match="different content"):
+        store.put_bytes(key, b"PAR1 chunk two")
+    assert store.get_bytes(key) == data
+
+    head = _admin(s3_settings()).head_object(Bucket=store.bucket, Key=key, ChecksumMode="ENABLED")
+    assert head["ChecksumCRC32"] == base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+    assert head["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest()
+
+    report = "pattern-detections/validation/quality_reports.json"
+    assert store.put_bytes(report, b'{"v": 1}', overwrite=True) is True
+    assert store.put_bytes(report, b'{"v": 1}', overwrite=True) is False
+    assert store.put_bytes(report, b'{"v": 2}', overwrite=True) is True
+    assert store.get_bytes(report) == b'{"v": 2}'
+
+    assert store.exists(key) and not store.exists("raw-transactions/nope.parquet")
+    with pytest.raises(FileNotFoundError):
+        store.get_bytes("raw-transactions/nope.parquet")
+    store.delete(report)
+    assert not store.exists(report)
+    assert store.spark_uri(key) == f"s3a://{store.bucket}/{key}"
+    assert store.bucket in store.describe() and TEST_SECRET_KEY not in store.describe()
+
+
+def test_large_object_goes_multipart_and_stays_write_once(store, s3_settings):
+    key = "raw-transactions/year=2026/month=11/day=26/big-000001.parquet"
+    data = os.urandom(9 * 1024 * 1024)
+    assert store.put_bytes(key, data) is True
+    assert _admin(s3_settings()).head_object(Bucket=store.bucket, Key=key)["ETag"].strip('"').endswith("-2")
+    assert store.get_bytes(key) == data
+    assert store.put_bytes(key, data) is False
+    with pytest.raises(ObjectConflict):
+        store.put_bytes(key, data[:-1] + b"\x00")
+    assert store.get_bytes(key) == data
+
+
+def test_put_many_keeps_order_and_is_idempotent(store):
+    items = [
+        (f"raw-transactions/year=2026/month=11/day=26/f2-{i:06d}.parquet", f"chunk {i}".encode()) for i in range(24)
+    ]
+    assert store.put_many(items) == [True] * 24
+    assert store.put_many(items) == [False] * 24
+    items[5] = (items[5][0], b"changed")
+    new = ("raw-transactions/year=2026/month=11/day=26/f2-000099.parquet", b"chunk 99")
+    with pytest.raises(ObjectConflict):
+        store.put_many([*items, new])
+    assert store.get_bytes(items[5][0]) == b"chunk 5"
+    assert store.get_bytes(new[0]) == b"chunk 99"  # the rest of the batch still landed
+
+
+def test_listing_of_more_than_1000_objects_is_paginated(store, s3_settings, faulty_s3, waits):
+    keys = {f"raw-transactions/year=2026/month=11/day=26/f3-{i:06d}.parquet" for i in range(1050)}
+    store.put_many([(k, b"x") for k in sorted(keys)])
+    store.put_bytes("quarantine/other.json", b"{}")
+    flaky = S3ObjectStore(s3_settings(faulty_s3.endpoint), attempts=4, sdk_attempts=1)
+    faulty_s3.inject("GET", 503, 1, path="continuation-token")
+    listed = list(flaky.list_keys("raw-transactions/"))
+    assert sorted(listed) == sorted(keys)  # all of them, none twice, a failed page retried
+    pages = [s for s in faulty_s3.requests("GET") if "list-type=2" in s.path and s.status == 200]
+    assert len(pages) == 2
+    assert list(flaky.list_keys("pattern-detections/")) == []
+
+
+# -- faults ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", [503, 500, "reset"])
+def test_transient_put_faults_are_retried_and_written_once(flaky, faulty_s3, fault):
+    key = "raw-transactions/year=2026/month=11/day=26/f4-000001.parquet"
+    faulty_s3.inject("PUT", fault, 3)
+    assert flaky.put_bytes(key, b"chunk") is True
+    assert flaky.get_bytes(key) == b"chunk"
+    puts = faulty_s3.requests("PUT")
+    assert [p.fault for p in puts] == [fault] * 3 + [None]
+    assert [p.status for p in puts if p.status is not None] == [200]
+
+
+def test_lost_answer_then_retry_writes_nothing_twice(flaky, faulty_s3):
+    key = "raw-transactions/year=2026/month=11/day=26/f5-000001.parquet"
+    faulty_s3.inject("PUT", "reset_after", 1)
+    # The first PUT lands but its answer is lost; the retry finds the same bytes there.
+    assert flaky.put_bytes(key, b"chunk") is False
+    assert [p.status for p in faulty_s3.requests("PUT")] == [200, 412]
+    assert flaky.get_bytes(key) == b"chunk"
+    assert list(flaky.list_keys("raw-transactions/")) == [key]
+
+
+def test_transient_get_faults_and_timeouts_are_retried(flaky, store, faulty_s3):
+    key = "pattern-detections/patid1/_summary/monthly_stats.json"
+    store.put_bytes(key, b'{"n": 3}')
+    faulty_s3.hang_seconds = 1.5
+    faulty_s3.inject("GET", "reset", 2)
+    faulty_s3.inject("GET", 503, 2)
+    faulty_s3.inject("GET", "hang", 1)
+    assert flaky.get_bytes(key) == b'{"n": 3}'
+    assert [g.fault for g in faulty_s3.requests("GET")] == ["reset", "reset", 503, 503, "hang", None]
+
+
+@pytest.mark.parametrize(("method", "fault"), [("PUT", 503), ("PUT", "reset"), ("GET", 503), ("GET", "reset")])
+def test_exhausted_retries_raise_retryable_error(flaky, store, faulty_s3, waits, caplog, method, fault):
+    key = "raw-transactions/year=2026/month=11/day=26/f6-000001.parquet"
+    if method == "GET":
+        store.put_bytes(key, b"chunk")
+    faulty_s3.inject(method, fault, 1000)
+    with pytest.raises(RetryableError, match=rf"s3://{flaky.bucket}/{key} still failing after 4 attempts") as err:
+        flaky.put_bytes(key, b"chunk") if method == "PUT" else flaky.get_bytes(key)
+    assert "\n" not in str(err.value) and TEST_SECRET_KEY not in str(err.value)
+    assert len(faulty_s3.requests(method)) == 4 * 2  # our attempts x botocore's
+    assert len(waits) == 3 and all(0 < w <= flaky.max_backoff for w in waits)
+    retries = [m.group(1) for r in caplog.records if (m := re.search(r"; retry (\d/\d) in ", r.getMessage()))]
+    assert retries == ["1/3", "2/3", "3/3"]
+
+    faulty_s3.clear()  # the next poll: the server is back
+    if method == "PUT":
+        assert flaky.put_bytes(key, b"chunk") is True
+    assert flaky.get_bytes(key) == b"chunk"
+    assert list(flaky.list_keys("raw-transactions/")) == [key]
+
+
+def test_server_without_conditional_writes_falls_back_to_compare(flaky, faulty_s3):
+    key = "raw-transactions/year=2026/month=11/day=26/f7-000001.parquet"
+    faulty_s3.inject("PUT", 501, 1)
+    assert flaky.put_bytes(key, b"chunk") is True
+    assert flaky.conditional_writes is False
+    assert flaky.put_bytes(key, b"chunk") is False
+    with pytest.raises(ObjectConflict):
+        flaky.put_bytes(key, b"other")
+    assert flaky.get_bytes(key) == b"chunk"
+
+
+# -- start-up checks ---------------------------------------------------------------------
+
+
+def test_check_writable(store, s3_settings, flaky, faulty_s3):
+    store.check_writable()
+    assert store.exists(s3_utils.HEALTH_KEY)
+
+    missing = S3ObjectStore(s3_settings(S3_BUCKET_NAME="tp-no-such-bucket"))
+    with pytest.raises(LakeError) as err:
+        missing.check_writable()
+    msg = str(err.value)
+    assert "tp-no-such-bucket" in msg and "us-east-1" in msg and "does not exist" in msg and "\n" not in msg
+
+    faulty_s3.inject("PUT", 403, 1)
+    with pytest.raises(LakeError) as err:
+        flaky.check_writable()
+    msg = str(err.value)
+    assert f"s3:PutObject on arn:aws:s3:::{flaky.bucket}/*" in msg and "us-east-1" in msg and "\n" not in msg
+    assert TEST_SECRET_KEY not in msg
+
+
+def test_make_object_store_follows_the_settings(s3_settings, tmp_path):
+    assert isinstance(make_object_store(s3_settings()), S3ObjectStore)
+    local = Settings.from_env({"LOCAL_LAKE_DIR": str(tmp_path / "lake")}, dotenv=Path("/nonexistent"))
+    lake = make_object_store(local)
+    assert isinstance(lake, LocalObjectStore) and lake.root == (tmp_path / "lake").resolve()
+
+
+# -- Spark through s3a:// ----------------------------------------------------------------
+
+
+def test_s3a_conf_matches_pyspark_hadoop_and_holds_no_secret(s3_settings, tmp_path):
+    version = bundled_hadoop_version()
+    assert (Path(__import__("pyspark").__file__).parent / "jars" / f"hadoop-client-api-{version}.jar").is_file()
+
+    conf = s3a_conf(s3_settings(DATA_DIR=str(tmp_path / "fresh")))  # nothing cached: Spark resolves it
+    assert conf["spark.jars.packages"] == f"org.apache.hadoop:hadoop-aws:{version}"
+    assert conf["spark.jars.ivy"] == str((tmp_path / "fresh" / "ivy").resolve())
+    assert conf["spark.hadoop.fs.s3a.path.style.access"] == "true"
+    assert conf["spark.hadoop.fs.s3a.connection.ssl.enabled"] == "false"
+    assert conf["spark.hadoop.fs.s3a.endpoint.region"] == "us-east-1"
+    assert conf["spark.hadoop.fs.s3a.aws.credentials.provider"].endswith("EnvironmentVariableCredentialsProvider")
+    assert not any(TEST_SECRET_KEY in v for v in conf.values())
+    assert s3a_env(s3_settings())["AWS_SECRET_ACCESS_KEY"] == TEST_SECRET_KEY
+
+    aws = s3_settings(S3_ENDPOINT_URL="", AWS_ACCESS_KEY_ID="", AWS_SECRET_ACCESS_KEY="", AWS_REGION="eu-west-1")
+    conf = s3a_conf(aws)
+    assert "spark.hadoop.fs.s3a.endpoint" not in conf and "spark.hadoop.fs.s3a.path.style.access" not in conf
+    assert conf["spark.hadoop.fs.s3a.aws.credentials.provider"].endswith("DefaultCredentialsProvider")
+    assert "AWS_SECRET_ACCESS_KEY" not in s3a_env(aws)
+
+    jars = tmp_path / "jars"
+    jars.mkdir()
+    for name in ("hadoop-aws-3.5.0.jar", "bundle-2.35.4.jar"):
+        (jars / name).write_bytes(b"")
+    offline = s3a_conf(s3_settings(SPARK_JARS=f"{jars}/*.jar", S3_ENDPOINT_URL="https://minio.local:9000"))
+    assert "spark.jars.packages" not in offline
+    assert offline["spark.driver.extraClassPath"] == f"{jars}/bundle-2.35.4.jar:{jars}/hadoop-aws-3.5.0.jar"
+    assert offline["spark.hadoop.fs.s3a.connection.ssl.enabled"] == "true"
+    cluster = s3a_conf(s3_settings(SPARK_JARS=f"{jars}/*.jar", SPARK_MASTER="spark://10.0.0.1:7077"))
+    assert cluster["spark.jars"] == f"{jars}/bundle-2.35.4.jar,{jars}/hadoop-aws-3.5.0.jar"
+
+
+SPARK_READER = r"""
+import json, os, sys, time
+from pathlib import Path
+from config.config import Settings
+from config.spark_config import build_spark_session
+from src.schemas.transaction_schemas import chunk_spark_schema
+from src.utils.spark_utils import s3a_env
+
+settings = Settings.from_env(dotenv=Path(sys.argv[1]))
+os.environ.update(s3a_env(settings))  # keys from .env reach the JVM only through its environment
+t0 = time.monotonic()
+spark = build_spark_session(settings, app_name="s3a-test")
+t1 = time.monotonic()
+df = spark.read.schema(chunk_spark_schema()).parquet(sys.argv[2])
+rows = df.groupBy("day").agg({"amount": "sum", "*": "count"}).orderBy("day").collect()
+conf = spark.sparkContext.getConf().getAll()
+print("RESULT " + json.dumps({
+    "days": {r["day"]: [r["count(1)"], str(r["sum(amount)"])] for r in rows},
+    "secret_in_conf": any(settings.aws_secret_access_key.get() in v for _, v in conf),
+    "packages": dict(conf).get("spark.jars.packages"),
+    "seconds": [round(t1 - t0, 1), round(time.monotonic() - t1, 1)],
+}))
+spark.stop()
+"""
+
+
+def _spark_read(settings_env: dict[str, str], dotenv: Path, uri: str) -> dict:
+    dotenv.write_text("".join(f"{k}={v}\n" for k, v in settings_env.items()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "SPARK_JARS"))}
+    env.update({"PYTHONPATH": str(ROOT), "SPARK_LOCAL_IP": "127.0.0.1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", SPARK_READER, str(dotenv), uri],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert TEST_SECRET_KEY not in output
+    assert proc.returncode == 0, output[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line[len("RESULT ") :])
+    sys.stderr.write(f"spark session start / read: {result['seconds']} s\n")
+    return result
+
+
+def _write_chunks(store: S3ObjectStore) -> dict[str, list]:
+    expected = {}
+    for day, rows in (("26", 1500), ("27", 700)):
+        data = _chunk(f"f{day}", 1, rows)
+        store.put_bytes(f"raw-transactions/year=2026/month=11/day={day}/f{day}-000001.parquet", data)
+        total = sum(decimal.Decimal(i % 1000) / 10 for i in range(rows)).quantize(decimal.Decimal("0.01"))
+        expected[day] = [rows, str(total)]
+    store.put_bytes("raw-transactions/_summary/ingest.json", b"{}")  # names with _ are not data
+    return expected
+
+
+def _settings_env(settings: Settings, data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in settings.to_env().items() if v}
+    env.update({"DATA_DIR": str(data_dir), "SPARK_MASTER": "local[1]"})
+    return env
+
+
+def test_spark_reads_store_objects_through_s3a(s3_settings, hadoop_aws_jars, tmp_path):
+    settings = s3_settings()
+    expected = _write_chunks(S3ObjectStore(settings))
+    data_dir = use_shared_ivy(tmp_path / "data")
+    result = _spark_read(
+        _settings_env(settings, data_dir), tmp_path / ".env", f"s3a://{settings.s3_bucket_name}/raw-transactions/"
+    )
+    assert result["days"] == expected
+    assert result["secret_in_conf"] is False
+    assert result["packages"] is None  # the cached jars were used, nothing resolved at start
+
+
+@pytest.mark.slow
+def test_spark_resolves_hadoop_aws_through_packages(s3_settings, hadoop_aws_jars, tmp_path):
+    """The fallback when nothing is cached: spark.jars.packages, from the shared Ivy cache."""
+    settings = s3_settings()
+    expected = _write_chunks(S3ObjectStore(settings))
+    data_dir = tmp_path / "data"
+    (data_dir / "ivy").mkdir(parents=True)
+    (data_dir / "ivy" / "cache").symlink_to(use_shared_ivy(tmp_path / "shared") / "ivy" / "cache")
+    result = _spark_read(
+        _settings_env(settings, data_dir), tmp_path / ".env", f"s3a://{settings.s3_bucket_name}/raw-transactions/"
+    )
+    assert result["days"] == expected
+    assert result["packages"] == f"org.apache.hadoop:hadoop-aws:{bundled_hadoop_version()}"
