@@ -160,7 +160,9 @@ class Settings:
     )
     spark_master: str = _setting("SPARK_MASTER", "local[*]", _str, "Spark master URL")
     spark_driver_memory: str = _setting("SPARK_DRIVER_MEMORY", "1g", _memory, "Spark driver memory")
-    spark_ui_enabled: bool = _setting("SPARK_UI_ENABLED", "false", lambda n, r: _choice("true", "false")(n, r) == "true", "Spark web UI")
+    spark_ui_enabled: bool = _setting(
+        "SPARK_UI_ENABLED", "false", lambda n, r: _choice("true", "false")(n, r) == "true", "Spark web UI"
+    )
     spark_jars: str | None = _setting("SPARK_JARS", "", _opt_str, "local hadoop-aws/SDK jars (offline machines)")
     patid1_min_merchant_txns: int = _setting("PATID1_MIN_MERCHANT_TXNS", "50000", _int(0), "PatId1: T(m) >")
     patid1_count_percentile: float = _setting("PATID1_COUNT_PERCENTILE", "0.9", _float(0, 1), "PatId1: n >= P_q(n)")
@@ -168,7 +170,9 @@ class Settings:
     patid2_max_avg_amount: float = _setting("PATID2_MAX_AVG_AMOUNT", "23", _float(0), "PatId2: mean amount <")
     patid2_min_txns: int = _setting("PATID2_MIN_TXNS", "80", _int(0), "PatId2: n >=")
     patid3_min_female_customers: int = _setting("PATID3_MIN_FEMALE_CUSTOMERS", "100", _int(0), "PatId3: F(m) >")
-    log_level: str = _setting("LOG_LEVEL", "INFO", lambda n, r: _choice("debug", "info", "warning", "error")(n, r).upper(), "log level")
+    log_level: str = _setting(
+        "LOG_LEVEL", "INFO", lambda n, r: _choice("debug", "info", "warning", "error")(n, r).upper(), "log level"
+    )
     log_format: str = _setting("LOG_FORMAT", "text", _choice("text", "json"), "text for people, json for collectors")
 
     @classmethod

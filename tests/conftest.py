@@ -94,19 +94,28 @@ def pg_server():
         prefix = ["runuser", "-u", "postgres", "--"]
     subprocess.run(
         prefix + [str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-        check=True, stdout=subprocess.DEVNULL,
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
     opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {tmp} -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
     subprocess.run(
         prefix + [str(bindir / "pg_ctl"), "-D", str(pgdata), "-o", opts, "-l", str(tmp / "log"), "-w", "start"],
-        check=True, stdout=subprocess.DEVNULL,
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
     try:
-        yield PgServer(host="127.0.0.1", port=port, user="postgres",
-                       admin_dsn=f"host=127.0.0.1 port={port} dbname=postgres user=postgres")
+        yield PgServer(
+            host="127.0.0.1",
+            port=port,
+            user="postgres",
+            admin_dsn=f"host=127.0.0.1 port={port} dbname=postgres user=postgres",
+        )
     finally:
-        subprocess.run(prefix + [str(bindir / "pg_ctl"), "-D", str(pgdata), "-m", "immediate", "stop"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            prefix + [str(bindir / "pg_ctl"), "-D", str(pgdata), "-m", "immediate", "stop"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -177,8 +186,8 @@ def product_env(base_env) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def spark():
-    from config.spark_config import build_spark_session
     from config.config import Settings
+    from config.spark_config import build_spark_session
 
     settings = Settings.from_env(
         {"SPARK_MASTER": "local[2]", "DATA_DIR": tempfile.mkdtemp(prefix="tp-spark-")}, dotenv=Path("/nonexistent")

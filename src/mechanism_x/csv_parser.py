@@ -303,7 +303,10 @@ def parse_transactions(block: RowBlock, *, file_id: str, chunk_seq: int) -> Pars
         return [
             (pc.match_substring_regex(step, _NONNEG_INT), lambda v: f"step {v[0]!r} is not a non-negative integer"),
             (pc.greater(pc.utf8_length(customer), 0), lambda v: "empty customer id"),
-            (pc.is_in(gender, value_set=pa.array(GENDERS)), lambda v: f"unknown gender {v[3]!r} (expected M, F, E or U)"),
+            (
+                pc.is_in(gender, value_set=pa.array(GENDERS)),
+                lambda v: f"unknown gender {v[3]!r} (expected M, F, E or U)",
+            ),
             (pc.greater(pc.utf8_length(merchant), 0), lambda v: "empty merchant id"),
             (pc.match_substring_regex(amount, _DECIMAL_OK), lambda v: _amount_reason("amount", v[8])),
             (pc.is_in(fraud, value_set=pa.array(["0", "1"])), lambda v: f"fraud {v[9]!r} is not 0 or 1"),

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from config.config import Settings
-from src.errors import FileRejected, ObjectConflict, ProcessorError, RetryableError
+from src.errors import FileRejected, ObjectConflict, ProcessorError, RetryableError, SettingsError
 from src.mechanism_x.csv_parser import (
     KIND_IGNORED,
     KIND_IMPORTANCE,
@@ -68,7 +68,9 @@ def _transient(exc: BaseException) -> bool:
 class Ingestor:
     """Turns source files into chunk objects and ledger rows. One instance per X process."""
 
-    def __init__(self, settings: Settings, db: Database, store: ObjectStore, source: Source, stop: threading.Event) -> None:
+    def __init__(
+        self, settings: Settings, db: Database, store: ObjectStore, source: Source, stop: threading.Event
+    ) -> None:
         self.settings = settings
         self.db = db
         self.store = store
@@ -109,8 +111,15 @@ class Ingestor:
                     reason = str(exc)
             with self.db.transaction() as cur:
                 cur.execute("UPDATE chunks SET status = 'failed' WHERE seq = %s", (seq,))
-                self.db.log_event(COMPONENT, "ERROR", "chunk_lost", f"chunk {file_id}-{chunk_seq} cannot be rebuilt: {reason}",
-                                  file_id=file_id, chunk_id=seq, cur=cur)
+                self.db.log_event(
+                    COMPONENT,
+                    "ERROR",
+                    "chunk_lost",
+                    f"chunk {file_id}-{chunk_seq} cannot be rebuilt: {reason}",
+                    file_id=file_id,
+                    chunk_id=seq,
+                    cur=cur,
+                )
             log.error("chunk %s-%06d cannot be rebuilt (%s); marked failed", file_id, chunk_seq, reason)
 
     def poll_once(self) -> int:
@@ -212,11 +221,17 @@ class Ingestor:
             )
             ingested, quarantined, chunks = cur.fetchone()
             self.db.log_event(
-                COMPONENT, "INFO", "file_ingested",
+                COMPONENT,
+                "INFO",
+                "file_ingested",
                 f"{f.name}: {ingested} rows in {chunks} chunks, {quarantined} quarantined",
-                file_id=f.file_id, row_count=ingested, cur=cur,
+                file_id=f.file_id,
+                row_count=ingested,
+                cur=cur,
             )
-        log.info("file %s (%s) done: %d rows in %d chunks, %d quarantined", f.file_id, f.name, ingested, chunks, quarantined)
+        log.info(
+            "file %s (%s) done: %d rows in %d chunks, %d quarantined", f.file_id, f.name, ingested, chunks, quarantined
+        )
 
     def _emit_chunk(self, f: SourceFile, fh, hasher, pos: int, rows: RowBlock, chunk_seq: int) -> int:
         """Record, write and release one chunk; returns the byte offset after it."""
@@ -233,8 +248,20 @@ class Ingestor:
                 "INSERT INTO chunks (file_id, chunk_seq, first_line, last_line, rows_total, rows_valid, rows_quarantined, "
                 "bytes_start, bytes_end, prefix_md5, object_key, ingest_date, status) "
                 "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,'pending') RETURNING seq",
-                (f.file_id, chunk_seq, int(rows.line_no[0]), int(rows.line_no[-1]), n_rows, parsed.good.num_rows,
-                 n_bad, pos, end, prefix_md5, key, today),
+                (
+                    f.file_id,
+                    chunk_seq,
+                    int(rows.line_no[0]),
+                    int(rows.line_no[-1]),
+                    n_rows,
+                    parsed.good.num_rows,
+                    n_bad,
+                    pos,
+                    end,
+                    prefix_md5,
+                    key,
+                    today,
+                ),
             )
             seq = cur.fetchone()[0]
             cur.execute(
@@ -245,22 +272,37 @@ class Ingestor:
             )
             if n_bad:
                 copy_rows(
-                    cur, "quarantine", ("file_id", "line_no", "chunk_seq", "stage", "reason", "raw_line"),
-                    ((f.file_id, ln, chunk_seq, "ingest", r, raw)
-                     for ln, r, raw in zip(parsed.bad_lines, parsed.bad_reasons, parsed.bad_raw)),
+                    cur,
+                    "quarantine",
+                    ("file_id", "line_no", "chunk_seq", "stage", "reason", "raw_line"),
+                    (
+                        (f.file_id, ln, chunk_seq, "ingest", r, raw)
+                        for ln, r, raw in zip(parsed.bad_lines, parsed.bad_reasons, parsed.bad_raw)
+                    ),
                 )
                 self.db.log_event(
-                    COMPONENT, "WARNING", "rows_quarantined",
+                    COMPONENT,
+                    "WARNING",
+                    "rows_quarantined",
                     f"{f.name}: {n_bad} bad row(s) in chunk {chunk_seq}, first at line {parsed.bad_lines[0]}: "
                     f"{parsed.bad_reasons[0]}",
-                    file_id=f.file_id, chunk_id=seq, row_count=n_bad, cur=cur,
+                    file_id=f.file_id,
+                    chunk_id=seq,
+                    row_count=n_bad,
+                    cur=cur,
                 )
         content_md5 = self._write_chunk_objects(key, f.file_id, chunk_seq, parsed)
         self._pace()
         self._mark_written(seq, content_md5)
         log.info(
             "chunk %s-%06d written: lines %d-%d, %d rows, %d quarantined, %s (%.0f ms)",
-            f.file_id, chunk_seq, rows.line_no[0], rows.line_no[-1], parsed.good.num_rows, n_bad, key,
+            f.file_id,
+            chunk_seq,
+            rows.line_no[0],
+            rows.line_no[-1],
+            parsed.good.num_rows,
+            n_bad,
+            key,
             (time.perf_counter() - t0) * 1000,
         )
         return end
@@ -279,8 +321,11 @@ class Ingestor:
                 schema=QUARANTINE_SCHEMA,
             )
             qkey = lake_paths.quarantine_key("ingest", file_id, chunk_seq)
-            retry_call(lambda: self.store.put_bytes(qkey, parquet_bytes(bad), overwrite=True), what=f"write {qkey}",
-                       transient=_transient)
+            retry_call(
+                lambda: self.store.put_bytes(qkey, parquet_bytes(bad), overwrite=True),
+                what=f"write {qkey}",
+                transient=_transient,
+            )
         try:
             retry_call(lambda: self.store.put_bytes(key, payload), what=f"write {key}", transient=_transient)
         except ObjectConflict:
@@ -325,11 +370,21 @@ class Ingestor:
                 copy_csv(cur, "customer_importance", ("source", "target", "weight", "type_trans", "fraud"), buf)
             cur.execute("DELETE FROM quarantine WHERE file_id = %s AND stage = 'ingest'", (f.file_id,))
             if bad:
-                copy_rows(cur, "quarantine", ("file_id", "line_no", "chunk_seq", "stage", "reason", "raw_line"),
-                          ((f.file_id, ln, None, "ingest", r, raw) for ln, r, raw in bad))
-                self.db.log_event(COMPONENT, "WARNING", "rows_quarantined",
-                                  f"{f.name}: {len(bad)} bad importance row(s), first at line {bad[0][0]}: {bad[0][1]}",
-                                  file_id=f.file_id, row_count=len(bad), cur=cur)
+                copy_rows(
+                    cur,
+                    "quarantine",
+                    ("file_id", "line_no", "chunk_seq", "stage", "reason", "raw_line"),
+                    ((f.file_id, ln, None, "ingest", r, raw) for ln, r, raw in bad),
+                )
+                self.db.log_event(
+                    COMPONENT,
+                    "WARNING",
+                    "rows_quarantined",
+                    f"{f.name}: {len(bad)} bad importance row(s), first at line {bad[0][0]}: {bad[0][1]}",
+                    file_id=f.file_id,
+                    row_count=len(bad),
+                    cur=cur,
+                )
             cur.execute(
                 "INSERT INTO importance_state (id, file_id, checksum, rows_loaded, version) VALUES (1, %s, %s, %s, 1) "
                 "ON CONFLICT (id) DO UPDATE SET file_id = EXCLUDED.file_id, checksum = EXCLUDED.checksum, "
@@ -342,8 +397,15 @@ class Ingestor:
                 "updated_at = now() WHERE file_id = %s",
                 (scan.md5, scan.size, f.modified_time, n_good, len(bad), n_good + len(bad), f.file_id),
             )
-            self.db.log_event(COMPONENT, "INFO", "importance_loaded", f"{f.name}: {n_good} rows loaded",
-                              file_id=f.file_id, row_count=n_good, cur=cur)
+            self.db.log_event(
+                COMPONENT,
+                "INFO",
+                "importance_loaded",
+                f"{f.name}: {n_good} rows loaded",
+                file_id=f.file_id,
+                row_count=n_good,
+                cur=cur,
+            )
             cur.execute("SELECT pg_notify(%s, %s)", (CHUNK_CHANNEL, "importance"))
         log.info("importance file %s (%s) loaded: %d rows, %d quarantined", f.file_id, f.name, n_good, len(bad))
 
@@ -352,7 +414,17 @@ class Ingestor:
             "SELECT file_id, name, kind, status, rows_ingested, rows_quarantined, chunks, reason, "
             "to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM source_files ORDER BY first_seen, file_id"
         )
-        keys = ("file_id", "name", "kind", "status", "rows_ingested", "rows_quarantined", "chunks", "reason", "updated_at")
+        keys = (
+            "file_id",
+            "name",
+            "kind",
+            "status",
+            "rows_ingested",
+            "rows_quarantined",
+            "chunks",
+            "reason",
+            "updated_at",
+        )
         doc = {
             "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source": self.source.describe(),
@@ -365,8 +437,11 @@ class Ingestor:
             },
         }
         data = json.dumps(doc, indent=2, default=str).encode()
-        retry_call(lambda: self.store.put_bytes(lake_paths.PROCESSING_LOG_KEY, data, overwrite=True),
-                   what="write processing_log.json", transient=_transient)
+        retry_call(
+            lambda: self.store.put_bytes(lake_paths.PROCESSING_LOG_KEY, data, overwrite=True),
+            what="write processing_log.json",
+            transient=_transient,
+        )
 
 
 def _concat_blocks(blocks) -> RowBlock:
@@ -418,8 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
             "the lake and record files and chunks in PostgreSQL. Settings come from the environment and .env."
         ),
     )
-    parser.add_argument("--drain", action="store_true",
-                        help="ingest everything now in the source, then exit 0 (instead of polling forever)")
+    parser.add_argument(
+        "--drain",
+        action="store_true",
+        help="ingest everything now in the source, then exit 0 (instead of polling forever)",
+    )
     return parser
 
 
@@ -437,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     install_stop_handlers(stop, "mechanism X")
     try:
         return run_worker(settings, drain=args.drain, stop=stop)
+    except SettingsError as exc:
+        log.error("mechanism X cannot start: %s", exc)
+        return 2
     except ProcessorError as exc:
         log.error("mechanism X stopped: %s", exc)
         return 1

@@ -20,7 +20,15 @@ log = logging.getLogger(__name__)
 COMPONENT = "mechanism_x"
 
 _RECORD_COLUMNS = (
-    "file_id", "name", "kind", "status", "checksum", "bytes_done", "next_line", "prefix_md5", "chunks",
+    "file_id",
+    "name",
+    "kind",
+    "status",
+    "checksum",
+    "bytes_done",
+    "next_line",
+    "prefix_md5",
+    "chunks",
     "conflict_checksum",
 )
 
@@ -68,7 +76,9 @@ class FileMonitor:
                 work.append(FileWork(f, rec, "resume"))
             elif rec["checksum"] == f.checksum and f.checksum is not None:
                 if rec["status"] == "deleted":
-                    self._set_status(f.file_id, "done" if rec["kind"] in ("transactions", "importance") else rec["kind"])
+                    self._set_status(
+                        f.file_id, "done" if rec["kind"] in ("transactions", "importance") else rec["kind"]
+                    )
                     log.info("file %s (%s) is back, unchanged", f.file_id, f.name)
             elif rec["status"] == "conflict" and rec["conflict_checksum"] == f.checksum:
                 continue  # already reported, still rewritten
@@ -78,7 +88,9 @@ class FileMonitor:
             if file_id not in present and rec["status"] != "deleted":
                 self._set_status(file_id, "deleted")
                 self.db.log_event(
-                    COMPONENT, "WARNING", "file_deleted",
+                    COMPONENT,
+                    "WARNING",
+                    "file_deleted",
                     f"{rec['name']} is no longer in the source; the {rec['chunks']} chunk(s) already ingested stay",
                     file_id=file_id,
                 )

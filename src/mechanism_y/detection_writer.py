@@ -88,7 +88,9 @@ class DetectionWriter:
                 cur.execute("UPDATE pattern_detections SET lake_file = %s WHERE id = ANY(%s)", (key, ids))
 
     def _write_assigned(self) -> int:
-        files = self.db.query("SELECT object_key, pattern_id FROM detection_files WHERE NOT written ORDER BY object_key")
+        files = self.db.query(
+            "SELECT object_key, pattern_id FROM detection_files WHERE NOT written ORDER BY object_key"
+        )
         touched = set()
         for key, pattern in files:
             rows = self.db.query(
@@ -127,9 +129,7 @@ class DetectionWriter:
             "patternId": pattern,
             "updated_at": ist(datetime.now(timezone.utc)),
             "total_detections": sum(r[1] for r in rows),
-            "months": [
-                {"month": m, "detections": n, "merchants": nm, "customers": nc} for m, n, nm, nc in rows
-            ],
+            "months": [{"month": m, "detections": n, "merchants": nm, "customers": nc} for m, n, nm, nc in rows],
         }
         key = lake_paths.monthly_stats_key(pattern)
         data = json.dumps(doc, indent=2).encode()

@@ -11,11 +11,10 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from pyspark.sql import Window
 from pyspark.sql import functions as F
 
 if TYPE_CHECKING:
-    from pyspark.sql import Column, DataFrame
+    from pyspark.sql import DataFrame
 
 PATID1, PATID2, PATID3 = "PatId1", "PatId2", "PatId3"
 ACTION_TYPES = {PATID1: "UPGRADE", PATID2: "CHILD", PATID3: "DEI-NEEDED"}
@@ -55,49 +54,79 @@ def aggregate_weights(importance: DataFrame) -> DataFrame:
     )
 
 
+# Each transform is one Spark SQL statement over its input DataFrames (`spark.sql(query, state=df)`): the
+# plan is parsed and analysed once, where a chain of DataFrame calls re-analyses the growing plan at every
+# step. Per chunk that is the difference between ~50 ms and ~300 ms of planning. Thresholds are bound as
+# literals through `_lit`, never pasted from untrusted text.
+
+_DELTA_SQL = """
+SELECT merchant, customer, count(1) AS n, CAST(sum(amount) AS DECIMAL(38,2)) AS amount_sum,
+       max(gender = 'F') AS has_f, max(gender = 'M') AS has_m
+FROM {chunk} GROUP BY merchant, customer
+"""
+
+_MERGE_SQL = """
+SELECT merchant, customer, sum(n) AS n, CAST(sum(amount_sum) AS DECIMAL(38,2)) AS amount_sum,
+       bool_or(has_f) AS has_f, bool_or(has_m) AS has_m
+FROM (SELECT merchant, customer, n, amount_sum, has_f, has_m FROM {state}
+      UNION ALL
+      SELECT merchant, customer, n, amount_sum, has_f, has_m FROM {delta})
+GROUP BY merchant, customer
+"""
+
+# T(m), F(m), M(m) in one aggregate, shared by PatId1 and PatId3.
+_TOTALS = "SELECT merchant, sum(n) AS t, count_if(has_f) AS f, count_if(has_m) AS m FROM {state} GROUP BY merchant"
+
+# w(c,m) as a double via a 20-decimal exact quotient: dividing doubles would give two customers with the
+# same mean (0.90/3 and 0.30/1) values one ulp apart, and a tie at the percentile would then split.
+_MEAN_WEIGHT = "CAST(CAST(w.weight_sum AS DECIMAL(20,2)) / CAST(w.weight_count AS DECIMAL(20,0)) AS DOUBLE)"
+
+_PATID1_CTE = f"""
+totals AS ({_TOTALS}),
+busy AS (SELECT merchant FROM totals WHERE t > {{min_t}}),
+pairs AS (
+  SELECT s.merchant, s.customer, s.n, {_MEAN_WEIGHT} AS w
+  FROM {{state}} s
+  JOIN busy b ON s.merchant = b.merchant
+  LEFT JOIN {{weights}} w ON w.merchant = s.merchant AND w.customer = s.customer
+),
+scored AS (
+  SELECT merchant, customer, n, w,
+         percentile(CAST(n AS DOUBLE), {{q_n}}) OVER (PARTITION BY merchant) AS p_n,
+         percentile(w, {{q_w}}) OVER (PARTITION BY merchant) AS p_w
+  FROM pairs
+)"""
+
+_PATID1_WHERE = "n >= p_n - {tol} * abs(p_n) AND w <= p_w + {tol} * abs(p_w)"
+_PATID2_WHERE = "n >= {min_n} AND amount_sum < {max_avg} * CAST(n AS DECIMAL(20,0))"
+_PATID3_WHERE = "f < m AND f > {min_f}"
+
+
+def _lit(value: Any) -> str:
+    """A numeric threshold as a SQL literal (decimals stay exact)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        raise TypeError(f"threshold {value!r} is not a number")
+    if isinstance(value, int):
+        return str(value)
+    return f"CAST('{Decimal(str(value))}' AS DECIMAL(38,18))" if isinstance(value, Decimal) else repr(float(value))
+
+
+def _sql(df: DataFrame, query: str, **frames: DataFrame) -> DataFrame:
+    return df.sparkSession.sql(query, **frames)
+
+
 def chunk_delta(chunk: DataFrame) -> DataFrame:
     """Clean chunk rows (customer, merchant, gender, amount) -> their contribution to the state."""
-    return chunk.groupBy(*_STATE_KEYS).agg(
-        F.count(F.lit(1)).alias("n"),
-        F.sum("amount").cast("decimal(38,2)").alias("amount_sum"),
-        F.max(F.col("gender") == "F").alias("has_f"),
-        F.max(F.col("gender") == "M").alias("has_m"),
-    )
+    return _sql(chunk, _DELTA_SQL, chunk=chunk)
 
 
 def merge_state(state: DataFrame, delta: DataFrame) -> DataFrame:
     """Fold a chunk's delta into the state; associative, so the order of merges does not matter."""
-    cols = [*_STATE_KEYS, "n", "amount_sum", "has_f", "has_m"]
-    return (
-        state.select(*cols)
-        .unionByName(delta.select(*cols))
-        .groupBy(*_STATE_KEYS)
-        .agg(
-            F.sum("n").alias("n"),
-            F.sum("amount_sum").cast("decimal(38,2)").alias("amount_sum"),
-            F.bool_or("has_f").alias("has_f"),
-            F.bool_or("has_m").alias("has_m"),
-        )
-    )
+    return _sql(state, _MERGE_SQL, state=state, delta=delta)
 
 
-def _merchant_totals(state: DataFrame) -> DataFrame:
-    """T(m), F(m) and M(m) in one aggregate, so PatId1 and PatId3 share its shuffle within `detect_all`."""
-    return state.groupBy("merchant").agg(
-        F.sum("n").alias("t"),
-        F.count_if(F.col("has_f")).alias("f"),
-        F.count_if(F.col("has_m")).alias("m"),
-    )
-
-
-def _mean_weight() -> Column:
-    """w(c,m) as a double, via a 20-decimal exact quotient.
-
-    Dividing doubles would give two customers with the same mean (0.90/3 and 0.30/1) values one ulp apart,
-    and a tie at the percentile would then split. The decimal quotient is rounded once, at a fixed scale,
-    so equal means become equal doubles.
-    """
-    return (F.col("weight_sum").cast("decimal(20,2)") / F.col("weight_count").cast("decimal(20,0)")).cast("double")
+def _params(**kw: Any) -> dict[str, str]:
+    return {k: _lit(v) for k, v in kw.items()}
 
 
 def patid1_upgrade(
@@ -110,57 +139,34 @@ def patid1_upgrade(
 ) -> DataFrame:
     """PatId1: at merchants with T(m) > min, customers in the top decile by count and bottom decile by weight.
 
-    Merchants are filtered on T before anything else, so the weights join and the percentile window only
-    touch the (few) large merchants. Percentiles are Spark's exact, linearly interpolated `percentile` over
-    the customers of the merchant; a customer without an importance row has a null w, which the weight
-    percentile ignores and which never satisfies `w <= P`.
+    Merchants are filtered on T first, so the weights join and the percentile window only touch the large
+    merchants. Percentiles are Spark's exact, linearly interpolated `percentile` over a window partitioned
+    by merchant; a customer without an importance row has a null w, which the weight percentile ignores and
+    which never satisfies `w <= P`.
     """
-    busy = F.broadcast(_merchant_totals(state).where(F.col("t") > F.lit(min_merchant_txns)).select("merchant"))
-    # State and weights meet through a union grouped on (merchant, customer) after one shuffle by merchant,
-    # which the window reuses: a join would shuffle on (merchant, customer) and the window again on merchant.
-    pairs = (
-        state.join(busy, "merchant", "left_semi")
-        .select("merchant", "customer", "n", F.lit(None).cast("double").alias("w"))
-        .unionByName(
-            weights.join(busy, "merchant", "left_semi").select(
-                "merchant", "customer", F.lit(None).cast("long").alias("n"), _mean_weight().alias("w")
-            )
-        )
-        .repartition("merchant")
-        .groupBy("merchant", "customer")
-        .agg(F.max("n").alias("n"), F.max("w").alias("w"))
-        .where(F.col("n").isNotNull())
+    p = _params(
+        min_t=min_merchant_txns, q_n=float(count_percentile), q_w=float(weight_percentile), tol=PERCENTILE_REL_TOL
     )
-    by_merchant = Window.partitionBy("merchant")
-    scored = pairs.select(
-        "merchant",
-        "customer",
-        "n",
-        "w",
-        F.percentile(F.col("n").cast("double"), F.lit(count_percentile)).over(by_merchant).alias("p_n"),
-        F.percentile(F.col("w"), F.lit(weight_percentile)).over(by_merchant).alias("p_w"),
+    query = (
+        f"WITH {_PATID1_CTE.format(**p, state='{state}', weights='{weights}')} "
+        f"SELECT customer AS customer_name, merchant AS merchant_id FROM scored WHERE {_PATID1_WHERE.format(**p)}"
     )
-    tol = F.lit(PERCENTILE_REL_TOL)
-    return scored.where(
-        (F.col("n") >= F.col("p_n") - tol * F.abs(F.col("p_n")))
-        & (F.col("w") <= F.col("p_w") + tol * F.abs(F.col("p_w")))
-    ).select(F.col("customer").alias("customer_name"), F.col("merchant").alias("merchant_id"))
+    return _sql(state, query, state=state, weights=weights)
 
 
 def patid2_child(state: DataFrame, *, max_avg_amount: float = 23, min_txns: int = 80) -> DataFrame:
     """PatId2: mean amount below the limit with at least `min_txns` transactions, compared exactly in decimal."""
-    limit = F.lit(Decimal(str(max_avg_amount)))
-    return state.where(
-        (F.col("n") >= F.lit(min_txns)) & (F.col("amount_sum") < limit * F.col("n").cast("decimal(20,0)"))
-    ).select(F.col("customer").alias("customer_name"), F.col("merchant").alias("merchant_id"))
+    where = _PATID2_WHERE.format(**_params(min_n=min_txns, max_avg=Decimal(str(max_avg_amount))))
+    return _sql(
+        state, f"SELECT customer AS customer_name, merchant AS merchant_id FROM {{state}} WHERE {where}", state=state
+    )
 
 
 def patid3_dei_needed(state: DataFrame, *, min_female_customers: int = 100) -> DataFrame:
     """PatId3: merchants with more than `min_female_customers` female customers, yet fewer female than male."""
-    return (
-        _merchant_totals(state)
-        .where((F.col("f") < F.col("m")) & (F.col("f") > F.lit(min_female_customers)))
-        .select(F.lit("").alias("customer_name"), F.col("merchant").alias("merchant_id"))
+    where = _PATID3_WHERE.format(**_params(min_f=min_female_customers))
+    return _sql(
+        state, f"SELECT '' AS customer_name, merchant AS merchant_id FROM ({_TOTALS}) WHERE {where}", state=state
     )
 
 
@@ -175,25 +181,27 @@ def detect_all(
     min_txns: int = 80,
     min_female_customers: int = 100,
 ) -> DataFrame:
-    """Every (pattern, customer, merchant) whose condition holds on this state; deciding what is new is the caller's."""
-    parts = {
-        PATID1: patid1_upgrade(
-            state,
-            weights,
-            min_merchant_txns=min_merchant_txns,
-            count_percentile=count_percentile,
-            weight_percentile=weight_percentile,
-        ),
-        PATID2: patid2_child(state, max_avg_amount=max_avg_amount, min_txns=min_txns),
-        PATID3: patid3_dei_needed(state, min_female_customers=min_female_customers),
-    }
-    out = None
-    for pattern_id, df in parts.items():
-        tagged = df.select(
-            F.lit(pattern_id).alias("pattern_id"),
-            F.lit(ACTION_TYPES[pattern_id]).alias("action_type"),
-            "customer_name",
-            "merchant_id",
-        )
-        out = tagged if out is None else out.unionByName(tagged)
-    return out
+    """Every (pattern, customer, merchant) whose condition holds on this state; deciding what is new is the caller's.
+
+    One statement, so the three patterns share one scan of the state and one merchant aggregate.
+    """
+    p = _params(
+        min_t=min_merchant_txns,
+        q_n=float(count_percentile),
+        q_w=float(weight_percentile),
+        tol=PERCENTILE_REL_TOL,
+        min_n=min_txns,
+        max_avg=Decimal(str(max_avg_amount)),
+        min_f=min_female_customers,
+    )
+    query = f"""
+WITH {_PATID1_CTE.format(**p, state="{state}", weights="{weights}")}
+SELECT '{PATID1}' AS pattern_id, '{ACTION_TYPES[PATID1]}' AS action_type,
+       customer AS customer_name, merchant AS merchant_id
+FROM scored WHERE {_PATID1_WHERE.format(**p)}
+UNION ALL
+SELECT '{PATID2}', '{ACTION_TYPES[PATID2]}', customer, merchant FROM {{state}} WHERE {_PATID2_WHERE.format(**p)}
+UNION ALL
+SELECT '{PATID3}', '{ACTION_TYPES[PATID3]}', '', merchant FROM totals WHERE {_PATID3_WHERE.format(**p)}
+"""
+    return _sql(state, query, state=state, weights=weights)

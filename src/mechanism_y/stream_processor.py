@@ -31,10 +31,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from config.config import Settings
-from src.errors import ProcessorError
+from src.errors import ProcessorError, SettingsError
 from src.mechanism_x.data_ingestion import CHUNK_CHANNEL
 from src.mechanism_y import pattern_detector as patterns
-from src.mechanism_y.data_validator import PROBLEM, annotate_problems, check_schema
+from src.mechanism_y.data_validator import PROBLEM, annotate_problems, check_schema, mark_duplicates
 from src.mechanism_y.detection_writer import DetectionWriter, ist
 from src.schemas.transaction_schemas import chunk_spark_schema, state_spark_schema, weights_spark_schema
 from src.utils import lake_paths
@@ -61,7 +61,6 @@ TRANSACTION_COLUMNS = {
     "amount": "amount",
     "fraud": "fraud",
 }
-STATE_COLUMNS = ("merchant", "customer", "n", "amount_sum", "has_f", "has_m")
 ACTIONS = {"PatId1": "UPGRADE", "PatId2": "CHILD", "PatId3": "DEI-NEEDED"}
 
 
@@ -96,12 +95,15 @@ class StreamProcessor:
             cur.execute(f"LISTEN {CHUNK_CHANNEL}")
         self._load_state()
         self.emitted = {
-            (p, c, m) for p, c, m in self.db.query("SELECT pattern_id, customer_name, merchant_id FROM pattern_detections")
+            (p, c, m)
+            for p, c, m in self.db.query("SELECT pattern_id, customer_name, merchant_id FROM pattern_detections")
         }
         self.writer.tick(final=False)
         log.info(
             "mechanism Y up (YStartTime %s): state of %d (merchant, customer) pairs, %d detections so far",
-            ist(self.y_start), self.state_rows, len(self.emitted),
+            ist(self.y_start),
+            self.state_rows,
+            len(self.emitted),
         )
 
     def _copy_out(self, sql: str, schema: pa.Schema) -> pa.Table:
@@ -114,15 +116,22 @@ class StreamProcessor:
         table = pacsv.read_csv(
             buf,
             read_options=pacsv.ReadOptions(column_names=schema.names, skip_rows=1),
-            convert_options=pacsv.ConvertOptions(column_types=schema, strings_can_be_null=False,
-                                                 quoted_strings_can_be_null=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types=schema, strings_can_be_null=False, quoted_strings_can_be_null=False
+            ),
         )
         return table.cast(schema)
 
     def _load_state(self) -> None:
         schema = pa.schema(
-            [("merchant", pa.string()), ("customer", pa.string()), ("n", pa.int64()),
-             ("amount_sum", pa.decimal128(38, 2)), ("has_f", pa.bool_()), ("has_m", pa.bool_())]
+            [
+                ("merchant", pa.string()),
+                ("customer", pa.string()),
+                ("n", pa.int64()),
+                ("amount_sum", pa.decimal128(38, 2)),
+                ("has_f", pa.bool_()),
+                ("has_m", pa.bool_()),
+            ]
         )
         table = self._copy_out("SELECT merchant, customer, n, amount_sum, has_f, has_m FROM y_state", schema)
         self.state = self.spark.createDataFrame(table, schema=state_spark_schema()).localCheckpoint(eager=True)
@@ -138,8 +147,14 @@ class StreamProcessor:
             return True
         # Aggregated to (customer, merchant) where the rows live: the file repeats keys, so joining raw
         # rows would multiply counts; and it ships a few thousand rows to Spark instead of the whole file.
-        schema = pa.schema([("customer", pa.string()), ("merchant", pa.string()),
-                            ("weight_sum", pa.decimal128(38, 2)), ("weight_count", pa.int64())])
+        schema = pa.schema(
+            [
+                ("customer", pa.string()),
+                ("merchant", pa.string()),
+                ("weight_sum", pa.decimal128(38, 2)),
+                ("weight_count", pa.int64()),
+            ]
+        )
         table = self._copy_out(
             "SELECT source, target, sum(weight), count(*) FROM customer_importance GROUP BY source, target", schema
         )
@@ -155,7 +170,7 @@ class StreamProcessor:
 
     def _next_chunk(self):
         rows = self.db.query(
-            "SELECT seq, file_id, chunk_seq, object_key, status, written_at FROM chunks "
+            "SELECT seq, file_id, chunk_seq, object_key, first_line, last_line, status, written_at FROM chunks "
             "WHERE processed_at IS NULL AND status <> 'failed' ORDER BY seq LIMIT 1"
         )
         return rows[0] if rows else None
@@ -188,7 +203,7 @@ class StreamProcessor:
                 self.writer.tick()
                 chunk = self._next_chunk()
                 draining = drain or self.drain_requested.is_set()
-                if chunk is None or chunk[4] != "written":
+                if chunk is None or chunk[6] != "written":
                     if draining and chunk is None and (self.drain_requested.is_set() or not self._x_busy()):
                         log.info("drain: every chunk in the ledger is processed")
                         return 0
@@ -199,12 +214,14 @@ class StreamProcessor:
                         waiting_since = time.monotonic()
                         log.warning("chunk %d waits: no CustomerImportance file has been loaded yet", chunk[0])
                     if draining and not self._x_busy() and self.drain_requested.is_set():
-                        log.error("drain impossible: chunks wait for a CustomerImportance file the source does not have")
+                        log.error(
+                            "drain impossible: chunks wait for a CustomerImportance file the source does not have"
+                        )
                         return 1
                     self._wait(1.0)
                     continue
                 waiting_since = None
-                self.process_chunk(*chunk[:4], written_at=chunk[5])
+                self.process_chunk(*chunk[:6], written_at=chunk[7])
             return 0
         finally:
             try:
@@ -215,20 +232,28 @@ class StreamProcessor:
 
     # ---------------------------------------------------------------- one chunk
 
-    def process_chunk(self, seq: int, file_id: str, chunk_seq: int, key: str, *, written_at: datetime) -> int:
+    def process_chunk(
+        self,
+        seq: int,
+        file_id: str,
+        chunk_seq: int,
+        key: str,
+        first_line: int,
+        last_line: int,
+        *,
+        written_at: datetime | None,
+    ) -> int:
         t0 = time.perf_counter()
         df = self.spark.read.schema(chunk_spark_schema()).parquet(self.store.spark_uri(key))
         check_schema(df)
-        rows = annotate_problems(df).toArrow()
+        rows = mark_duplicates(annotate_problems(df).toArrow())
         problem = rows.column(PROBLEM)
         clean_mask = pc.is_null(problem)
         clean = rows.filter(clean_mask).drop_columns([PROBLEM])
         rejected = rows.filter(pc.invert(clean_mask))
 
         clean_df = self.spark.createDataFrame(clean, schema=chunk_spark_schema())
-        delta = patterns.chunk_delta(clean_df).toArrow()
-        delta_df = self.spark.createDataFrame(delta, schema=state_spark_schema())
-        new_state = patterns.merge_state(self.state, delta_df).localCheckpoint(eager=True)
+        new_state = patterns.merge_state(self.state, patterns.chunk_delta(clean_df)).localCheckpoint(eager=True)
         found = patterns.detect_all(new_state, self.weights, **self.thresholds).collect()
         new = sorted({(r["pattern_id"], r["customer_name"], r["merchant_id"]) for r in found} - self.emitted)
 
@@ -246,18 +271,17 @@ class StreamProcessor:
                 pacsv.write_csv(out, buf)
                 buf.seek(0)
                 copy_csv(cur, "transactions", out.column_names, buf)
-            if delta.num_rows:
+                # The durable twin of Spark's merge: PostgreSQL folds the same rows into y_state in the
+                # same transaction as the processed mark, so a restart reloads exactly this state.
                 cur.execute(
-                    "CREATE TEMP TABLE IF NOT EXISTS y_delta (LIKE y_state INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-                )
-                buf = io.BytesIO()
-                pacsv.write_csv(delta.select(list(STATE_COLUMNS)), buf)
-                buf.seek(0)
-                copy_csv(cur, "y_delta", STATE_COLUMNS, buf)
-                cur.execute(
-                    "INSERT INTO y_state SELECT * FROM y_delta ON CONFLICT (merchant, customer) DO UPDATE SET "
+                    "INSERT INTO y_state (merchant, customer, n, amount_sum, has_f, has_m) "
+                    "SELECT merchant, customer, count(*), sum(amount), bool_or(gender = 'F'), bool_or(gender = 'M') "
+                    "FROM transactions WHERE source_file_id = %s AND chunk_seq = %s "
+                    "AND source_line BETWEEN %s AND %s GROUP BY merchant, customer "
+                    "ON CONFLICT (merchant, customer) DO UPDATE SET "
                     "n = y_state.n + EXCLUDED.n, amount_sum = y_state.amount_sum + EXCLUDED.amount_sum, "
-                    "has_f = y_state.has_f OR EXCLUDED.has_f, has_m = y_state.has_m OR EXCLUDED.has_m"
+                    "has_f = y_state.has_f OR EXCLUDED.has_f, has_m = y_state.has_m OR EXCLUDED.has_m",
+                    (file_id, chunk_seq, first_line, last_line),
                 )
             if new:
                 psycopg2.extras.execute_values(
@@ -278,9 +302,15 @@ class StreamProcessor:
         self.stats["detections"] += len(new)
         log.info(
             "chunk %d (%s-%06d): %d rows, %d rejected, %d new detection(s) %s, %.0f ms in Y, latency %.3f s",
-            seq, file_id, chunk_seq, clean.num_rows, rejected.num_rows, len(new),
+            seq,
+            file_id,
+            chunk_seq,
+            clean.num_rows,
+            rejected.num_rows,
+            len(new),
             "(" + ", ".join(f"{p}:{sum(1 for x in new if x[0] == p)}" for p in ACTIONS) + ")",
-            (time.perf_counter() - t0) * 1000, latency,
+            (time.perf_counter() - t0) * 1000,
+            latency,
         )
         if rejected.num_rows:
             self.write_quality_report()
@@ -290,13 +320,24 @@ class StreamProcessor:
         lines = rejected.column("source_line").to_pylist()
         reasons = rejected.column(PROBLEM).to_pylist()
         copy_rows(
-            cur, "quarantine", ("file_id", "line_no", "chunk_seq", "stage", "reason", "raw_line"),
-            ((file_id, ln if ln is not None else -1 - i, chunk_seq, "detect", r, None)
-             for i, (ln, r) in enumerate(zip(lines, reasons))),
+            cur,
+            "quarantine",
+            ("file_id", "line_no", "chunk_seq", "stage", "reason", "raw_line"),
+            (
+                (file_id, ln if ln is not None else -1 - i, chunk_seq, "detect", r, None)
+                for i, (ln, r) in enumerate(zip(lines, reasons))
+            ),
         )
-        self.db.log_event(COMPONENT, "WARNING", "rows_rejected",
-                          f"chunk {seq}: {len(reasons)} row(s) excluded from the state, first: {reasons[0]}",
-                          file_id=file_id, chunk_id=seq, row_count=len(reasons), cur=cur)
+        self.db.log_event(
+            COMPONENT,
+            "WARNING",
+            "rows_rejected",
+            f"chunk {seq}: {len(reasons)} row(s) excluded from the state, first: {reasons[0]}",
+            file_id=file_id,
+            chunk_id=seq,
+            row_count=len(reasons),
+            cur=cur,
+        )
 
     def write_quality_report(self) -> None:
         totals = self.db.query(
@@ -322,14 +363,23 @@ class StreamProcessor:
             ],
         }
         data = json.dumps(doc, indent=2).encode()
-        retry_call(lambda: self.store.put_bytes(lake_paths.QUALITY_REPORT_KEY, data, overwrite=True),
-                   what="write quality_reports.json", transient=is_transient)
+        retry_call(
+            lambda: self.store.put_bytes(lake_paths.QUALITY_REPORT_KEY, data, overwrite=True),
+            what="write quality_reports.json",
+            transient=is_transient,
+        )
 
 
 # -------------------------------------------------------------------- entry point
 
 
-def run_worker(settings: Settings, *, drain: bool, stop: threading.Event | None = None) -> int:
+def run_worker(
+    settings: Settings,
+    *,
+    drain: bool,
+    stop: threading.Event | None = None,
+    drain_requested: threading.Event | None = None,
+) -> int:
     from config.spark_config import build_spark_session
     from src.utils.object_store import open_lake
 
@@ -339,7 +389,8 @@ def run_worker(settings: Settings, *, drain: bool, stop: threading.Event | None 
     store = open_lake(settings)
     spark = build_spark_session(settings, app_name="mechanism-y")
     processor = StreamProcessor(settings, db, store, spark, stop)
-    signal.signal(signal.SIGUSR1, lambda *_: processor.drain_requested.set())
+    if drain_requested is not None:
+        processor.drain_requested = drain_requested
     log.info("mechanism Y: reading %s with Spark %s", store.describe(), spark.version)
     try:
         code = processor.run(drain=drain)
@@ -359,8 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
             "write each new detection once to PostgreSQL and the lake. Settings come from the environment and .env."
         ),
     )
-    parser.add_argument("--drain", action="store_true",
-                        help="exit 0 once every chunk in the ledger is processed and no file is mid-ingest")
+    parser.add_argument(
+        "--drain",
+        action="store_true",
+        help="exit 0 once every chunk in the ledger is processed and no file is mid-ingest",
+    )
     return parser
 
 
@@ -376,8 +430,15 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     stop = threading.Event()
     install_stop_handlers(stop, "mechanism Y")
+    # The supervisor sends SIGUSR1 once X has ingested everything (`main.py --drain`): finish what is in
+    # the ledger, then exit 0. Installed before Spark starts, so an early signal is never fatal.
+    drain_requested = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda *_: drain_requested.set())
     try:
-        return run_worker(settings, drain=args.drain, stop=stop)
+        return run_worker(settings, drain=args.drain, stop=stop, drain_requested=drain_requested)
+    except SettingsError as exc:
+        log.error("mechanism Y cannot start: %s", exc)
+        return 2
     except ProcessorError as exc:
         log.error("mechanism Y stopped: %s", exc)
         return 1

@@ -9,7 +9,18 @@ import pyarrow as pa
 if TYPE_CHECKING:
     from pyspark.sql.types import StructType
 
-TRANSACTION_HEADER = ("step", "customer", "age", "gender", "zipcodeOri", "merchant", "zipMerchant", "category", "amount", "fraud")
+TRANSACTION_HEADER = (
+    "step",
+    "customer",
+    "age",
+    "gender",
+    "zipcodeOri",
+    "merchant",
+    "zipMerchant",
+    "category",
+    "amount",
+    "fraud",
+)
 IMPORTANCE_HEADER = ("Source", "Target", "Weight", "typeTrans", "fraud")
 GENDERS = ("M", "F", "E", "U")
 AMOUNT_PRECISION, AMOUNT_SCALE = 18, 2

@@ -116,7 +116,11 @@ class Database:
                     ) from None
                 log.warning(
                     "waiting for %s (attempt %d/%d, retry in %.1fs): %s",
-                    describe_target(self.settings), attempt, self._attempts, delay, reason,
+                    describe_target(self.settings),
+                    attempt,
+                    self._attempts,
+                    delay,
+                    reason,
                 )
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -179,7 +183,9 @@ class Database:
             self.execute(sql, params)
 
 
-def copy_rows(cur: psycopg2.extensions.cursor, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
+def copy_rows(
+    cur: psycopg2.extensions.cursor, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> int:
     """COPY rows (Python values) into `table` in one round trip; returns the row count."""
     buf = io.StringIO()
     count = 0

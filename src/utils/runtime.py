@@ -35,13 +35,25 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        formatter = logging.Formatter("%(asctime)s.%(msecs)03dZ %(process)d %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+        formatter = logging.Formatter(
+            "%(asctime)s.%(msecs)03dZ %(process)d %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
+        )
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("py4j", "botocore", "boto3", "urllib3", "s3transfer", "googleapiclient", "google", "pgserver", "filelock"):
+    for noisy in (
+        "py4j",
+        "botocore",
+        "boto3",
+        "urllib3",
+        "s3transfer",
+        "googleapiclient",
+        "google",
+        "pgserver",
+        "filelock",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
