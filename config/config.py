@@ -200,6 +200,10 @@ class Settings:
     def _check(self) -> None:
         if self.gdrive_folder_id:
             path = self.google_credentials_path
+            if path.exists() and not path.is_file():
+                raise SettingsError(
+                    f"GOOGLE_CREDENTIALS_PATH={path} is not a file: point it at the service-account key"
+                )
             if not path.is_file():
                 raise SettingsError(
                     f"GOOGLE_CREDENTIALS_PATH={path} does not exist: download the service-account key there "

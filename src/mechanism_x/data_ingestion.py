@@ -84,14 +84,16 @@ class Ingestor:
     def recover(self) -> None:
         """Finish chunks whose ledger row committed but whose object may not have been written."""
         rows = self.db.query(
-            "SELECT c.seq, c.file_id, c.chunk_seq, c.first_line, c.bytes_start, c.bytes_end, c.prefix_md5, "
-            "c.object_key, c.ingest_date FROM chunks c WHERE c.status = 'pending' ORDER BY c.seq"
+            # The line number at bytes_start (not the chunk's first row: blank lines may come before it).
+            "SELECT c.seq, c.file_id, c.chunk_seq, COALESCE((SELECT p.last_line + 1 FROM chunks p "
+            "WHERE p.file_id = c.file_id AND p.chunk_seq = c.chunk_seq - 1), 2), c.bytes_start, c.bytes_end, "
+            "c.prefix_md5, c.object_key, c.ingest_date FROM chunks c WHERE c.status = 'pending' ORDER BY c.seq"
         )
         if not rows:
             return
         log.info("recovering %d chunk(s) recorded but not confirmed written", len(rows))
         listing = {f.file_id: f for f in self.source.list_files()}
-        for seq, file_id, chunk_seq, first_line, b0, b1, prefix_md5, key, _day in rows:
+        for seq, file_id, chunk_seq, start_line, b0, b1, prefix_md5, key, _day in rows:
             f = listing.get(file_id)
             reason = None
             if f is None:
@@ -102,7 +104,7 @@ class Ingestor:
                         if scan_file(path, b1).prefix_md5 != prefix_md5:
                             reason = "source file changed before the chunk could be rebuilt"
                         else:
-                            block = _concat_blocks(iter_row_blocks(path, b0, first_line, end=b1))
+                            block = _concat_blocks(iter_row_blocks(path, b0, start_line, end=b1))
                             parsed = parse_transactions(block, file_id=file_id, chunk_seq=chunk_seq)
                             self._mark_written(seq, self._write_chunk_objects(key, file_id, chunk_seq, parsed))
                             log.info("chunk %s-%06d recovered at %s", file_id, chunk_seq, key)
@@ -187,7 +189,11 @@ class Ingestor:
         start = data_offset if rec is None or rec["bytes_done"] == 0 else rec["bytes_done"]
         first_line = 2 if rec is None or rec["bytes_done"] == 0 else rec["next_line"]
         scan = scan_file(path, start)
-        if rec is not None and rec["bytes_done"] > 0 and scan.prefix_md5 != rec["prefix_md5"]:
+        if (
+            rec is not None
+            and rec["bytes_done"] > 0
+            and (scan.prefix_md5 != rec["prefix_md5"] or _glued_to_last_row(path, start))
+        ):
             self.monitor.record_conflict(f, scan.md5)
             return
         if rec is None or rec["kind"] != KIND_TRANSACTIONS or rec["status"] != "ingesting":
@@ -442,6 +448,17 @@ class Ingestor:
             what="write processing_log.json",
             transient=_transient,
         )
+
+
+def _glued_to_last_row(path: Path, start: int) -> bool:
+    """Bytes appended right after an unterminated last row extend that row: a row already ingested changed."""
+    with open(path, "rb") as fh:
+        fh.seek(start - 1)
+        tail = fh.read(3)
+    nxt = tail[1:]
+    if tail[:1] == b"\n" or not nxt:
+        return False
+    return not (nxt.startswith(b"\n") or nxt.startswith(b"\r\n") or nxt == b"\r")
 
 
 def _concat_blocks(blocks) -> RowBlock:

@@ -30,6 +30,7 @@ _RECORD_COLUMNS = (
     "prefix_md5",
     "chunks",
     "conflict_checksum",
+    "reason",
 )
 
 
@@ -75,11 +76,15 @@ class FileMonitor:
             elif rec["status"] == "ingesting":
                 work.append(FileWork(f, rec, "resume"))
             elif rec["checksum"] == f.checksum and f.checksum is not None:
-                if rec["status"] == "deleted":
-                    self._set_status(
-                        f.file_id, "done" if rec["kind"] in ("transactions", "importance") else rec["kind"]
+                if rec["status"] in ("deleted", "conflict"):
+                    status = _restored_status(rec)
+                    self.db.execute(
+                        "UPDATE source_files SET status = %s, conflict_checksum = NULL, "
+                        "reason = CASE WHEN %s = 'done' THEN NULL ELSE reason END, updated_at = now() "
+                        "WHERE file_id = %s",
+                        (status, status, f.file_id),
                     )
-                    log.info("file %s (%s) is back, unchanged", f.file_id, f.name)
+                    log.info("file %s (%s) is back as it was ingested (%s)", f.file_id, f.name, status)
             elif rec["status"] == "conflict" and rec["conflict_checksum"] == f.checksum:
                 continue  # already reported, still rewritten
             else:
@@ -146,6 +151,15 @@ class FileMonitor:
             )
             self.db.log_event(COMPONENT, "ERROR", "file_conflict", message, file_id=f.file_id)
             log.error("file %s: %s", f.file_id, message)
+
+
+def _restored_status(rec: dict[str, Any]) -> str:
+    """The status of a file that is back with the content last recorded (after a deletion or a conflict)."""
+    if rec["kind"] == "ignored":
+        return "ignored"
+    if rec["status"] == "conflict" or rec["conflict_checksum"] is not None or not rec["reason"]:
+        return "done"  # the content is what was ingested
+    return "failed"
 
 
 def _looks_like_importance(w: FileWork) -> bool:

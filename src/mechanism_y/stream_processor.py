@@ -163,7 +163,6 @@ class StreamProcessor:
         self.weights = self.spark.createDataFrame(table, schema=weights_spark_schema()).localCheckpoint(eager=True)
         log.info("importance weights loaded: version %d, %d (customer, merchant) pairs", version, table.num_rows)
         self.weights_version = version
-        log.info("importance weights loaded: version %d, %d rows", version, table.num_rows)
         return True
 
     # ---------------------------------------------------------------- loop
@@ -221,6 +220,8 @@ class StreamProcessor:
                     self._wait(1.0)
                     continue
                 waiting_since = None
+                if self.stop.is_set():
+                    break
                 self.process_chunk(*chunk[:6], written_at=chunk[7])
             return 0
         finally:

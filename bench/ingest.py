@@ -1,0 +1,210 @@
+"""Mechanism X's ingest speed on the sample, against pyarrow alone reading and writing the same file.
+
+    python bench/ingest.py [--rows 594643] [--seed S] [--batch-size 10000]
+
+The sample is generated once into bench/out/sample-<rows>-<seed>/ (in a child process, so its
+memory does not count here) and reused. Mechanism X runs in this process with
+CHUNK_INTERVAL_SECONDS=0 against an embedded PostgreSQL (pgserver) and a local lake, both in a
+temporary directory. What is timed: `Ingestor.poll_once()` for the poll that finds
+transactions.csv, from its start until the file is `done` in the ledger (listing and md5 of the
+file, validation, chunking, Parquet writes, ledger commits, processing_log.json). The database
+start, the schema and the CustomerImportance file are handled before the clock starts. The
+ledger's own view (source_files.first_seen -> finished_at) is printed beside it.
+
+"pyarrow alone" reads the same CSV with pyarrow.csv and explicit column types, strips the single
+quotes from the text columns and writes one snappy Parquet file per BATCH_SIZE rows: the least
+any ingest producing the same objects has to do, without validation, lineage or ledger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import pyarrow.csv as pacsv  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from src.sample_data import DEFAULT_ROWS, DEFAULT_SEED  # noqa: E402
+from src.schemas.transaction_schemas import (  # noqa: E402
+    AMOUNT_PRECISION,
+    AMOUNT_SCALE,
+    TRANSACTION_HEADER,
+    TRANSACTION_TEXT_COLUMNS,
+)
+
+OUT = ROOT / "bench" / "out"
+TRANSACTIONS = "transactions.csv"
+IMPORTANCE = "CustomerImportance.csv"
+# Targets of issue 2.
+TARGET_ROWS_PER_S = 500_000
+TARGET_RATIO = 1 / 3
+
+
+def sample_dir(rows: int, seed: int) -> Path:
+    """The generated sample for (rows, seed), made once with `python -m src.sample_data` and reused."""
+    out = OUT / f"sample-{rows}-{seed}"
+    if (out / TRANSACTIONS).is_file() and (out / IMPORTANCE).is_file():
+        return out
+    print(f"generating the {rows:,}-row sample (seed {seed}) into {out} ...", flush=True)
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "src.sample_data", "--rows", str(rows), "--seed", str(seed), "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+    )
+    print(f"  generated in {time.perf_counter() - started:.1f} s", flush=True)
+    return out
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def bench_mechanism_x(sample: Path, work: Path, batch_size: int) -> dict:
+    from config.config import Settings
+    from src.mechanism_x.data_ingestion import Ingestor
+    from src.mechanism_x.file_monitor import make_source
+    from src.utils.object_store import open_lake
+    from src.utils.postgres_utils import DSN_ENV, Database, start_embedded
+
+    inbox, lake, data = work / "inbox", work / "lake", work / "data"
+    inbox.mkdir(parents=True)
+    env = {
+        "LOCAL_INBOX_DIR": str(inbox),
+        "LOCAL_LAKE_DIR": str(lake),
+        "DATA_DIR": str(data),
+        "CHUNK_INTERVAL_SECONDS": "0",
+        "BATCH_SIZE": str(batch_size),
+        "S3_BUCKET_NAME": "",
+        "POSTGRES_HOST": "",
+        "GDRIVE_FOLDER_ID": "",
+        "LOG_LEVEL": "WARNING",
+    }
+    settings = Settings.from_env(env, dotenv=Path("/nonexistent"))
+    os.environ[DSN_ENV] = start_embedded(settings)
+    db = Database(settings)
+    db.apply_schema()
+    store = open_lake(settings)
+    source = make_source(settings, db)
+    ingestor = Ingestor(settings, db, store, source, threading.Event())
+    try:
+        # Reference data first, untimed: chunks of the timed file are then the only work.
+        shutil.copy2(sample / IMPORTANCE, inbox / IMPORTANCE)
+        ingestor.poll_once()
+        shutil.copy2(sample / TRANSACTIONS, inbox / TRANSACTIONS)
+        started = time.perf_counter()
+        ingestor.poll_once()
+        elapsed = time.perf_counter() - started
+        (status, rows, quarantined, chunks, ledger_s) = db.query(
+            "SELECT status, rows_ingested, rows_quarantined, chunks, "
+            "EXTRACT(EPOCH FROM finished_at - first_seen)::float8 FROM source_files WHERE name = %s",
+            (TRANSACTIONS,),
+        )[0]
+        objects = sum(1 for _ in store.list_keys("raw-transactions/year="))
+    finally:
+        source.close()
+        db.close()
+    return {
+        "status": status,
+        "rows": rows + quarantined,
+        "rows_ingested": rows,
+        "rows_quarantined": quarantined,
+        "chunks": chunks,
+        "objects": objects,
+        "seconds": elapsed,
+        "ledger_seconds": ledger_s,
+    }
+
+
+def bench_pyarrow(csv_path: Path, out: Path, batch_size: int) -> dict:
+    out.mkdir(parents=True)
+    types = {name: pa.string() for name in TRANSACTION_TEXT_COLUMNS}
+    types.update({"step": pa.int32(), "amount": pa.decimal128(AMOUNT_PRECISION, AMOUNT_SCALE), "fraud": pa.int8()})
+    started = time.perf_counter()
+    table = pacsv.read_csv(
+        csv_path,
+        read_options=pacsv.ReadOptions(column_names=list(TRANSACTION_HEADER), skip_rows=1),
+        convert_options=pacsv.ConvertOptions(column_types=types),
+    )
+    for name in TRANSACTION_TEXT_COLUMNS:
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, name, pc.utf8_trim(table.column(name), characters="'"))
+    files = 0
+    for offset in range(0, table.num_rows, batch_size):
+        pq.write_table(table.slice(offset, batch_size), out / f"part-{files:06d}.parquet", compression="snappy")
+        files += 1
+    elapsed = time.perf_counter() - started
+    return {"rows": table.num_rows, "files": files, "seconds": elapsed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python bench/ingest.py",
+        description="Rows/s of Mechanism X (CHUNK_INTERVAL_SECONDS=0) on the sample, against pyarrow alone.",
+    )
+    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="sample size (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="sample seed (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=10_000, help="rows per chunk (default %(default)s)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary lake and database")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    sample = sample_dir(args.rows, args.seed)
+    size_mb = (sample / TRANSACTIONS).stat().st_size / 1e6
+    work = Path(tempfile.mkdtemp(prefix="tp-bench-ingest-"))
+    rss_start = peak_rss_mib()
+    try:
+        x = bench_mechanism_x(sample, work / "x", args.batch_size)
+        rss_x = peak_rss_mib()
+        arrow = bench_pyarrow(sample / TRANSACTIONS, work / "pyarrow", args.batch_size)
+        rss_all = peak_rss_mib()
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            from src.utils.postgres_utils import DSN_ENV
+
+            os.environ.pop(DSN_ENV, None)
+            shutil.rmtree(work, ignore_errors=True)
+
+    x_rate = x["rows"] / x["seconds"]
+    arrow_rate = arrow["rows"] / arrow["seconds"]
+    ratio = x_rate / arrow_rate
+    ok_rate = "meets" if x_rate >= TARGET_ROWS_PER_S else "MISSES"
+    ok_ratio = "meets" if ratio >= TARGET_RATIO else "MISSES"
+    lines = [
+        f"sample          {sample / TRANSACTIONS}: {args.rows:,} rows, {size_mb:.1f} MB, batch {args.batch_size:,}",
+        "Mechanism X     timed: Ingestor.poll_once() on transactions.csv, start -> file 'done' in the ledger",
+        "                (embedded PostgreSQL, local lake, CHUNK_INTERVAL_SECONDS=0, one process)",
+        f"  status        {x['status']}: {x['rows_ingested']:,} rows ingested, {x['rows_quarantined']:,} quarantined, "
+        f"{x['chunks']} chunks, {x['objects']} objects",
+        f"  wall time     {x['seconds']:.2f} s (ledger first_seen -> finished_at: {x['ledger_seconds']:.2f} s)",
+        f"  throughput    {x_rate:,.0f} rows/s  (target >= {TARGET_ROWS_PER_S:,}: {ok_rate})",
+        "pyarrow alone   pyarrow.csv typed read + quote strip + one Parquet file per batch",
+        f"  wall time     {arrow['seconds']:.2f} s for {arrow['rows']:,} rows in {arrow['files']} files",
+        f"  throughput    {arrow_rate:,.0f} rows/s",
+        f"X / pyarrow     {ratio:.2f}  (target >= {TARGET_RATIO:.2f}: {ok_ratio})",
+        f"peak RSS        {rss_start:,.0f} MiB after imports, {rss_x:,.0f} MiB after Mechanism X, "
+        f"{rss_all:,.0f} MiB after pyarrow (this process; PostgreSQL not included)",
+    ]
+    print("\n".join(["", "== bench/ingest.py " + "=" * 60, *lines, "=" * 79]))
+    return 0 if x["status"] == "done" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The supervisor (`main.py`): restarts a killed worker with backoff, stops everything cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from src.sample_data import generate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _wait_for(log: Path, pattern: str, timeout: float, proc: subprocess.Popen) -> re.Match:
+    deadline = time.monotonic() + timeout
+    rx = re.compile(pattern)
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        m = None
+        for m in rx.finditer(text):
+            pass
+        if m:
+            return m
+        if proc.poll() is not None:
+            raise AssertionError(f"supervisor exited ({proc.returncode}) before {pattern!r}:\n{text[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"no {pattern!r} within {timeout}s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+@pytest.mark.slow
+def test_supervisor_restarts_a_killed_worker_and_stops_cleanly(tmp_path, product_env, pg_conn):
+    generate(Path(product_env["LOCAL_INBOX_DIR"]), rows=20_000, seed=3)
+    env = dict(product_env, BATCH_SIZE="1000", CHUNK_INTERVAL_SECONDS="0.3")
+    log = tmp_path / "main.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "main.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        first_x = int(_wait_for(log, r"mechanism X started \(pid (\d+)\)", 60, proc).group(1))
+        _wait_for(log, r"chunk \S+-000002 written", 60, proc)
+        os.kill(first_x, signal.SIGKILL)
+        _wait_for(log, rf"mechanism X \(pid {first_x}\) exited with signal 9; restart 1 in 1s", 10, proc)
+        second_x = int(_wait_for(log, rf"mechanism X started \(pid (?!{first_x}\))(\d+)\)", 10, proc).group(1))
+        assert second_x != first_x
+
+        _wait_for(log, r"mechanism Y up", 120, proc)
+        y_pid = int(re.search(r"mechanism Y started \(pid (\d+)\)", log.read_text()).group(1))
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any(c.pid == y_pid for c in children)
+
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=15)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text(errors="replace")
+    assert code == 0, text[-3000:]
+    assert took < 10, f"shutdown took {took:.1f}s"
+    assert "did not stop" not in text
+    assert "all workers stopped" in text
+    _gone, alive = psutil.wait_procs(children, timeout=5)
+    assert not [(c.pid, c.name()) for c in alive if c.status() != psutil.STATUS_ZOMBIE]
+
+    # The ledger is consistent with the lake: every chunk recorded as written is there, whole.
+    with pg_conn.cursor() as cur:
+        cur.execute("SELECT object_key, rows_valid, status FROM chunks ORDER BY seq")
+        chunks = cur.fetchall()
+    lake = Path(product_env["LOCAL_LAKE_DIR"])
+    assert chunks
+    for key, rows, status in chunks:
+        if status == "written":
+            assert pq.read_table(lake / key).num_rows == rows
+    assert not list(lake.rglob("_tmp-*")), "a half-written object was left behind"
+    assert "Traceback" not in text
+
+
+def test_main_help_is_truthful():
+    out = subprocess.run([sys.executable, "main.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "--drain" in out.stdout
+    assert "SIGTERM" in out.stdout
+
+
+def test_bad_setting_stops_with_one_line_naming_the_variable(tmp_path):
+    env = dict(os.environ, BATCH_SIZE="abc", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "main.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "BATCH_SIZE" in lines[0] and "abc" in lines[0]
