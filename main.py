@@ -181,6 +181,19 @@ def prepare(settings: Settings) -> None:
     finally:
         db.close()
     open_lake(settings).check_writable()
+    if settings.gdrive_folder_id:
+        from src.errors import RetryableError
+        from src.mechanism_x.gdrive_source import GoogleDriveSource
+
+        db = Database(settings)
+        source = GoogleDriveSource(settings, db)
+        try:
+            source.check()  # credentials and folder access, before any worker or Spark starts
+        except RetryableError as exc:
+            log.warning("Google Drive not reachable yet (%s); mechanism X will keep trying", exc)
+        finally:
+            source.close()
+            db.close()
     if settings.local_inbox:
         inbox = settings.local_inbox_dir
         inbox.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,20 @@
-"""Chunk objects written per second to an S3 server by `S3ObjectStore`, in parallel and one by one.
+"""The S3 lake measured: chunk objects written per second, and detection latency against the local lake.
 
     python -m bench.s3 [--objects 48] [--rows 10000] [--workers MAX_WORKERS] [--endpoint URL --bucket NAME]
+                       [--latency-rows 100000] [--batch 10000] [--no-latency] [--json]
+
+1. Writes: `S3ObjectStore` puts chunk-shaped Parquet (the chunk schema, BankSim-like values, ~300 KB
+   for 10,000 rows), in parallel (MAX_WORKERS) and one by one; also the same-bytes re-put (a no-op).
+2. Detection latency: `python main.py --drain` twice on the same generated sample, once with the
+   local lake and once with S3_BUCKET_NAME on the server, each on its own embedded PostgreSQL. From
+   each ledger: latency `processed_at - written_at` per chunk (X's write -> Y's detections committed;
+   under --drain, X usually writes faster than Y reads, so this includes queueing) and Y's time per
+   chunk with the queueing left out (from when the chunk was both written and next in line), which is
+   where reading through `s3a://` instead of `file://` shows.
 
 Without --endpoint it starts moto's S3 server on 127.0.0.1 (a free port) as a child process and
-stops it at the end. Objects are chunk-shaped Parquet (the chunk schema, BankSim-like values,
-~300 KB for 10,000 rows). Prints one line per mode and, with --json, a JSON summary.
+stops it at the end. The hadoop-aws jars are fetched once into TP_TEST_CACHE_DIR (default
+~/.cache/transaction-processor), shared with the tests.
 """
 
 from __future__ import annotations
@@ -15,7 +25,9 @@ import io
 import json
 import os
 import random
+import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,18 +35,19 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 
-from config.config import Settings
-from src.schemas.transaction_schemas import CHUNK_ARROW_SCHEMA
-from src.utils.s3_utils import S3ObjectStore
+from config.config import Settings  # noqa: E402
+from src.schemas.transaction_schemas import CHUNK_ARROW_SCHEMA  # noqa: E402
+from src.utils.s3_utils import S3ObjectStore  # noqa: E402
 
 CATEGORIES = [
     "es_transportation",
@@ -145,7 +158,133 @@ def measure(store: S3ObjectStore, chunks: list[bytes], *, parallel: bool, tag: s
     }
 
 
-def run(objects: int, rows: int, workers: int, endpoint: str | None, bucket: str | None) -> dict:
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation, as numpy's default."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def shared_ivy(data_dir: Path) -> None:
+    """DATA_DIR/ivy -> the cache the tests use, so the ~700 MB AWS SDK bundle is downloaded once per machine."""
+    cache = Path(os.environ.get("TP_TEST_CACHE_DIR") or Path.home() / ".cache" / "transaction-processor") / "ivy"
+    cache.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "ivy").symlink_to(cache, target_is_directory=True)
+
+
+def read_ledger(data_dir: Path, db: str) -> tuple[list[tuple[datetime, datetime]], int]:
+    """(written_at, processed_at) of every processed chunk, and the number of detections, from a run's database."""
+    import warnings
+
+    warnings.filterwarnings("ignore", module="platformdirs")
+    import pgserver
+    import psycopg2
+
+    server = pgserver.get_server(data_dir / "postgres", cleanup_mode="stop")
+    base, _, query = server.get_uri().partition("?")
+    conn = psycopg2.connect(base.rsplit("/", 1)[0] + "/" + db + (f"?{query}" if query else ""))
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT written_at, processed_at FROM chunks WHERE processed_at IS NOT NULL "
+                "AND written_at IS NOT NULL ORDER BY seq"
+            )
+            chunks = cur.fetchall()
+            cur.execute("SELECT count(*) FROM pattern_detections")
+            detections = cur.fetchone()[0]
+    finally:
+        conn.close()
+        server.cleanup()
+    return chunks, detections
+
+
+def latency_summary(chunks: list[tuple[datetime, datetime]]) -> dict[str, float]:
+    latency = [(p - w).total_seconds() for w, p in chunks]
+    service = [(p - (w if i == 0 else max(w, chunks[i - 1][1]))).total_seconds() for i, (w, p) in enumerate(chunks)]
+    return {
+        "chunks": len(chunks),
+        "latency_median_s": round(statistics.median(latency), 3),
+        "latency_p95_s": round(percentile(latency, 0.95), 3),
+        "y_per_chunk_median_s": round(statistics.median(service), 3),
+        "y_per_chunk_p95_s": round(percentile(service, 0.95), 3),
+    }
+
+
+def drain_once(work: Path, sample: Path, lake_env: dict[str, str], batch: int, timeout: float) -> dict:
+    """`python main.py --drain` on a copy of the sample, on its own embedded PostgreSQL; the ledger's figures."""
+    inbox, data = work / "inbox", work / "data"
+    inbox.mkdir(parents=True)
+    for name in ("CustomerImportance.csv", "transactions.csv"):
+        shutil.copy2(sample / name, inbox / name)
+    shared_ivy(data)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "S3_", "GDRIVE_", "AWS_", "TP_"))}
+    env.update(
+        {
+            "DATA_DIR": str(data),
+            "LOCAL_INBOX_DIR": str(inbox),
+            "LOCAL_LAKE_DIR": str(work / "lake"),
+            "BATCH_SIZE": str(batch),
+            "CHUNK_INTERVAL_SECONDS": "0",
+            "PROCESSING_INTERVAL": "1",
+            "SPARK_LOCAL_IP": env.get("SPARK_LOCAL_IP", "127.0.0.1"),
+            **lake_env,
+        }
+    )
+    started = time.perf_counter()
+    with open(work / "daemon.log", "wb") as log_file:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "main.py"), "--drain"],
+            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout, check=False,
+        )  # fmt: skip
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        tail = "\n".join((work / "daemon.log").read_text(errors="replace").splitlines()[-20:])
+        raise RuntimeError(f"python main.py --drain exited with {proc.returncode}:\n{tail}")
+    chunks, detections = read_ledger(data, "transactions")
+    return {"wall_s": round(wall, 1), "detections": detections, **latency_summary(chunks)}
+
+
+def latency(url: str, rows: int, batch: int, timeout: float) -> dict:
+    """The same sample drained with the local lake, then with the S3 lake at `url` (a fresh bucket)."""
+    from src import sample_data
+
+    work = Path(tempfile.mkdtemp(prefix="tp-bench-s3-latency-"))
+    try:
+        sample = work / "sample"
+        sample_data.generate(sample, rows=rows, seed=7)
+        bucket = f"tp-bench-{uuid.uuid4().hex[:10]}"
+        make_store(url, bucket, 4, create=True)
+        s3_env = {
+            "S3_BUCKET_NAME": bucket,
+            "S3_ENDPOINT_URL": url,
+            "AWS_REGION": os.environ.get("AWS_REGION", "us-east-1"),
+            "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "AKIABENCH"),
+            "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "bench-secret"),
+        }
+        return {
+            "rows": rows,
+            "batch_size": batch,
+            "local": drain_once(work / "local", sample, {}, batch, timeout),
+            "s3": drain_once(work / "s3", sample, s3_env, batch, timeout),
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(
+    objects: int,
+    rows: int,
+    workers: int,
+    endpoint: str | None,
+    bucket: str | None,
+    *,
+    latency_rows: int = 0,
+    batch: int = 10_000,
+    timeout: float = 1800.0,
+) -> dict:
     rng = random.Random(7)
     t = time.perf_counter()
     chunks = [make_chunk(f"bench{i // 100:04d}", i % 100, rows, rng) for i in range(objects)]
@@ -163,6 +302,8 @@ def run(objects: int, rows: int, workers: int, endpoint: str | None, bucket: str
             "parallel": measure(store, chunks, parallel=True, tag=f"{run_id}-p"),
             "sequential": measure(store, chunks, parallel=False, tag=f"{run_id}-s"),
         }
+        if latency_rows:
+            result["latency"] = latency(url, latency_rows, batch, timeout)
     return result
 
 
@@ -178,11 +319,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=int(os.environ.get("MAX_WORKERS", "4")), help="MAX_WORKERS")
     parser.add_argument("--endpoint", help="an existing S3 endpoint instead of moto (e.g. MinIO)")
     parser.add_argument("--bucket", help="existing bucket at --endpoint (required with it)")
+    parser.add_argument(
+        "--latency-rows", type=int, default=100_000, help="sample rows for the latency runs (default 100000)"
+    )
+    parser.add_argument("--batch", type=int, default=10_000, help="BATCH_SIZE for the latency runs (default 10000)")
+    parser.add_argument("--no-latency", action="store_true", help="only the write figures (no Spark, no Java)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="give up a drain after this many seconds")
     parser.add_argument("--json", action="store_true", help="also print the summary as JSON")
     args = parser.parse_args(argv)
     if args.endpoint and not args.bucket:
         parser.error("--endpoint needs --bucket")
-    result = run(args.objects, args.rows, args.workers, args.endpoint, args.bucket)
+    result = run(
+        args.objects,
+        args.rows,
+        args.workers,
+        args.endpoint,
+        args.bucket,
+        latency_rows=0 if args.no_latency else args.latency_rows,
+        batch=args.batch,
+        timeout=args.timeout,
+    )
     print(
         f"S3 chunk writes to {result['endpoint']}: {args.objects} objects x {args.rows} rows "
         f"(mean {result['mean_object_kb']} KB)"
@@ -194,6 +350,19 @@ def main(argv: list[str] | None = None) -> int:
             f"  {label:<26} {r['objects_per_s']:>7.1f} objects/s  {r['mb_per_s']:>6.1f} MB/s  "
             f"(same-bytes re-put: {r['noop_reputs_per_s']:.1f}/s)"
         )
+    lat = result.get("latency")
+    if lat:
+        print(
+            f"Detection latency, python main.py --drain on {lat['rows']:,} rows, BATCH_SIZE={lat['batch_size']}, "
+            "CHUNK_INTERVAL_SECONDS=0 (same sample, same machine, one after the other):"
+        )
+        for lake, label in (("local", "local lake"), ("s3", "S3 lake")):
+            r = lat[lake]
+            print(
+                f"  {label:<11} latency median {r['latency_median_s']:>7.3f} s  p95 {r['latency_p95_s']:>7.3f} s   "
+                f"Y per chunk median {r['y_per_chunk_median_s']:.3f} s  p95 {r['y_per_chunk_p95_s']:.3f} s   "
+                f"({r['chunks']} chunks, {r['detections']} detections, wall {r['wall_s']:.1f} s)"
+            )
     if args.json:
         print(json.dumps(result))
     return 0

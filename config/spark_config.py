@@ -58,12 +58,29 @@ def spark_conf(settings: Settings, app_name: str) -> dict[str, str]:
     return conf
 
 
+def prepare_s3a(settings: Settings) -> None:
+    """Before the JVM starts: export the S3 credentials to its environment and have the hadoop-aws jars local.
+
+    The keys go to the environment only (the JVM inherits it at launch), never into the conf,
+    which Spark prints. The jars are fetched once into DATA_DIR/ivy so the session starts with
+    files on the class path instead of resolving packages on every start; SPARK_JARS skips that.
+    """
+    from src.utils.spark_utils import fetch_hadoop_aws_jars, ivy_dir, s3a_env
+
+    os.environ.update(s3a_env(settings))
+    if not settings.spark_jars:
+        jars = fetch_hadoop_aws_jars(settings)
+        log.info("hadoop-aws for s3a://%s: %d jars cached in %s", settings.s3_bucket_name, len(jars), ivy_dir(settings))
+
+
 def build_spark_session(settings: Settings, app_name: str = "transaction-processor") -> "SparkSession":
     check_java()
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
+    if settings.s3_bucket_name:
+        prepare_s3a(settings)
     conf = spark_conf(settings, app_name)
     (settings.data_dir / "spark" / "tmp").mkdir(parents=True, exist_ok=True)
     builder = SparkSession.builder

@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     UNIQUE (file_id, chunk_seq)
 );
 CREATE INDEX IF NOT EXISTS chunks_unprocessed_idx ON chunks (seq) WHERE processed_at IS NULL;
+CREATE INDEX IF NOT EXISTS chunks_pending_idx ON chunks (seq) WHERE status = 'pending';
 
 -- Rows that failed validation, with where they came from and why.
 CREATE TABLE IF NOT EXISTS quarantine (

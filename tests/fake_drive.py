@@ -346,7 +346,7 @@ class FakeDrive:
             ordered = sorted((seq, fid) for fid, seq in latest.items())
             page, rest = ordered[:size], ordered[size:]
             changes = []
-            for seq, file_id in page:
+            for _seq, file_id in page:
                 meta = self.files.get(file_id)
                 change: dict[str, Any] = {
                     "kind": "drive#change",

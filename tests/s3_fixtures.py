@@ -16,6 +16,7 @@ fixtures by name). Fixtures:
 from __future__ import annotations
 
 import http.client
+import logging
 import os
 import socket
 import struct
@@ -228,6 +229,7 @@ def s3_server() -> Iterator[str]:
     """Endpoint URL of a moto S3 server on 127.0.0.1 (a free port), for the whole session."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

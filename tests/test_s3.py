@@ -23,10 +23,10 @@ from config.config import Settings
 from src.errors import LakeError, ObjectConflict, RetryableError
 from src.schemas.transaction_schemas import CHUNK_ARROW_SCHEMA
 from src.utils import s3_utils
-from src.utils.object_store import LocalObjectStore
-from src.utils.s3_utils import S3ObjectStore, make_object_store
+from src.utils.object_store import LocalObjectStore, open_lake
+from src.utils.s3_utils import S3ObjectStore
 from src.utils.spark_utils import bundled_hadoop_version, s3a_conf, s3a_env
-from tests.s3_fixtures import *
+from tests.s3_fixtures import *  # noqa: F403
 from tests.s3_fixtures import TEST_SECRET_KEY, use_shared_ivy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,10 +243,10 @@ def test_check_writable(store, s3_settings, flaky, faulty_s3):
     assert TEST_SECRET_KEY not in msg
 
 
-def test_make_object_store_follows_the_settings(s3_settings, tmp_path):
-    assert isinstance(make_object_store(s3_settings()), S3ObjectStore)
+def test_open_lake_follows_the_settings(s3_settings, tmp_path):
+    assert isinstance(open_lake(s3_settings()), S3ObjectStore)
     local = Settings.from_env({"LOCAL_LAKE_DIR": str(tmp_path / "lake")}, dotenv=Path("/nonexistent"))
-    lake = make_object_store(local)
+    lake = open_lake(local)
     assert isinstance(lake, LocalObjectStore) and lake.root == (tmp_path / "lake").resolve()
 
 
@@ -291,10 +291,9 @@ from pathlib import Path
 from config.config import Settings
 from config.spark_config import build_spark_session
 from src.schemas.transaction_schemas import chunk_spark_schema
-from src.utils.spark_utils import s3a_env
 
 settings = Settings.from_env(dotenv=Path(sys.argv[1]))
-os.environ.update(s3a_env(settings))  # keys from .env reach the JVM only through its environment
+assert "AWS_SECRET_ACCESS_KEY" not in os.environ  # keys only in .env: build_spark_session exports them
 t0 = time.monotonic()
 spark = build_spark_session(settings, app_name="s3a-test")
 t1 = time.monotonic()
@@ -358,8 +357,8 @@ def test_spark_reads_store_objects_through_s3a(s3_settings, hadoop_aws_jars, tmp
 
 
 @pytest.mark.slow
-def test_spark_resolves_hadoop_aws_through_packages(s3_settings, hadoop_aws_jars, tmp_path):
-    """The fallback when nothing is cached: spark.jars.packages, from the shared Ivy cache."""
+def test_first_start_fetches_hadoop_aws_into_data_dir(s3_settings, hadoop_aws_jars, tmp_path):
+    """Nothing resolved in DATA_DIR yet: the session start fetches the jars (here from the shared Ivy cache)."""
     settings = s3_settings()
     expected = _write_chunks(S3ObjectStore(settings))
     data_dir = tmp_path / "data"
@@ -369,4 +368,6 @@ def test_spark_resolves_hadoop_aws_through_packages(s3_settings, hadoop_aws_jars
         _settings_env(settings, data_dir), tmp_path / ".env", f"s3a://{settings.s3_bucket_name}/raw-transactions/"
     )
     assert result["days"] == expected
-    assert result["packages"] == f"org.apache.hadoop:hadoop-aws:{bundled_hadoop_version()}"
+    assert result["packages"] is None  # files on the class path, not Spark's per-start resolution
+    manifest = data_dir / "ivy" / f"hadoop-aws-{bundled_hadoop_version()}.classpath"
+    assert any(Path(j).name.startswith("hadoop-aws-") for j in manifest.read_text().split(os.pathsep))

@@ -24,11 +24,9 @@ def _wait_for(log: Path, pattern: str, timeout: float, proc: subprocess.Popen) -
     rx = re.compile(pattern)
     while time.monotonic() < deadline:
         text = log.read_text(errors="replace")
-        m = None
-        for m in rx.finditer(text):
-            pass
-        if m:
-            return m
+        matches = list(rx.finditer(text))
+        if matches:
+            return matches[-1]
         if proc.poll() is not None:
             raise AssertionError(f"supervisor exited ({proc.returncode}) before {pattern!r}:\n{text[-3000:]}")
         time.sleep(0.2)

@@ -136,22 +136,21 @@ class Ingestor:
         return len(work)
 
     def run(self, *, drain: bool) -> int:
-        self.recover()
         while not self.stop.is_set():
             started = time.monotonic()
             try:
+                self.recover()  # chunks left pending by a crash or a write whose retries ran out
                 self.poll_once()
             except (RetryableError, OSError) as exc:
                 if drain and not isinstance(exc, RetryableError):
                     raise
                 log.warning("poll failed, retrying in %.0fs: %s", self.settings.processing_interval, exc)
-            if drain:
-                if self.stop.is_set():
-                    return 1
-                log.info("drain: every file in the %s is ingested", self.source.describe())
-                return 0
+            else:
+                if drain:
+                    log.info("drain: every file in the %s is ingested", self.source.describe())
+                    return 0
             self.stop.wait(max(0.0, self.settings.processing_interval - (time.monotonic() - started)))
-        return 0
+        return 1 if drain else 0
 
     # ---------------------------------------------------------------- per file
 

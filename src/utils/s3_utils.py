@@ -44,7 +44,7 @@ from botocore.exceptions import (
 
 from config.config import Settings
 from src.errors import LakeError, ObjectConflict, RetryableError
-from src.utils.object_store import LocalObjectStore, ObjectStore, _validate_key
+from src.utils.object_store import ObjectStore, _validate_key
 
 log = logging.getLogger(__name__)
 
@@ -404,10 +404,3 @@ class S3ObjectStore(ObjectStore):
 
 def _add_if_none_match(params: dict, **_: object) -> None:
     params["IfNoneMatch"] = "*"
-
-
-def make_object_store(settings: Settings) -> ObjectStore:
-    """The lake chosen by the settings: the bucket when S3_BUCKET_NAME is set, else LOCAL_LAKE_DIR."""
-    if settings.s3_bucket_name:
-        return S3ObjectStore(settings)
-    return LocalObjectStore(settings.local_lake_dir)

@@ -4,8 +4,10 @@ hadoop-aws must be the exact Hadoop version bundled with pyspark; it pulls in th
 bundle (~690 MB). Where the jars come from, in order:
 
 1. SPARK_JARS (comma-separated paths or globs): machines without internet;
-2. the Ivy cache `DATA_DIR/ivy`, once `fetch_hadoop_aws_jars` has resolved them there;
-3. otherwise `spark.jars.packages`: Spark resolves them from Maven Central into the same cache.
+2. the Ivy cache `DATA_DIR/ivy`: `build_spark_session` calls `fetch_hadoop_aws_jars` before the
+   JVM starts, which downloads them there from Maven Central the first time only;
+3. `spark.jars.packages` (Spark resolving them into the same cache), when `s3a_conf` is used
+   without that fetch.
 
 Spark's own resolution is the fallback only: for a Python application Spark also treats
 every resolved jar as a Python file, so each start copies the SDK bundle into the scratch
