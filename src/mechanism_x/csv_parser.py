@@ -98,9 +98,9 @@ class FileScan:
     prefix_md5: str  # md5 of bytes [0, start)
 
 
-def scan_file(path: Path, start: int) -> FileScan:
-    """MD5 of the whole file and of its first `start` bytes; checks the rest is UTF-8."""
-    whole = hashlib.md5()
+def scan_file(path: Path, start: int, *, whole: bool = True) -> FileScan:
+    """MD5 of the whole file (unless `whole` is False) and of its first `start` bytes; checks the rest is UTF-8."""
+    whole_md5 = hashlib.md5() if whole else None
     prefix = hashlib.md5()
     decoder = codecs.getincrementaldecoder("utf-8")()
     pos = 0
@@ -109,7 +109,8 @@ def scan_file(path: Path, start: int) -> FileScan:
             block = fh.read(READ_BLOCK)
             if not block:
                 break
-            whole.update(block)
+            if whole_md5 is not None:
+                whole_md5.update(block)
             if pos < start:
                 prefix.update(block[: start - pos])
             tail_from = max(0, start - pos)
@@ -127,7 +128,7 @@ def scan_file(path: Path, start: int) -> FileScan:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         raise FileRejected("not UTF-8: the file ends inside a multi-byte character") from None
-    return FileScan(size=pos, md5=whole.hexdigest(), prefix_md5=prefix.hexdigest())
+    return FileScan(size=pos, md5=whole_md5.hexdigest() if whole_md5 else "", prefix_md5=prefix.hexdigest())
 
 
 @dataclass
@@ -247,15 +248,12 @@ def _fields(text: pa.Array, ncols: int) -> tuple[pa.Array, list[pa.Array], np.nd
     parts = pc.split_pattern(text, ",")
     counts = pc.list_value_length(parts).to_numpy(zero_copy_only=False)
     ok = counts == ncols
-    if ok.all():
-        flat = pc.list_flatten(parts)
-    else:
-        flat = pc.list_flatten(parts.filter(pa.array(ok)))
-    n = int(ok.sum())
-    cols = []
-    for i in range(ncols):
-        col = flat.take(pa.array(np.arange(i, n * ncols, ncols, dtype=np.int64))) if n else pa.array([], pa.string())
-        cols.append(pc.utf8_trim(pc.utf8_trim_whitespace(col), "'\""))
+    if not ok.all():
+        parts = parts.filter(pa.array(ok))
+    if not len(parts):
+        return text, [pa.array([], pa.string()) for _ in range(ncols)], counts
+    # One kernel per column: surrounding blanks and quotes ('C123', "x") go in the same trim.
+    cols = [pc.utf8_trim(pc.list_element(parts, i), " \t'\"") for i in range(ncols)]
     return text, cols, counts
 
 

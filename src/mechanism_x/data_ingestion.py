@@ -20,6 +20,8 @@ import os
 import sys
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,7 +43,7 @@ from src.mechanism_x.csv_parser import (
     scan_file,
 )
 from src.mechanism_x.file_monitor import FileMonitor, FileWork
-from src.mechanism_x.sources import Source, SourceFile
+from src.mechanism_x.sources import Source, SourceFile, md5_file
 from src.utils import lake_paths
 from src.utils.object_store import ObjectStore, parquet_bytes
 from src.utils.postgres_utils import Database, copy_csv, copy_rows, is_transient
@@ -187,13 +189,14 @@ class Ingestor:
         rec = item.record
         start = data_offset if rec is None or rec["bytes_done"] == 0 else rec["bytes_done"]
         first_line = 2 if rec is None or rec["bytes_done"] == 0 else rec["next_line"]
-        scan = scan_file(path, start)
+        # One pass for the prefix and UTF-8; the whole-file md5 comes from the chunk hasher below.
+        scan = scan_file(path, start, whole=False)
         if (
             rec is not None
             and rec["bytes_done"] > 0
             and (scan.prefix_md5 != rec["prefix_md5"] or _glued_to_last_row(path, start))
         ):
-            self.monitor.record_conflict(f, scan.md5)
+            self.monitor.record_conflict(f, md5_file(path))
             return
         if rec is None or rec["kind"] != KIND_TRANSACTIONS or rec["status"] != "ingesting":
             self.monitor.start_file(f, KIND_TRANSACTIONS)
@@ -202,19 +205,24 @@ class Ingestor:
         with open(path, "rb") as fh:
             _hash_range(fh, hasher, 0, start)
             pos = start
-            pending = RowBlock.empty()
-            batch = self.settings.batch_size
-            for block in iter_row_blocks(path, start, first_line):
-                pending = RowBlock.concat(pending, block)
-                while len(pending) >= batch:
+            # Parsing and Parquet encoding of the next chunk run in a helper thread (Arrow releases the GIL)
+            # while this thread records and writes the current one; chunks are still released in order.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="x-parse") as pool:
+                ahead: deque = deque()
+                for rows, seq in self._cut(path, start, first_line, chunk_seq):
+                    ahead.append((rows, seq, pool.submit(_prepare_chunk, rows, f.file_id, seq)))
+                    if len(ahead) < 2:
+                        continue
+                    rows, seq, job = ahead.popleft()
                     if self.stop.is_set():
                         return
-                    rows, pending = pending.slice(0, batch), pending.slice(batch, len(pending))
-                    pos = self._emit_chunk(f, fh, hasher, pos, rows, chunk_seq)
-                    chunk_seq += 1
-            if len(pending) and not self.stop.is_set():
-                pos = self._emit_chunk(f, fh, hasher, pos, pending, chunk_seq)
-                chunk_seq += 1
+                    pos = self._emit_chunk(f, fh, hasher, pos, rows, seq, *job.result())
+                while ahead:
+                    rows, seq, job = ahead.popleft()
+                    if self.stop.is_set():
+                        return
+                    pos = self._emit_chunk(f, fh, hasher, pos, rows, seq, *job.result())
+            _hash_range(fh, hasher, pos, scan.size)  # trailing blank lines, if any
         if self.stop.is_set():
             return
         with self.db.transaction() as cur:
@@ -222,7 +230,7 @@ class Ingestor:
                 "UPDATE source_files SET status = 'done', checksum = %s, size_bytes = %s, modified_time = %s, "
                 "reason = NULL, conflict_checksum = NULL, finished_at = now(), updated_at = now() "
                 "WHERE file_id = %s RETURNING rows_ingested, rows_quarantined, chunks",
-                (scan.md5, scan.size, f.modified_time, f.file_id),
+                (hasher.hexdigest(), scan.size, f.modified_time, f.file_id),
             )
             ingested, quarantined, chunks = cur.fetchone()
             self.db.log_event(
@@ -238,12 +246,26 @@ class Ingestor:
             "file %s (%s) done: %d rows in %d chunks, %d quarantined", f.file_id, f.name, ingested, chunks, quarantined
         )
 
-    def _emit_chunk(self, f: SourceFile, fh, hasher, pos: int, rows: RowBlock, chunk_seq: int) -> int:
+    def _cut(self, path: Path, start: int, first_line: int, chunk_seq: int):
+        """(rows, chunk_seq) for each chunk of BATCH_SIZE data rows from byte `start`, in file order."""
+        pending = RowBlock.empty()
+        batch = self.settings.batch_size
+        for block in iter_row_blocks(path, start, first_line):
+            pending = RowBlock.concat(pending, block)
+            while len(pending) >= batch:
+                yield pending.slice(0, batch), chunk_seq
+                pending = pending.slice(batch, len(pending))
+                chunk_seq += 1
+        if len(pending):
+            yield pending, chunk_seq
+
+    def _emit_chunk(
+        self, f: SourceFile, fh, hasher, pos: int, rows: RowBlock, chunk_seq: int, parsed: ParsedRows, payload: bytes
+    ) -> int:
         """Record, write and release one chunk; returns the byte offset after it."""
         t0 = time.perf_counter()
         end = int(rows.end_offset[-1])
         _hash_range(fh, hasher, pos, end)
-        parsed = parse_transactions(rows, file_id=f.file_id, chunk_seq=chunk_seq)
         today = datetime.now(timezone.utc).date()
         key = lake_paths.chunk_key(today, f.file_id, chunk_seq)
         prefix_md5 = hasher.copy().hexdigest()
@@ -296,7 +318,7 @@ class Ingestor:
                     row_count=n_bad,
                     cur=cur,
                 )
-        content_md5 = self._write_chunk_objects(key, f.file_id, chunk_seq, parsed)
+        content_md5 = self._write_chunk_objects(key, f.file_id, chunk_seq, parsed, payload)
         self._pace()
         self._mark_written(seq, content_md5)
         log.info(
@@ -312,9 +334,11 @@ class Ingestor:
         )
         return end
 
-    def _write_chunk_objects(self, key: str, file_id: str, chunk_seq: int, parsed: ParsedRows) -> str:
+    def _write_chunk_objects(
+        self, key: str, file_id: str, chunk_seq: int, parsed: ParsedRows, payload: bytes | None = None
+    ) -> str:
         """Write the chunk (and its quarantine rows); returns the chunk object's md5."""
-        payload = parquet_bytes(parsed.good)
+        payload = parquet_bytes(parsed.good) if payload is None else payload
         if parsed.bad_lines:
             bad = pa.table(
                 {
@@ -458,6 +482,11 @@ def _glued_to_last_row(path: Path, start: int) -> bool:
     if tail[:1] == b"\n" or not nxt:
         return False
     return not (nxt.startswith(b"\n") or nxt.startswith(b"\r\n") or nxt == b"\r")
+
+
+def _prepare_chunk(rows: RowBlock, file_id: str, chunk_seq: int) -> tuple[ParsedRows, bytes]:
+    parsed = parse_transactions(rows, file_id=file_id, chunk_seq=chunk_seq)
+    return parsed, parquet_bytes(parsed.good)
 
 
 def _concat_blocks(blocks) -> RowBlock:
