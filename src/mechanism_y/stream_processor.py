@@ -61,7 +61,6 @@ TRANSACTION_COLUMNS = {
     "amount": "amount",
     "fraud": "fraud",
 }
-CHECKPOINT_EVERY = 10
 ACTIONS = {"PatId1": "UPGRADE", "PatId2": "CHILD", "PatId3": "DEI-NEEDED"}
 
 
@@ -77,8 +76,6 @@ class StreamProcessor:
         self.thresholds = patterns.thresholds_from_settings(settings)
         self.writer = DetectionWriter(settings, db, store)
         self.state = None
-        self._since_checkpoint = 0
-        self._retired: list = []
         self.weights = None
         self.weights_version: int | None = None
         self.emitted: set[tuple[str, str, str]] = set()
@@ -257,15 +254,9 @@ class StreamProcessor:
         rejected = rows.filter(pc.invert(clean_mask))
 
         clean_df = self.spark.createDataFrame(clean, schema=chunk_spark_schema())
-        new_state = patterns.merge_state(self.state, patterns.chunk_delta(clean_df))
-        # The merged state is cached by the detection job itself (one job instead of two); every
-        # CHECKPOINT_EVERY chunks it is checkpointed, which cuts the lineage so planning stays flat.
-        self._since_checkpoint += 1
-        if self._since_checkpoint >= CHECKPOINT_EVERY:
-            new_state = new_state.localCheckpoint(eager=True)
-            self._since_checkpoint = 0
-        else:
-            new_state = new_state.persist()
+        # Checkpointed (eagerly) every chunk: it cuts the lineage, so planning and work stay flat with
+        # history. Caching instead and checkpointing every k chunks measured 4x slower per chunk.
+        new_state = patterns.merge_state(self.state, patterns.chunk_delta(clean_df)).localCheckpoint(eager=True)
         found = patterns.detect_all(new_state, self.weights, **self.thresholds).collect()
         new = sorted({(r["pattern_id"], r["customer_name"], r["merchant_id"]) for r in found} - self.emitted)
 
@@ -304,11 +295,7 @@ class StreamProcessor:
                 )
             if rejected.num_rows:
                 self._record_rejected(cur, seq, file_id, chunk_seq, rejected)
-        self._retired.append(self.state)
-        if self._since_checkpoint == 0:  # nothing depends on the older states any more
-            for old in self._retired:
-                old.unpersist()
-            self._retired.clear()
+        self.state.unpersist()
         self.state = new_state
         self.emitted.update(new)
         self.writer.note_new(len(new))
