@@ -110,7 +110,11 @@ class DetectionWriter:
                 schema=DETECTION_ARROW_SCHEMA,
             )
             payload = parquet_bytes(table)
-            retry_call(lambda: self.store.put_bytes(key, payload), what=f"write {key}", transient=is_transient)
+            retry_call(
+                lambda key=key, payload=payload: self.store.put_bytes(key, payload),
+                what=f"write {key}",
+                transient=is_transient,
+            )
             self.db.execute("UPDATE detection_files SET written = true WHERE object_key = %s", (key,))
             touched.add(pattern)
             log.info("detections file %s written (%d rows)", key, len(rows))
