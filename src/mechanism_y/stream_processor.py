@@ -32,13 +32,13 @@ import pyarrow.csv as pacsv
 
 from config.config import Settings
 from src.errors import ProcessorError, SettingsError
-from src.mechanism_x.data_ingestion import CHUNK_CHANNEL
+from src.mechanism_x.data_ingestion import CHUNK_CHANNEL, QUARANTINE_SCHEMA
 from src.mechanism_y import pattern_detector as patterns
 from src.mechanism_y.data_validator import PROBLEM, annotate_problems, check_schema, mark_duplicates
 from src.mechanism_y.detection_writer import DetectionWriter, ist
 from src.schemas.transaction_schemas import chunk_spark_schema, state_spark_schema, weights_spark_schema
 from src.utils import lake_paths
-from src.utils.object_store import ObjectStore
+from src.utils.object_store import ObjectStore, parquet_bytes
 from src.utils.postgres_utils import Database, copy_csv, copy_rows, is_transient
 from src.utils.runtime import retry_call
 
@@ -117,7 +117,11 @@ class StreamProcessor:
             buf,
             read_options=pacsv.ReadOptions(column_names=schema.names, skip_rows=1),
             convert_options=pacsv.ConvertOptions(
-                column_types=schema, strings_can_be_null=False, quoted_strings_can_be_null=False
+                column_types=schema,
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+                true_values=["t"],  # PostgreSQL's text form of booleans
+                false_values=["f"],
             ),
         )
         return table.cast(schema)
@@ -212,7 +216,7 @@ class StreamProcessor:
                     if waiting_since is None:
                         waiting_since = time.monotonic()
                         log.warning("chunk %d waits: no CustomerImportance file has been loaded yet", chunk[0])
-                    if draining and not self._x_busy() and self.drain_requested.is_set():
+                    if draining and not self._x_busy():
                         log.error(
                             "drain impossible: chunks wait for a CustomerImportance file the source does not have"
                         )
@@ -320,16 +324,36 @@ class StreamProcessor:
         return len(new)
 
     def _record_rejected(self, cur, seq: int, file_id: str, chunk_seq: int, rejected: pa.Table) -> None:
+        """Quarantine rejected rows (one record per row id) in PostgreSQL and in the lake."""
         lines = rejected.column("source_line").to_pylist()
         reasons = rejected.column(PROBLEM).to_pylist()
+        per_line: dict[int, list[str]] = {}
+        for i, (ln, r) in enumerate(zip(lines, reasons)):
+            # A row without a line number gets a negative placeholder unique within the file.
+            per_line.setdefault(ln if ln is not None else -1 - (chunk_seq * 1_000_000 + i), []).append(r)
+        records = [
+            (ln, rs[0] if len(rs) == 1 else f"{rs[0]} (+{len(rs) - 1} more row(s) with this id)")
+            for ln, rs in per_line.items()
+        ]
         copy_rows(
             cur,
             "quarantine",
             ("file_id", "line_no", "chunk_seq", "stage", "reason", "raw_line"),
-            (
-                (file_id, ln if ln is not None else -1 - i, chunk_seq, "detect", r, None)
-                for i, (ln, r) in enumerate(zip(lines, reasons))
-            ),
+            ((file_id, ln, chunk_seq, "detect", r, None) for ln, r in records),
+        )
+        table = pa.table(
+            {
+                "source_file_id": [file_id] * len(records),
+                "source_line": [ln for ln, _ in records],
+                "reason": [r for _, r in records],
+                "raw_line": pa.nulls(len(records), pa.string()),
+            },
+            schema=QUARANTINE_SCHEMA,
+        )
+        key = lake_paths.quarantine_key("detect", file_id, chunk_seq)
+        payload = parquet_bytes(table)  # same rows on a redo -> same bytes: written before the commit, idempotently
+        retry_call(
+            lambda: self.store.put_bytes(key, payload, overwrite=True), what=f"write {key}", transient=is_transient
         )
         self.db.log_event(
             COMPONENT,

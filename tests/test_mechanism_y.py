@@ -1,0 +1,775 @@
+"""Acceptance tests of Mechanism Y (issue 3) against real PostgreSQL, a local lake and Spark.
+
+The detections Y emits are compared with `tests.reference` (plain PostgreSQL over `transactions` and
+`customer_importance`, no running state) replayed chunk by chunk: what holds after chunk k is the
+reference over the chunks with seq <= k, a detection is expected once, at the first k where it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg2
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from tests.reference import reference_detections
+
+ROOT = Path(__file__).resolve().parent.parent
+PATTERNS = ("PatId1", "PatId2", "PatId3")
+ACTIONS = {"PatId1": "UPGRADE", "PatId2": "CHILD", "PatId3": "DEI-NEEDED"}
+DETECTION_FILE_COLUMNS = ["YStartTime", "detectionTime", "patternId", "ActionType", "customerName", "MerchantId"]
+IST_ISO = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?\+05:30$")
+
+# Thresholds as settings (SPEC §6) and as the reference's keyword arguments, kept side by side.
+_THRESHOLD_KW = {
+    "PATID1_MIN_MERCHANT_TXNS": ("min_merchant_txns", int),
+    "PATID1_COUNT_PERCENTILE": ("count_percentile", float),
+    "PATID1_WEIGHT_PERCENTILE": ("weight_percentile", float),
+    "PATID2_MAX_AVG_AMOUNT": ("max_avg_amount", float),
+    "PATID2_MIN_TXNS": ("min_txns", int),
+    "PATID3_MIN_FEMALE_CUSTOMERS": ("min_female_customers", int),
+}
+
+# Generated sample: 3,000 rows in 12 chunks; the big merchants (~1,500 and ~1,000 rows) cross T mid-stream.
+GENERATED_ENV = {
+    "BATCH_SIZE": "250",
+    "DETECTIONS_PER_FILE": "3",
+    "PATID1_MIN_MERCHANT_TXNS": "700",
+    "PATID2_MIN_TXNS": "6",
+    "PATID3_MIN_FEMALE_CUSTOMERS": "5",
+}
+GENERATED_ROWS, GENERATED_SEED = 3000, 7
+
+
+def thresholds(env: dict[str, str]) -> dict:
+    return {kw: cast(env[name]) for name, (kw, cast) in _THRESHOLD_KW.items() if name in env}
+
+
+# ---------------------------------------------------------------- running the product in-process
+
+
+@dataclass
+class Run:
+    settings: object
+    env: dict[str, str]
+    conn: psycopg2.extensions.connection
+    inbox: Path
+    lake: Path
+
+    def rows(self, sql: str, params=None) -> list[tuple]:
+        with self.conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall()
+
+
+def _env(pg_server, db: str, root: Path, overrides: dict[str, str]) -> dict[str, str]:
+    env = {
+        "LOCAL_INBOX_DIR": str(root / "inbox"),
+        "LOCAL_LAKE_DIR": str(root / "lake"),
+        "DATA_DIR": str(root / "data"),
+        "CHUNK_INTERVAL_SECONDS": "0",
+        "PROCESSING_INTERVAL": "0.2",
+        "DETECTIONS_FLUSH_SECONDS": "0.5",
+        "SPARK_MASTER": "local[2]",
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "LOG_LEVEL": "INFO",
+    }
+    env.update(pg_server.env_for(db))
+    env.update(overrides)
+    return env
+
+
+@contextmanager
+def product_run(pg_server, root: Path, overrides: dict[str, str]) -> Iterator[Run]:
+    """A fresh database, inbox and lake for one module-scoped scenario."""
+    from config.config import Settings
+
+    name = "y_" + uuid.uuid4().hex[:12]
+    admin = psycopg2.connect(pg_server.admin_dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    (root / "inbox").mkdir(parents=True)
+    env = _env(pg_server, name, root, overrides)
+    conn = psycopg2.connect(pg_server.dsn_for(name))
+    conn.autocommit = True
+    try:
+        yield Run(Settings.from_env(env, dotenv=Path("/nonexistent")), env, conn, root / "inbox", root / "lake")
+    finally:
+        conn.close()
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def run_x(settings) -> None:
+    from src.mechanism_x.data_ingestion import run_worker
+
+    assert run_worker(settings, drain=True) == 0
+
+
+def run_y(settings, spark) -> None:
+    """Mechanism Y in this process, on the session's SparkSession, until the ledger is drained."""
+    from src.mechanism_y.stream_processor import StreamProcessor
+    from src.utils.object_store import open_lake
+    from src.utils.postgres_utils import Database
+
+    db = Database(settings)
+    db.apply_schema()
+    try:
+        processor = StreamProcessor(settings, db, open_lake(settings), spark, threading.Event())
+        assert processor.run(drain=True) == 0
+        processor.write_quality_report()
+    finally:
+        db.close()
+
+
+# ---------------------------------------------------------------- expectations
+
+
+def replay_reference(conn, thr: dict) -> dict[tuple[str, str, str], int]:
+    """{detection: first chunk seq where it holds}, replaying the reference over every processed chunk."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT seq FROM chunks WHERE processed_at IS NOT NULL ORDER BY seq")
+        seqs = [r[0] for r in cur.fetchall()]
+    first: dict[tuple[str, str, str], int] = {}
+    for k in seqs:
+        for det in reference_detections(conn, upto_chunk_id=k, **thr):
+            first.setdefault(det, k)
+    return first
+
+
+def emitted(run: Run) -> dict[tuple[str, str, str], int]:
+    rows = run.rows("SELECT pattern_id, customer_name, merchant_id, chunk_id FROM pattern_detections")
+    out = {(p, c, m): k for p, c, m, k in rows}
+    assert len(out) == len(rows)
+    return out
+
+
+def assert_detections_match_replay(run: Run, thr: dict) -> dict[tuple[str, str, str], int]:
+    expected = replay_reference(run.conn, thr)
+    got = emitted(run)
+    for pattern in PATTERNS:
+        exp_p = {d for d in expected if d[0] == pattern}
+        got_p = {d for d in got if d[0] == pattern}
+        assert got_p == exp_p, f"{pattern}: missing {sorted(exp_p - got_p)}, unexpected {sorted(got_p - exp_p)}"
+    wrong_chunk = {d: (got[d], expected[d]) for d in got if got[d] != expected[d]}
+    assert not wrong_chunk, f"detections emitted at the wrong chunk (got, first chunk where it holds): {wrong_chunk}"
+    actions = run.rows("SELECT DISTINCT pattern_id, action_type FROM pattern_detections")
+    assert all(ACTIONS[p] == a for p, a in actions), actions
+    return expected
+
+
+def assert_state_matches_transactions(run: Run) -> None:
+    state = run.rows("SELECT merchant, customer, n, amount_sum, has_f, has_m FROM y_state")
+    reference = run.rows(
+        "SELECT merchant, customer, count(*), sum(amount), bool_or(gender = 'F'), bool_or(gender = 'M') "
+        "FROM transactions GROUP BY merchant, customer"
+    )
+    assert len(state) == len(reference)
+    assert Counter(state) == Counter(reference), "y_state differs from a GROUP BY over transactions"
+    (n_sum,), (txns,), (clean,) = (
+        run.rows("SELECT coalesce(sum(n), 0) FROM y_state")[0],
+        run.rows("SELECT count(*) FROM transactions")[0],
+        run.rows("SELECT coalesce(sum(y_rows_clean), 0) FROM chunks")[0],
+    )
+    assert n_sum == txns == clean, (n_sum, txns, clean)
+
+
+def read_detection_files(lake: Path, pattern: str) -> list[tuple[Path, pa.Table]]:
+    folder = lake / "pattern-detections" / pattern.lower()
+    return [
+        (p, pq.read_table(p))
+        for p in sorted(folder.rglob("*.parquet"))
+        if not any(part.startswith(("_", ".")) for part in p.relative_to(folder).parts)
+    ]
+
+
+def lake_detections(lake: Path) -> Counter:
+    out: Counter = Counter()
+    for pattern in PATTERNS:
+        for _, table in read_detection_files(lake, pattern):
+            for r in table.to_pylist():
+                out[(r["patternId"], r["customerName"], r["MerchantId"])] += 1
+    return out
+
+
+# ---------------------------------------------------------------- handcrafted data
+
+B = 5  # rows per chunk in the handcrafted scenario
+HAND_ENV = {
+    "BATCH_SIZE": str(B),
+    "DETECTIONS_PER_FILE": "2",
+    "PATID1_MIN_MERCHANT_TXNS": "20",
+    "PATID1_COUNT_PERCENTILE": "0.9",
+    "PATID1_WEIGHT_PERCENTILE": "0.1",
+    "PATID2_MAX_AVG_AMOUNT": "23",
+    "PATID2_MIN_TXNS": "3",
+    "PATID3_MIN_FEMALE_CUSTOMERS": "2",
+}
+CATEGORY = {"M_T": "es_transportation", "M_F": "es_fashion", "M_G": "es_hyper", "M_H": "es_tech", "M_K": "es_food"}
+
+
+def txn(customer: str, merchant: str, gender: str, amount: str, step: int = 0) -> str:
+    cat = CATEGORY.get(merchant, "es_home")
+    return f"{step},'{customer}','2','{gender}','28007','{merchant}','28007','{cat}',{amount},0"
+
+
+def pad(rows: list[str]) -> list[str]:
+    """Fill up to a chunk boundary with a customer of gender E at M_PAD (no importance row: w is null there)."""
+    return rows + [txn("C_PAD", "M_PAD", "E", "100.00")] * (-len(rows) % B)
+
+
+def handcrafted_segments() -> list[list[str]]:
+    """Each segment starts on a chunk boundary. Comments say what holds after it."""
+    tier = [f"C{i:02d}" for i in range(3, 11)]  # c03..c10 at M_T, 2 transactions each, weights 2..9
+    top = ["C01", "C02", "C_NOIMP"]  # the top decile by count at M_T; C_NOIMP has no importance row
+    return [
+        # M_F, M_G, M_H get their male customers first.
+        pad(
+            [txn(f"FM{i}", "M_F", "M", "30.00") for i in range(1, 5)]
+            + [txn(f"GM{i}", "M_G", "M", "30.00") for i in range(1, 4)]
+            + [txn(f"HM{i}", "M_H", "M", "30.00") for i in range(1, 6)]
+        ),
+        # M_T: 4 rounds of the top three; T = 12.
+        pad([txn(c, "M_T", "M", "40.00", 1) for _ in range(4) for c in top]),
+        # PatId2 at M_K: C_CHILD (mean 10) and C_E2 (mean 22.99) hold, C_EDGE (mean exactly 23) does not.
+        pad(
+            [txn("C_CHILD", "M_K", "F", "10.00", 2)] * 3
+            + [txn("C_EDGE", "M_K", "M", "23.00", 2)] * 3
+            + [txn("C_E2", "M_K", "M", "22.99", 2)] * 3
+        ),
+        # M_T: each tier customer once; T = 20, not above the threshold yet. First female of M_F.
+        pad([txn(c, "M_T", "M", "40.00", 3) for c in tier] + [txn("FF1", "M_F", "F", "30.00", 3)]),
+        # M_T: second round of the tier; T crosses 20 in the first chunk of this segment. The top three tie
+        # at P90 (n = 4), C01 and C02 tie at P10 (w = 1.00: C01's mean of 0.50 and 1.50, C02's single 1.00).
+        pad([txn(c, "M_T", "M", "40.00", 4) for c in tier] + [txn("FF1", "M_F", "F", "30.00", 4)]),
+        # C_CHILD's mean rises to 46: PatId2 no longer holds for it (it stays emitted).
+        # M_F: FF2, FF3 make F = 3 > 2 with M = 4: PatId3 holds. M_G: F = M = 3. M_H: F = 2, not above 2.
+        pad(
+            [txn("C_CHILD", "M_K", "F", "100.00", 5)] * 2
+            + [txn("FF2", "M_F", "F", "30.00", 5), txn("FF3", "M_F", "F", "30.00", 5)]
+            + [txn(f"GF{i}", "M_G", "F", "30.00", 5) for i in range(1, 4)]
+            + [txn(f"HF{i}", "M_H", "F", "30.00", 5) for i in range(1, 3)]
+        ),
+        # More of the top three, and FF1 again: still 3 distinct women at M_F, however many chunks they span.
+        pad([txn(c, "M_T", "M", "40.00", 6) for _ in range(2) for c in top] + [txn("FF1", "M_F", "F", "30.00", 6)]),
+        # M_F: FF4, FF5 make F = 5 >= M = 4: PatId3 no longer holds for M_F (it stays emitted).
+        pad([txn("FF4", "M_F", "F", "30.00", 7), txn("FF5", "M_F", "F", "30.00", 7)]),
+    ]
+
+
+HAND_IMPORTANCE = [
+    ("C01", "M_T", "0.50", "es_transportation"),
+    ("C01", "M_T", "1.50", "es_food"),  # repeated (customer, merchant): w is the mean over both rows
+    ("C02", "M_T", "1.00", "es_transportation"),
+    *[(f"C{i:02d}", "M_T", f"{i - 1}.00", "es_transportation") for i in range(3, 11)],
+    ("C_CHILD", "M_K", "5.00", "es_food"),
+    ("C01", "M_NOWHERE", "0.01", "es_food"),  # a pair without any transaction
+]
+
+
+def write_csv(path: Path, header: str, lines: list[str], mtime: float) -> None:
+    path.write_text("\n".join([header, *lines]) + "\n", encoding="utf-8")
+    os.utime(path, (mtime, mtime))
+
+
+def write_handcrafted_inbox(inbox: Path) -> list[list[str]]:
+    segments = handcrafted_segments()
+    header = "step,customer,age,gender,zipcodeOri,merchant,zipMerchant,category,amount,fraud"
+    now = time.time()
+    write_csv(
+        inbox / "CustomerImportance.csv",
+        "Source,Target,Weight,typeTrans,fraud",
+        [f"'{c}','{m}',{w},'{t}',0" for c, m, w, t in HAND_IMPORTANCE],
+        now - 300,
+    )
+    # Two transaction files: the global chunk order runs across them (the first file by time comes first).
+    write_csv(inbox / "b_transactions.csv", header, [r for s in segments[:4] for r in s], now - 200)
+    write_csv(inbox / "a_transactions.csv", header, [r for s in segments[4:] for r in s], now - 100)
+    return segments
+
+
+# ---------------------------------------------------------------- module-scoped runs
+
+
+@pytest.fixture(scope="module")
+def generated_run(pg_server, spark, tmp_path_factory):
+    from src.sample_data import generate
+
+    with product_run(pg_server, tmp_path_factory.mktemp("generated"), GENERATED_ENV) as run:
+        generate(run.inbox, rows=GENERATED_ROWS, seed=GENERATED_SEED)
+        run_x(run.settings)
+        run_y(run.settings, spark)
+        yield run
+
+
+@pytest.fixture(scope="module")
+def handcrafted_run(pg_server, spark, tmp_path_factory):
+    with product_run(pg_server, tmp_path_factory.mktemp("handcrafted"), HAND_ENV) as run:
+        write_handcrafted_inbox(run.inbox)
+        run_x(run.settings)
+        run_y(run.settings, spark)
+        yield run
+
+
+# ---------------------------------------------------------------- 1. detections vs the reference, chunk by chunk
+
+
+def test_generated_detections_match_reference_replay(generated_run):
+    run = generated_run
+    n_chunks = run.rows("SELECT count(*), count(processed_at) FROM chunks")[0]
+    assert n_chunks[0] == n_chunks[1] >= 10, n_chunks
+    expected = assert_detections_match_replay(run, thresholds(GENERATED_ENV))
+    # The scenario is only worth its name if every pattern fires, and not all at the first chunk.
+    for pattern in PATTERNS:
+        chunks = {k for d, k in expected.items() if d[0] == pattern}
+        assert chunks, f"{pattern} never fires on the generated sample: tune GENERATED_ENV"
+    assert len({k for k in expected.values()}) >= 3
+    first_busy = min(k for d, k in expected.items() if d[0] == "PatId1")
+    assert first_busy > 1, "PatId1 should start only once a merchant crosses T, mid-stream"
+    # PatId3 rows carry an empty customer name (SPEC §4).
+    assert {c for p, c, _ in expected if p == "PatId3"} == {""}
+
+
+def test_handcrafted_detections_match_reference_replay(handcrafted_run):
+    run = handcrafted_run
+    thr = thresholds(HAND_ENV)
+    expected = assert_detections_match_replay(run, thr)
+    got = emitted(run)
+
+    def chunk_of(customer: str, merchant: str, nth: int) -> int:
+        """The chunk seq holding the nth (1-based) transaction of customer at merchant, in source order."""
+        rows = run.rows(
+            "SELECT c.seq FROM transactions t JOIN chunks c ON c.file_id = t.source_file_id "
+            "AND c.chunk_seq = t.chunk_seq WHERE t.customer = %s AND t.merchant = %s ORDER BY c.seq, t.source_line",
+            (customer, merchant),
+        )
+        return rows[nth - 1][0]
+
+    # PatId1: ties at P90 and P10; C_NOIMP (no importance row) is in the top decile but never detected; T crosses
+    # 20 with the 21st transaction at M_T, which is C03's second one, and not a chunk earlier.
+    crossing = run.rows(
+        "SELECT min(seq) FROM (SELECT c.seq, sum(count(*)) OVER (ORDER BY c.seq) AS t FROM transactions x "
+        "JOIN chunks c ON c.file_id = x.source_file_id AND c.chunk_seq = x.chunk_seq WHERE x.merchant = 'M_T' "
+        "GROUP BY c.seq) s WHERE t > 20"
+    )[0][0]
+    assert crossing == chunk_of("C03", "M_T", 2)
+    patid1 = {d: k for d, k in got.items() if d[0] == "PatId1"}
+    assert patid1 == {("PatId1", "C01", "M_T"): crossing, ("PatId1", "C02", "M_T"): crossing}
+
+    # PatId2: strict mean below 23; C_CHILD holds at one chunk and no longer at the end, yet stays emitted once.
+    patid2 = {d: k for d, k in got.items() if d[0] == "PatId2"}
+    assert set(patid2) == {("PatId2", "C_CHILD", "M_K"), ("PatId2", "C_E2", "M_K")}
+    assert patid2[("PatId2", "C_CHILD", "M_K")] == chunk_of("C_CHILD", "M_K", 3)
+    final = reference_detections(run.conn, **thr)
+    assert ("PatId2", "C_CHILD", "M_K") not in final
+
+    # PatId3: M_F crosses F > 2 with FF3 and stops holding when F reaches M; M_G (F = M) and M_H (F = 2) never.
+    patid3 = {d: k for d, k in got.items() if d[0] == "PatId3"}
+    assert patid3 == {("PatId3", "", "M_F"): chunk_of("FF3", "M_F", 1)}
+    assert ("PatId3", "", "M_F") not in final
+    assert expected[("PatId3", "", "M_F")] == patid3[("PatId3", "", "M_F")]
+
+    # The chunks were cut from two files and processed in the ledger's global order.
+    files = run.rows("SELECT DISTINCT file_id FROM chunks")
+    assert len(files) == 2
+    processed = [r[0] for r in run.rows("SELECT seq FROM chunks ORDER BY processed_at, seq")]
+    assert processed == sorted(processed)
+
+
+# ---------------------------------------------------------------- 2. state equals the reference
+
+
+def test_generated_state_equals_group_by_over_transactions(generated_run):
+    assert_state_matches_transactions(generated_run)
+    (valid,) = generated_run.rows("SELECT sum(rows_valid) FROM chunks")[0]
+    (txns,) = generated_run.rows("SELECT count(*) FROM transactions")[0]
+    assert txns == valid == GENERATED_ROWS
+
+
+def test_handcrafted_state_equals_group_by_over_transactions(handcrafted_run):
+    assert_state_matches_transactions(handcrafted_run)
+    rows = handcrafted_run.rows("SELECT n, has_f, has_m FROM y_state WHERE merchant = 'M_F' AND customer = 'FF1'")
+    assert rows == [(3, True, False)]
+
+
+# ---------------------------------------------------------------- 4. lake outputs
+
+
+def _check_lake(run: Run, per_file: int) -> None:
+    table_rows = run.rows(
+        "SELECT pattern_id, action_type, customer_name, merchant_id, y_start_time, detection_time "
+        "FROM pattern_detections"
+    )
+    assert table_rows
+    by_key = {(p, c, m): (a, ys, dt) for p, a, c, m, ys, dt in table_rows}
+    seen: Counter = Counter()
+    for pattern in PATTERNS:
+        files = read_detection_files(run.lake, pattern)
+        n_pattern = sum(1 for d in by_key if d[0] == pattern)
+        assert bool(files) == bool(n_pattern), pattern
+        for path, table in files:
+            rel = path.relative_to(run.lake / "pattern-detections" / pattern.lower())
+            assert re.fullmatch(r"year=\d{4}/month=\d{2}/[^/]+\.parquet", rel.as_posix()), rel
+            assert table.column_names == DETECTION_FILE_COLUMNS, (path, table.column_names)
+            assert 1 <= table.num_rows <= per_file, (path, table.num_rows)
+            for r in table.to_pylist():
+                key = (r["patternId"], r["customerName"], r["MerchantId"])
+                seen[key] += 1
+                assert key[0] == pattern
+                action, y_start, detected = by_key[key]
+                assert r["ActionType"] == action == ACTIONS[pattern]
+                for text, ts in ((r["YStartTime"], y_start), (r["detectionTime"], detected)):
+                    assert IST_ISO.match(text), text
+                    assert abs((datetime.fromisoformat(text) - ts).total_seconds()) < 0.001, (text, ts)
+                ist = datetime.fromisoformat(r["detectionTime"])
+                assert rel.parts[:2] == (f"year={ist.year:04d}", f"month={ist.month:02d}"), (rel, r)
+        if n_pattern:
+            dataset = ds.dataset(run.lake / "pattern-detections" / pattern.lower(), partitioning="hive")
+            read = dataset.to_table()
+            assert read.num_rows == n_pattern
+            assert {"year", "month"} <= set(read.column_names)
+            stats = json.loads(
+                (run.lake / "pattern-detections" / pattern.lower() / "_summary/monthly_stats.json").read_text()
+            )
+            assert stats["total_detections"] == n_pattern, stats
+            assert sum(m["detections"] for m in stats["months"]) == n_pattern, stats
+    dupes = {k: n for k, n in seen.items() if n > 1}
+    assert not dupes, f"detections in more than one lake file: {dupes}"
+    assert set(seen) == set(by_key)
+
+
+def test_generated_lake_outputs(generated_run):
+    _check_lake(generated_run, per_file=3)
+
+
+def test_handcrafted_lake_outputs(handcrafted_run):
+    _check_lake(handcrafted_run, per_file=2)
+
+
+# ---------------------------------------------------------------- 3. validator
+
+
+def _register_chunk(run: Run, file_id: str, rows: list[dict]) -> int:
+    """Write a hand-made chunk object into the lake and record it in the ledger as X would; returns its seq."""
+    from src.schemas.transaction_schemas import CHUNK_ARROW_SCHEMA
+
+    schema = pa.schema([f.with_nullable(True) for f in CHUNK_ARROW_SCHEMA])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    key = f"raw-transactions/year=2026/month=01/day=02/{file_id}-000000.parquet"
+    path = run.lake / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    lines = [r["source_line"] for r in rows if r["source_line"] is not None]
+    with run.conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO source_files (file_id, source, name, kind, status) "
+            "VALUES (%s, 'local', %s, 'transactions', 'done')",
+            (file_id, f"{file_id}.csv"),
+        )
+        cur.execute(
+            "INSERT INTO chunks (file_id, chunk_seq, first_line, last_line, rows_total, rows_valid, rows_quarantined, "
+            "bytes_start, bytes_end, prefix_md5, object_key, ingest_date, status, written_at) "
+            "VALUES (%s, 0, %s, %s, %s, %s, 0, 0, 1, 'x', %s, '2026-01-02', 'written', now()) RETURNING seq",
+            (file_id, min(lines), max(lines), len(rows), len(rows), key),
+        )
+        return cur.fetchone()[0]
+
+
+def _row(line, customer="C_V1", gender="F", amount="10.00", merchant="M_V", file_id="handmade-bad"):
+    return {
+        "step": 1,
+        "customer": customer,
+        "age": "2",
+        "gender": gender,
+        "zipcodeOri": "28007",
+        "merchant": merchant,
+        "zipMerchant": "28007",
+        "category": "es_food",
+        "amount": None if amount is None else Decimal(amount),
+        "fraud": 0,
+        "source_file_id": file_id,
+        "chunk_seq": 0,
+        "source_line": line,
+    }
+
+
+@pytest.fixture
+def small_clean_run(pg_server, tmp_path):
+    """Importance loaded and one clean 6-row file ingested by X: the ground a hand-made chunk is laid on."""
+    with product_run(pg_server, tmp_path, {"BATCH_SIZE": "3", "DETECTIONS_PER_FILE": "50"}) as run:
+        header = "step,customer,age,gender,zipcodeOri,merchant,zipMerchant,category,amount,fraud"
+        write_csv(
+            run.inbox / "CustomerImportance.csv",
+            "Source,Target,Weight,typeTrans,fraud",
+            ["'C_V1','M_V',1.00,'es_food',0"],
+            time.time() - 100,
+        )
+        write_csv(run.inbox / "t.csv", header, [txn("C_V1", "M_V", "F", "12.00")] * 6, time.time() - 50)
+        run_x(run.settings)
+        yield run
+
+
+def test_validator_excludes_counts_quarantines_and_reports(small_clean_run, spark):
+    from src.mechanism_y.data_validator import DUPLICATE
+
+    run = small_clean_run
+    rows = [
+        _row(2, customer="C_V1", amount="1.00"),
+        _row(3, customer=None),
+        _row(4, customer="C_V2", amount="-5.00"),
+        _row(5, customer="C_V2", gender="X"),
+        _row(6, customer="C_V2", gender="M", amount="2.00"),
+        _row(6, customer="C_V2", gender="M", amount="2.00"),  # the same row id again
+        _row(7, customer="C_V3", gender="M", amount="3.00"),
+    ]
+    seq = _register_chunk(run, "handmade-bad", rows)
+    run_y(run.settings, spark)
+
+    chunk = run.rows(
+        "SELECT processed_at IS NOT NULL, y_rows_clean, y_rows_rejected FROM chunks WHERE seq = %s", (seq,)
+    )
+    assert chunk == [(True, 3, 4)]
+    # Clean rows went on into transactions and the state; rejected ones did not.
+    lines = run.rows("SELECT source_line FROM transactions WHERE source_file_id = 'handmade-bad' ORDER BY 1")
+    assert [r[0] for r in lines] == [2, 6, 7]
+    state = dict(
+        ((c, (n, s)) for c, n, s in run.rows("SELECT customer, n, amount_sum FROM y_state WHERE merchant = 'M_V'"))
+    )
+    assert state == {"C_V1": (7, Decimal("73.00")), "C_V2": (1, Decimal("2.00")), "C_V3": (1, Decimal("3.00"))}
+    assert_state_matches_transactions(run)
+
+    quarantined = run.rows(
+        "SELECT line_no, reason FROM quarantine WHERE stage = 'detect' AND file_id = 'handmade-bad' ORDER BY line_no"
+    )
+    assert [q[0] for q in quarantined] == [3, 4, 5, 6]
+    reasons = dict(quarantined)
+    assert "customer" in reasons[3]
+    assert "negative" in reasons[4]
+    assert "gender" in reasons[5]
+    assert reasons[6] == DUPLICATE
+
+    logged = run.rows(
+        "SELECT component, row_count, chunk_id FROM processing_logs WHERE event = 'rows_rejected' AND chunk_id = %s",
+        (seq,),
+    )
+    assert logged == [("mechanism_y", 4, seq)]
+
+    report = json.loads((run.lake / "pattern-detections/validation/quality_reports.json").read_text())
+    assert report["rows_rejected"] == 4
+    assert report["rows_clean"] == 6 + 3
+    assert sum(report["rejected_by_reason"].values()) == 4
+    assert report["rejected_by_reason"][DUPLICATE] == 1
+    assert [c["chunk_id"] for c in report["chunks_with_problems"]] == [seq]
+
+
+def test_validator_row_id_repeated_three_times(small_clean_run, spark):
+    """Two rejected copies of one line must not break the chunk's commit (quarantine is keyed by line)."""
+    run = small_clean_run
+    rows = [_row(2, amount="1.00"), _row(3, amount="1.00"), _row(3, amount="1.00"), _row(3, amount="1.00")]
+    seq = _register_chunk(run, "handmade-triple", [dict(r, source_file_id="handmade-triple") for r in rows])
+    run_y(run.settings, spark)
+    assert run.rows("SELECT y_rows_clean, y_rows_rejected FROM chunks WHERE seq = %s", (seq,)) == [(2, 2)]
+    (rejected,) = run.rows(
+        "SELECT coalesce(sum(row_count), 0) FROM processing_logs WHERE event = 'rows_rejected' AND chunk_id = %s",
+        (seq,),
+    )[0]
+    assert rejected == 2
+    assert_state_matches_transactions(run)
+
+
+def test_validator_rejects_reach_the_lake_quarantine(small_clean_run, spark):
+    """SPEC §2: a rejected row goes to a quarantine in the lake `quarantine/` as well as PostgreSQL."""
+    run = small_clean_run
+    _register_chunk(
+        run, "handmade-neg", [_row(2, amount="-1.00", file_id="handmade-neg"), _row(3, file_id="handmade-neg")]
+    )
+    run_y(run.settings, spark)
+    objects = [p for p in (run.lake / "quarantine").rglob("*.parquet")] if (run.lake / "quarantine").exists() else []
+    lines = {
+        (r["source_file_id"], r["source_line"])
+        for p in objects
+        for r in pq.read_table(p).to_pylist()
+        if "source_line" in r
+    }
+    assert ("handmade-neg", 2) in lines, f"no lake quarantine object holds the rejected row; objects: {objects}"
+
+
+# ---------------------------------------------------------------- 5. restart and SIGKILL of Y: same result
+
+
+def test_restart_resumes_from_saved_state(small_clean_run, spark):
+    """A second Y (a restart) loads the state the first one committed and carries on from it."""
+    run = small_clean_run
+    thr = {"min_merchant_txns": 50_000, "min_txns": 4, "max_avg_amount": 23, "min_female_customers": 1}
+    env = {
+        "PATID2_MIN_TXNS": "4",
+        "PATID3_MIN_FEMALE_CUSTOMERS": "1",
+    }
+    from config.config import Settings
+
+    settings = Settings.from_env(dict(run.env, **env), dotenv=Path("/nonexistent"))
+    run_y(settings, spark)
+    assert run.rows("SELECT count(*) FROM y_state") == [(1,)]
+    # More rows arrive while Y is down: C_V1 reaches 8 cheap transactions at M_V, and M_V gets 2 women, 1 man.
+    header = "step,customer,age,gender,zipcodeOri,merchant,zipMerchant,category,amount,fraud"
+    more = [txn("C_V1", "M_V", "F", "12.00", 9)] * 2 + [
+        txn("C_W", "M_V", "F", "5.00", 9),
+        txn("C_X", "M_V", "M", "50.00"),
+    ]
+    write_csv(run.inbox / "u.csv", header, more, time.time())
+    run_x(settings)
+    run_y(settings, spark)
+    assert run.rows("SELECT count(*) FROM chunks WHERE processed_at IS NULL") == [(0,)]
+    assert_state_matches_transactions(run)
+    got = assert_detections_match_replay(run, thr)
+    assert ("PatId2", "C_V1", "M_V") in got
+
+
+KILL_ROWS = 3200
+KILL_ENV = {
+    "BATCH_SIZE": "200",
+    "DETECTIONS_PER_FILE": "2",
+    "PATID1_MIN_MERCHANT_TXNS": "750",
+    "PATID2_MIN_TXNS": "8",
+    "PATID3_MIN_FEMALE_CUSTOMERS": "5",
+    "DETECTIONS_FLUSH_SECONDS": "0.3",
+}
+
+
+def _processed(conn) -> int:
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(processed_at) FROM chunks")
+        return cur.fetchone()[0]
+
+
+@pytest.mark.slow
+def test_sigkill_y_mid_run_then_restart(make_settings, product_env, pg_conn, tmp_path):
+    from src.sample_data import generate
+
+    settings = make_settings(**KILL_ENV)
+    generate(settings.local_inbox_dir, rows=KILL_ROWS, seed=11)
+    run_x(settings)
+    with pg_conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM chunks")
+        total = cur.fetchone()[0]
+    assert total == KILL_ROWS // 200
+
+    env = dict(product_env, **KILL_ENV)
+    cmd = [sys.executable, "-m", "src.mechanism_y.stream_processor", "--drain"]
+    rng = random.Random(3)
+    killed_at = []  # (chunks processed, detections) when each SIGKILL landed
+    # Kill points spread over the run, so some land while detections are committed and filed.
+    for attempt, target in enumerate((total * 3 // 10, total // 2, total * 7 // 10)):
+        log_path = tmp_path / f"y-{attempt}.log"
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            goal = max(target, _processed(pg_conn) + 1)
+            deadline = time.monotonic() + 150
+            while _processed(pg_conn) < goal and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.8))
+            assert proc.poll() is None, f"Y exited by itself ({proc.returncode}): {log_path.read_text()[-3000:]}"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            with pg_conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pattern_detections")
+                killed_at.append((_processed(pg_conn), cur.fetchone()[0]))
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert killed_at[-1][0] < total, f"Y finished before the last kill: give it more chunks ({killed_at})"
+    assert any(d for _, d in killed_at), f"no kill landed after the first detection: {killed_at}"
+
+    log_path = tmp_path / "y-final.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        code = proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 0, log_path.read_text()[-4000:]
+
+    run = Run(settings, env, pg_conn, settings.local_inbox_dir, settings.local_lake_dir)
+    assert _processed(pg_conn) == total
+    assert_detections_match_replay(run, thresholds(KILL_ENV))
+    assert_state_matches_transactions(run)
+    (txns, distinct_ids), (valid,) = (
+        run.rows("SELECT count(*), count(DISTINCT (source_file_id, source_line)) FROM transactions")[0],
+        run.rows("SELECT sum(rows_valid) FROM chunks")[0],
+    )
+    assert txns == distinct_ids == valid == KILL_ROWS
+    in_lake = lake_detections(run.lake)
+    assert not {k: n for k, n in in_lake.items() if n > 1}, "a detection is in two lake files"
+    assert set(in_lake) == set(emitted(run))
+    _check_lake(run, per_file=2)
+
+
+def test_drain_without_importance_file_ends_instead_of_waiting_forever(pg_server, spark, tmp_path):
+    """`--drain` promises an exit: chunks that can never be evaluated (no CustomerImportance) end it non-zero."""
+    from src.mechanism_y.stream_processor import StreamProcessor
+    from src.utils.object_store import open_lake
+    from src.utils.postgres_utils import Database
+
+    with product_run(pg_server, tmp_path, {"BATCH_SIZE": "3"}) as run:
+        header = "step,customer,age,gender,zipcodeOri,merchant,zipMerchant,category,amount,fraud"
+        write_csv(run.inbox / "t.csv", header, [txn("C1", "M1", "F", "1.00")] * 3, time.time())
+        run_x(run.settings)
+        db = Database(run.settings)
+        stop = threading.Event()
+        result: list[int] = []
+        try:
+            processor = StreamProcessor(run.settings, db, open_lake(run.settings), spark, stop)
+            worker = threading.Thread(target=lambda: result.append(processor.run(drain=True)), daemon=True)
+            worker.start()
+            worker.join(timeout=20)
+            finished = not worker.is_alive()
+            stop.set()
+            worker.join(timeout=10)
+        finally:
+            db.close()
+        assert finished, "Y in drain mode still waits for a CustomerImportance file the source does not have"
+        assert result and result[0] != 0
+        assert run.rows("SELECT count(*) FROM chunks WHERE processed_at IS NULL") == [(1,)]
+
+
+# ---------------------------------------------------------------- 6. CLI
+
+
+def test_stream_processor_help_exits_zero(product_env):
+    out = subprocess.run(
+        [sys.executable, "-m", "src.mechanism_y.stream_processor", "--help"],
+        cwd=ROOT,
+        env=product_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "--drain" in out.stdout
