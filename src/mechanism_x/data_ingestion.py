@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from config.config import Settings
-from src.errors import FileRejected, ObjectConflict, ProcessorError, RetryableError, SettingsError
+from src.errors import FileRejected, ObjectConflict, ProcessorError, RetryableError
 from src.mechanism_x.csv_parser import (
     KIND_IGNORED,
     KIND_IMPORTANCE,
@@ -547,25 +547,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from src.utils.runtime import configure_logging, install_stop_handlers
+    from src.utils.runtime import worker_main
 
-    args = build_parser().parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except ProcessorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level, settings.log_format)
-    stop = threading.Event()
-    install_stop_handlers(stop, "mechanism X")
-    try:
-        return run_worker(settings, drain=args.drain, stop=stop)
-    except SettingsError as exc:
-        log.error("mechanism X cannot start: %s", exc)
-        return 2
-    except ProcessorError as exc:
-        log.error("mechanism X stopped: %s", exc)
-        return 1
+    return worker_main(
+        "mechanism X",
+        build_parser(),
+        argv,
+        lambda settings, args, stop: run_worker(settings, drain=args.drain, stop=stop),
+    )
 
 
 if __name__ == "__main__":

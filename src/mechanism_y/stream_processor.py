@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from config.config import Settings
-from src.errors import ProcessorError, SettingsError
+from src.errors import ProcessorError
 from src.mechanism_x.data_ingestion import CHUNK_CHANNEL, QUARANTINE_SCHEMA
 from src.mechanism_y import pattern_detector as patterns
 from src.mechanism_y.data_validator import PROBLEM, annotate_problems, check_schema, mark_duplicates
@@ -262,6 +262,7 @@ class StreamProcessor:
         # history. Caching instead and checkpointing every k chunks measured 4x slower per chunk.
         new_state = patterns.merge_state(self.state, patterns.chunk_delta(clean_df)).localCheckpoint(eager=True)
         found = patterns.detect_all(new_state, self.weights, **self.thresholds).collect()
+        t_spark = time.perf_counter()
         new = sorted({(r["pattern_id"], r["customer_name"], r["merchant_id"]) for r in found} - self.emitted)
 
         with self.db.transaction() as cur:
@@ -299,6 +300,7 @@ class StreamProcessor:
                 )
             if rejected.num_rows:
                 self._record_rejected(cur, seq, file_id, chunk_seq, rejected)
+        t_commit = time.perf_counter()
         self.state.unpersist()
         self.state = new_state
         self.emitted.update(new)
@@ -308,7 +310,8 @@ class StreamProcessor:
         self.stats["rows"] += clean.num_rows
         self.stats["detections"] += len(new)
         log.info(
-            "chunk %d (%s-%06d): %d rows, %d rejected, %d new detection(s) %s, %.0f ms in Y, latency %.3f s",
+            "chunk %d (%s-%06d): %d rows, %d rejected, %d new detection(s) %s, %.0f ms in Y "
+            "(Spark %.0f, commit %.0f), latency %.3f s",
             seq,
             file_id,
             chunk_seq,
@@ -317,6 +320,8 @@ class StreamProcessor:
             len(new),
             "(" + ", ".join(f"{p}:{sum(1 for x in new if x[0] == p)}" for p in ACTIONS) + ")",
             (time.perf_counter() - t0) * 1000,
+            (t_spark - t0) * 1000,
+            (t_commit - t_spark) * 1000,
             latency,
         )
         if rejected.num_rows:
@@ -446,29 +451,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from src.utils.runtime import configure_logging, install_stop_handlers
+    from src.utils.runtime import worker_main
 
-    args = build_parser().parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except ProcessorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level, settings.log_format)
-    stop = threading.Event()
-    install_stop_handlers(stop, "mechanism Y")
-    # The supervisor sends SIGUSR1 once X has ingested everything (`main.py --drain`): finish what is in
-    # the ledger, then exit 0. Installed before Spark starts, so an early signal is never fatal.
-    drain_requested = threading.Event()
-    signal.signal(signal.SIGUSR1, lambda *_: drain_requested.set())
-    try:
+    def run(settings: Settings, args: argparse.Namespace, stop: threading.Event) -> int:
+        # The supervisor sends SIGUSR1 once X has ingested everything (`main.py --drain`): finish what is in
+        # the ledger, then exit 0. Installed before Spark starts, so an early signal is never fatal.
+        drain_requested = threading.Event()
+        signal.signal(signal.SIGUSR1, lambda *_: drain_requested.set())
         return run_worker(settings, drain=args.drain, stop=stop, drain_requested=drain_requested)
-    except SettingsError as exc:
-        log.error("mechanism Y cannot start: %s", exc)
-        return 2
-    except ProcessorError as exc:
-        log.error("mechanism Y stopped: %s", exc)
-        return 1
+
+    return worker_main("mechanism Y", build_parser(), argv, run)
 
 
 if __name__ == "__main__":

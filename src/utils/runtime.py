@@ -93,3 +93,33 @@ def retry_call(
             _sleep(delay)
             delay = min(delay * 2, max_delay)
     raise AssertionError("unreachable")
+
+
+def worker_main(name: str, parser, argv: list[str] | None, run: Callable[..., int]) -> int:
+    """Entry point shared by the workers: settings, logging, stop signals, and exit codes the supervisor reads.
+
+    `run(settings, args, stop)` does the work. Exit 2 means "these settings cannot work" (the supervisor
+    stops instead of restarting); exit 1 is any other failure (restarted with backoff).
+    """
+    import sys
+
+    from config.config import Settings
+    from src.errors import ProcessorError, SettingsError
+
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ProcessorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    stop = threading.Event()
+    install_stop_handlers(stop, name)
+    try:
+        return run(settings, args, stop)
+    except SettingsError as exc:
+        log.error("%s cannot start: %s", name, exc)
+        return 2
+    except ProcessorError as exc:
+        log.error("%s stopped: %s", name, exc)
+        return 1
