@@ -144,13 +144,12 @@ def pg_conn(pg_server, pg_db):
     conn.close()
 
 
-@pytest.fixture
-def base_env(tmp_path, pg_server, pg_db) -> dict[str, str]:
-    """Environment for a product run in `tmp_path` on a fresh database (local inbox and lake)."""
+def run_env(pg_server: PgServer, db: str, root: Path) -> dict[str, str]:
+    """Settings environment for a product run under `root` (local inbox and lake) on database `db`."""
     env = {
-        "LOCAL_INBOX_DIR": str(tmp_path / "inbox"),
-        "LOCAL_LAKE_DIR": str(tmp_path / "lake"),
-        "DATA_DIR": str(tmp_path / "data"),
+        "LOCAL_INBOX_DIR": str(root / "inbox"),
+        "LOCAL_LAKE_DIR": str(root / "lake"),
+        "DATA_DIR": str(root / "data"),
         "CHUNK_INTERVAL_SECONDS": "0",
         "PROCESSING_INTERVAL": "0.2",
         "DETECTIONS_FLUSH_SECONDS": "0.5",
@@ -158,7 +157,14 @@ def base_env(tmp_path, pg_server, pg_db) -> dict[str, str]:
         "SPARK_LOCAL_IP": "127.0.0.1",
         "LOG_LEVEL": "INFO",
     }
-    env.update(pg_server.env_for(pg_db))
+    env.update(pg_server.env_for(db))
+    return env
+
+
+@pytest.fixture
+def base_env(tmp_path, pg_server, pg_db) -> dict[str, str]:
+    """Environment for a product run in `tmp_path` on a fresh database (local inbox and lake)."""
+    env = run_env(pg_server, pg_db, tmp_path)
     (tmp_path / "inbox").mkdir()
     return env
 

@@ -31,6 +31,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from tests.conftest import run_env
 from tests.reference import reference_detections
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,20 +83,7 @@ class Run:
 
 
 def _env(pg_server, db: str, root: Path, overrides: dict[str, str]) -> dict[str, str]:
-    env = {
-        "LOCAL_INBOX_DIR": str(root / "inbox"),
-        "LOCAL_LAKE_DIR": str(root / "lake"),
-        "DATA_DIR": str(root / "data"),
-        "CHUNK_INTERVAL_SECONDS": "0",
-        "PROCESSING_INTERVAL": "0.2",
-        "DETECTIONS_FLUSH_SECONDS": "0.5",
-        "SPARK_MASTER": "local[2]",
-        "SPARK_LOCAL_IP": "127.0.0.1",
-        "LOG_LEVEL": "INFO",
-    }
-    env.update(pg_server.env_for(db))
-    env.update(overrides)
-    return env
+    return {**run_env(pg_server, db, root), **overrides}
 
 
 @contextmanager

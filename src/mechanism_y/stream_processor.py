@@ -80,7 +80,6 @@ class StreamProcessor:
         self.weights_version: int | None = None
         self.emitted: set[tuple[str, str, str]] = set()
         self._listen = None
-        self.stats = {"chunks": 0, "rows": 0, "detections": 0}
 
     # ---------------------------------------------------------------- start-up
 
@@ -306,9 +305,6 @@ class StreamProcessor:
         self.emitted.update(new)
         self.writer.note_new(len(new))
         latency = (datetime.now(timezone.utc) - written_at).total_seconds() if written_at else float("nan")
-        self.stats["chunks"] += 1
-        self.stats["rows"] += clean.num_rows
-        self.stats["detections"] += len(new)
         log.info(
             "chunk %d (%s-%06d): %d rows, %d rejected, %d new detection(s) %s, %.0f ms in Y "
             "(Spark %.0f, commit %.0f), latency %.3f s",
