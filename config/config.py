@@ -158,6 +158,12 @@ class Settings:
     detections_flush_seconds: float = _setting(
         "DETECTIONS_FLUSH_SECONDS", "5", _float(0, exclusive_min=True), "flush a partial file after this idle time"
     )
+    y_max_batch_chunks: int = _setting(
+        "Y_MAX_BATCH_CHUNKS",
+        "20",
+        _int(1, 1000),
+        "most waiting chunks Mechanism Y folds in one Spark pass (each is still judged at its own boundary)",
+    )
     spark_master: str = _setting("SPARK_MASTER", "local[*]", _str, "Spark master URL")
     spark_driver_memory: str = _setting("SPARK_DRIVER_MEMORY", "1g", _memory, "Spark driver memory")
     spark_ui_enabled: bool = _setting(

@@ -53,6 +53,7 @@ _THRESHOLD_KW = {
 # Generated sample: 3,000 rows in 12 chunks; the big merchants (~1,500 and ~1,000 rows) cross T mid-stream.
 GENERATED_ENV = {
     "BATCH_SIZE": "250",
+    "Y_MAX_BATCH_CHUNKS": "1",  # chunk by chunk, as when Y keeps up; the handcrafted run folds chunks in pairs
     "DETECTIONS_PER_FILE": "3",
     "PATID1_MIN_MERCHANT_TXNS": "700",
     "PATID2_MIN_TXNS": "6",
@@ -206,6 +207,7 @@ def lake_detections(lake: Path) -> Counter:
 B = 5  # rows per chunk in the handcrafted scenario
 HAND_ENV = {
     "BATCH_SIZE": str(B),
+    "Y_MAX_BATCH_CHUNKS": "2",
     "DETECTIONS_PER_FILE": "2",
     "PATID1_MIN_MERCHANT_TXNS": "20",
     "PATID1_COUNT_PERCENTILE": "0.9",
@@ -637,6 +639,8 @@ def test_restart_resumes_from_saved_state(small_clean_run, spark):
 KILL_ROWS = 3200
 KILL_ENV = {
     "BATCH_SIZE": "200",
+    # Small batches: many commits to land kills between (and inside), while still folding several chunks at once.
+    "Y_MAX_BATCH_CHUNKS": "2",
     "DETECTIONS_PER_FILE": "2",
     "PATID1_MIN_MERCHANT_TXNS": "750",
     "PATID2_MIN_TXNS": "8",

@@ -12,7 +12,7 @@ from pyspark.sql import types as T
 from pyspark.testing import assertDataFrameEqual
 
 from src.mechanism_y import pattern_detector as pd
-from src.schemas.transaction_schemas import state_spark_schema, weights_spark_schema
+from src.schemas.transaction_schemas import batch_rows_spark_schema, state_spark_schema, weights_spark_schema
 from tests.reference import reference_detections
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,46 +59,51 @@ def merchant_state(spark, merchant, ns, weights=None):
 # ---------------------------------------------------------------- state maintenance
 
 
-def test_aggregate_weights_reduces_repeated_pairs(spark):
-    raw = spark.createDataFrame(
-        [("c1", "m1", D("1.50"), "es_food"), ("c1", "m1", D("2.50"), "es_health"), ("c2", "m1", D("4.00"), None)],
-        "source string, target string, weight decimal(18,2), type_trans string",
+def aggregate_weights(importance):
+    """Raw importance rows -> (customer, merchant, weight_sum, weight_count), as the product's PostgreSQL query."""
+    from pyspark.sql import functions as F
+
+    return importance.groupBy(F.col("source").alias("customer"), F.col("target").alias("merchant")).agg(
+        F.sum("weight").cast("decimal(38,2)").alias("weight_sum"), F.count("weight").alias("weight_count")
     )
-    expected = spark.createDataFrame([("c1", "m1", D("4.00"), 2), ("c2", "m1", D("4.00"), 1)], weights_spark_schema())
-    assertDataFrameEqual(pd.aggregate_weights(raw), expected, checkRowOrder=False)
 
 
-def test_chunk_delta_and_merge_state(spark):
-    chunk = spark.createDataFrame(
-        [
-            ("c1", "m1", "F", D("10.00")),
-            ("c1", "m1", "E", D("0.01")),
-            ("c2", "m1", "M", D("5.00")),
-            ("c1", "m2", "U", D("1.00")),
-        ],
-        CHUNK_SCHEMA,
-    )
-    delta = pd.chunk_delta(chunk)
-    assertDataFrameEqual(
-        delta,
-        state_df(
-            spark,
-            [
-                ("m1", "c1", 2, "10.01", True, False),
-                ("m1", "c2", 1, "5.00", False, True),
-                ("m2", "c1", 1, "1.00", False, False),
-            ],
-        ),
-        checkRowOrder=False,
-    )
+def batch_rows(spark, rows):
+    """rows: (cut, merchant, customer, gender, amount)."""
+    return spark.createDataFrame([(k, m, c, g, D(str(a))) for k, m, c, g, a in rows], batch_rows_spark_schema())
+
+
+def test_fold_batch_versions_and_latest_state(spark):
     previous = state_df(spark, [("m1", "c1", 3, "0.99", False, True), ("m3", "c9", 1, "2.00", True, False)])
-    merged = pd.merge_state(previous, delta)
+    rows = batch_rows(
+        spark,
+        [
+            (0, "m1", "c1", "F", "10.00"),
+            (0, "m1", "c1", "E", "0.01"),
+            (0, "m1", "c2", "M", "5.00"),
+            (2, "m1", "c1", "U", "1.00"),
+            (2, "m2", "c1", "U", "1.00"),
+        ],
+    )
+    versions = pd.fold_batch(previous, rows, 3)
+    got = {
+        (r.merchant, r.customer, r.cut): (r.cut_to, r.dn, r.n, r.amount_sum, r.has_f, r.has_m, r.had_f, r.had_m)
+        for r in versions.collect()
+    }
+    assert got == {
+        ("m1", "c1", -1): (0, 3, 3, D("0.99"), False, True, False, False),
+        ("m1", "c1", 0): (2, 2, 5, D("11.00"), True, True, False, True),
+        ("m1", "c1", 2): (3, 1, 6, D("12.00"), True, True, True, True),
+        ("m1", "c2", 0): (3, 1, 1, D("5.00"), False, True, False, False),
+        ("m2", "c1", 2): (3, 1, 1, D("1.00"), False, False, False, False),
+        ("m3", "c9", -1): (3, 1, 1, D("2.00"), True, False, False, False),
+    }
     assertDataFrameEqual(
-        merged,
+        pd.latest_state(versions, 3),
         state_df(
             spark,
             [
-                ("m1", "c1", 5, "11.00", True, True),
+                ("m1", "c1", 6, "12.00", True, True),
                 ("m1", "c2", 1, "5.00", False, True),
                 ("m2", "c1", 1, "1.00", False, False),
                 ("m3", "c9", 1, "2.00", True, False),
@@ -107,7 +112,24 @@ def test_chunk_delta_and_merge_state(spark):
         checkRowOrder=False,
     )
     empty = spark.createDataFrame([], state_spark_schema())
-    assertDataFrameEqual(pd.merge_state(empty, delta), delta, checkRowOrder=False)
+    assert pd.latest_state(pd.fold_batch(empty, batch_rows(spark, []), 1), 1).collect() == []
+    with pytest.raises(ValueError):
+        pd.fold_batch(empty, rows, 0)
+
+
+def test_detect_batch_credits_each_detection_to_its_first_cut(spark):
+    # PatId2 (min 2 txns, mean < 23) holds after cut 1, stops holding at cut 2 and never again: still found, at 1.
+    # PatId3 (F > 1, F < M) holds from cut 3 on.
+    rows = [(0, "m", "c1", "E", "1.00"), (1, "m", "c1", "E", "2.00"), (2, "m", "c1", "E", "99.00")]
+    rows += [(0, "m", "f1", "F", "50"), (0, "m", "m1", "M", "50"), (0, "m", "m2", "M", "50")]
+    rows += [(3, "m", "f2", "F", "50"), (3, "m", "m3", "M", "50")]
+    empty = spark.createDataFrame([], state_spark_schema())
+    weights = spark.createDataFrame([], weights_spark_schema())
+    versions = pd.fold_batch(empty, batch_rows(spark, rows), 5)
+    found = pd.first_hits(
+        pd.detect_batch(versions, weights, 5, min_txns=2, min_female_customers=1, min_merchant_txns=10**6).collect()
+    )
+    assert found == {("PatId2", "c1", "m"): 1, ("PatId3", "", "m"): 3}
 
 
 # ---------------------------------------------------------------- PatId1
@@ -289,25 +311,25 @@ def _by_pattern(found) -> dict[str, set[tuple[str, str]]]:
     return out
 
 
-@pytest.mark.parametrize(
-    "seed, thresholds",
-    [
-        (1, {"min_merchant_txns": 300, "min_txns": 4, "max_avg_amount": 23, "min_female_customers": 20}),
-        (2, {"min_merchant_txns": 200, "min_txns": 3, "max_avg_amount": 23, "min_female_customers": 30}),
-        # q whose positions q * (N - 1) land a few ulps off an integer (0.7 * 90, 0.55 * 100, ...)
-        (3, {"min_merchant_txns": 100, "count_percentile": 0.7, "weight_percentile": 0.55, "min_txns": 5}),
-    ],
-)
+CASES = [
+    (1, {"min_merchant_txns": 300, "min_txns": 4, "max_avg_amount": 23, "min_female_customers": 20}),
+    (2, {"min_merchant_txns": 200, "min_txns": 3, "max_avg_amount": 23, "min_female_customers": 30}),
+    # q whose positions q * (N - 1) land a few ulps off an integer (0.7 * 90, 0.55 * 100, ...)
+    (3, {"min_merchant_txns": 100, "count_percentile": 0.7, "weight_percentile": 0.55, "min_txns": 5}),
+]
+
+
+@pytest.mark.parametrize("seed, thresholds", CASES)
 def test_detect_all_matches_postgresql_reference_chunk_by_chunk(spark, pg_tables, seed, thresholds):
     chunks = 4
     txns, importance = _random_data(seed, rows=3000, chunks=chunks)
     _load_pg(pg_tables, txns, importance)
-    weights = pd.aggregate_weights(spark.createDataFrame(importance, IMPORTANCE_SCHEMA)).cache()
+    weights = aggregate_weights(spark.createDataFrame(importance, IMPORTANCE_SCHEMA)).cache()
     state = spark.createDataFrame([], state_spark_schema())
     seen_patid1 = False
     for k in range(chunks):
-        chunk = spark.createDataFrame([(c, m, g, a) for _, ck, c, m, g, a in txns if ck == k], CHUNK_SCHEMA)
-        state = pd.merge_state(state, pd.chunk_delta(chunk)).localCheckpoint()
+        rows = batch_rows(spark, [(0, m, c, g, a) for _, ck, c, m, g, a in txns if ck == k])
+        state = pd.latest_state(pd.fold_batch(state, rows, 1), 1).localCheckpoint()
         got = _by_pattern(
             (r.pattern_id, r.customer_name, r.merchant_id)
             for r in pd.detect_all(state, weights, **thresholds).collect()
@@ -319,6 +341,33 @@ def test_detect_all_matches_postgresql_reference_chunk_by_chunk(spark, pg_tables
     weights.unpersist()
     # The data must exercise every pattern, or the comparison proves little.
     assert seen_patid1 and want["PatId2"] and want["PatId3"]
+
+
+@pytest.mark.parametrize("seed, thresholds", CASES)
+@pytest.mark.parametrize("batch", [2, 3, 6])
+def test_batches_credit_the_same_first_chunk_as_the_reference(spark, pg_tables, seed, thresholds, batch):
+    """Folding several chunks in one pass finds each detection at the chunk where the reference first has it."""
+    chunks = 6
+    txns, importance = _random_data(seed, rows=3000, chunks=chunks)
+    _load_pg(pg_tables, txns, importance)
+    want: dict[tuple[str, str, str], int] = {}
+    for k in range(chunks):
+        for key in reference_detections(pg_tables, where="t.chunk_seq <= %s", params=(k,), **thresholds):
+            want.setdefault(tuple(key), k)
+    weights = pd.by_merchant(aggregate_weights(spark.createDataFrame(importance, IMPORTANCE_SCHEMA))).localCheckpoint()
+    state = pd.by_merchant(spark.createDataFrame([], state_spark_schema())).localCheckpoint()
+    got: dict[tuple[str, str, str], int] = {}
+    for start in range(0, chunks, batch):
+        k = min(batch, chunks - start)
+        rows = batch_rows(spark, [(ck - start, m, c, g, a) for _, ck, c, m, g, a in txns if start <= ck < start + k])
+        versions = pd.fold_batch(state, rows, k).localCheckpoint()
+        for key, cut in pd.first_hits(pd.detect_batch(versions, weights, k, **thresholds).collect()).items():
+            got.setdefault(key, start + cut)
+        state = pd.latest_state(versions, k)
+    assert got == want
+    assert {p for p, _, _ in want} == set(pd.ACTION_TYPES)
+    # Detections that appear after the first chunk of a batch prove the per-cut judgement.
+    assert any(k % batch for k in want.values())
 
 
 def test_exact_percentile_position_despite_float_noise(spark, pg_tables):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from src.schemas.transaction_schemas import GENDERS, chunk_spark_schema
+from src.schemas.transaction_schemas import CHUNK_ARROW_SCHEMA, GENDERS
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -24,22 +24,21 @@ PROBLEM = "_problem"
 REQUIRED = ("step", "customer", "gender", "merchant", "amount", "fraud", "source_file_id", "chunk_seq", "source_line")
 
 
-class SchemaMismatch(ValueError):
-    """The chunk object does not have the columns and types of a chunk."""
+def chunk_schema_problems(schema: pa.Schema) -> list[str]:
+    """What keeps a Parquet object (by its own footer's schema) from being read as a chunk; [] if nothing.
 
-
-def check_schema(df: "DataFrame") -> None:
-    """Every expected column with its expected type (extra columns are tolerated)."""
-    expected = {f.name: f.dataType for f in chunk_spark_schema().fields}
-    actual = {f.name: f.dataType for f in df.schema.fields}
-    missing = [n for n in expected if n not in actual]
-    wrong = [
-        f"{n} is {actual[n].simpleString()} (expected {t.simpleString()})"
-        for n, t in expected.items()
-        if n in actual and actual[n] != t
-    ]
-    if missing or wrong:
-        raise SchemaMismatch("; ".join(([f"missing columns {', '.join(missing)}"] if missing else []) + wrong))
+    Every column of `CHUNK_ARROW_SCHEMA` must be there with its type (extra columns are tolerated). Spark
+    reads chunks with that schema forced, so a wrong type fails the whole read instead of a row.
+    """
+    problems = []
+    for field in CHUNK_ARROW_SCHEMA:
+        if field.name not in schema.names:
+            problems.append(f"column {field.name} is missing")
+            continue
+        actual = schema.field(field.name).type
+        if not actual.equals(field.type):
+            problems.append(f"column {field.name} is {actual} (expected {field.type})")
+    return problems
 
 
 def annotate_problems(df: "DataFrame") -> "DataFrame":
@@ -64,16 +63,21 @@ def annotate_problems(df: "DataFrame") -> "DataFrame":
 DUPLICATE = "duplicate row id (source_file_id, source_line)"
 
 
-def mark_duplicates(rows: pa.Table) -> pa.Table:
-    """Set `_problem` on every repeat of a (source_file_id, source_line) already seen earlier in the chunk."""
+def mark_duplicates(rows: pa.Table, within: tuple[str, ...] = ()) -> pa.Table:
+    """Set `_problem` on every repeat of a (source_file_id, source_line) already seen earlier in the chunk.
+
+    `within` names columns that split the table into chunks (Mechanism Y's batch cut): a row id repeats
+    only within its own chunk.
+    """
     if rows.num_rows < 2:
         return rows
-    counts = rows.group_by(["source_file_id", "source_line"]).aggregate([("source_line", "count")])
+    keys = [*within, "source_file_id", "source_line"]
+    counts = rows.group_by(keys).aggregate([("source_line", "count")])
     if pc.max(counts["source_line_count"]).as_py() <= 1:
         return rows
     seen: set[tuple] = set()
     problems = rows.column(PROBLEM).to_pylist()
-    for i, key in enumerate(zip(rows.column("source_file_id").to_pylist(), rows.column("source_line").to_pylist())):
+    for i, key in enumerate(zip(*(rows.column(k).to_pylist() for k in keys))):
         if key in seen and problems[i] is None:
             problems[i] = DUPLICATE
         seen.add(key)

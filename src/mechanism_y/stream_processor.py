@@ -1,10 +1,14 @@
-"""Mechanism Y: each chunk, in ledger order, through Spark into the running state and the patterns.
+"""Mechanism Y: the chunks X records, in ledger order, through Spark into the running state and the patterns.
 
-Per chunk: read the Parquet object with Spark, annotate problems, fold the clean rows into the
-per (merchant, customer) state, evaluate PatId1-3 on the new state, then commit in ONE
-PostgreSQL transaction: the clean rows (`transactions`), the state delta (`y_state`), the new
-detections and the chunk's processed mark. A crash before the commit leaves no trace, so the
-chunk is done again from the state of the previous commit; after it, the chunk is never redone.
+Y takes every chunk that is waiting (up to Y_MAX_BATCH_CHUNKS) as one batch: it reads their Parquet
+objects with Spark in one pass, annotates problems, folds the clean rows into the per (merchant,
+customer) state and judges PatId1-3 at each chunk's own boundary (`pattern_detector.detect_batch`), so
+the detections and the chunk each is credited to are those of one-by-one processing. Keeping up, a
+batch is one chunk; behind (start-up, a burst, a restart), it catches up without paying Spark's
+per-job cost per chunk. It then commits in ONE PostgreSQL transaction: the clean rows
+(`transactions`), the state delta (`y_state`), the new detections and every chunk's processed mark.
+A crash before the commit leaves no trace, so the batch is done again from the state of the previous
+commit; after it, none of its chunks is ever redone.
 
     python -m src.mechanism_y.stream_processor [--drain]
 """
@@ -21,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import psycopg2
@@ -29,14 +34,20 @@ import psycopg2.extras
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from config.config import Settings
 from src.errors import ProcessorError
 from src.mechanism_x.data_ingestion import CHUNK_CHANNEL, QUARANTINE_SCHEMA
 from src.mechanism_y import pattern_detector as patterns
-from src.mechanism_y.data_validator import PROBLEM, annotate_problems, check_schema, mark_duplicates
+from src.mechanism_y.data_validator import PROBLEM, annotate_problems, chunk_schema_problems, mark_duplicates
 from src.mechanism_y.detection_writer import DetectionWriter, ist
-from src.schemas.transaction_schemas import chunk_spark_schema, state_spark_schema, weights_spark_schema
+from src.schemas.transaction_schemas import (
+    batch_rows_spark_schema,
+    chunk_spark_schema,
+    state_spark_schema,
+    weights_spark_schema,
+)
 from src.utils import lake_paths
 from src.utils.object_store import ObjectStore, parquet_bytes
 from src.utils.postgres_utils import Database, copy_csv, copy_rows, is_transient
@@ -61,7 +72,21 @@ TRANSACTION_COLUMNS = {
     "amount": "amount",
     "fraud": "fraud",
 }
-ACTIONS = {"PatId1": "UPGRADE", "PatId2": "CHILD", "PatId3": "DEI-NEEDED"}
+ACTIONS = patterns.ACTION_TYPES
+CUT = "_cut"
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """A ledger row of a chunk Y is about to process."""
+
+    seq: int
+    file_id: str
+    chunk_seq: int
+    key: str
+    first_line: int
+    last_line: int
+    written_at: datetime | None
 
 
 class StreamProcessor:
@@ -76,6 +101,7 @@ class StreamProcessor:
         self.thresholds = patterns.thresholds_from_settings(settings)
         self.writer = DetectionWriter(settings, db, store)
         self.state = None
+        self._versions = None  # the checkpoint the state is a view of, released once the next one exists
         self.weights = None
         self.weights_version: int | None = None
         self.emitted: set[tuple[str, str, str]] = set()
@@ -98,12 +124,17 @@ class StreamProcessor:
             for p, c, m in self.db.query("SELECT pattern_id, customer_name, merchant_id FROM pattern_detections")
         }
         self.writer.tick(final=False)
+        self.warm_up()
         log.info(
             "mechanism Y up (YStartTime %s): state of %d (merchant, customer) pairs, %d detections so far",
             ist(self.y_start),
             self.state_rows,
             len(self.emitted),
         )
+        ready = os.environ.get("TP_Y_READY_FILE")
+        if ready:  # the supervisor starts Mechanism X once this exists (main.py)
+            with open(ready, "w") as f:
+                f.write(f"{os.getpid()}\n")
 
     def _copy_out(self, sql: str, schema: pa.Schema) -> pa.Table:
         buf = io.BytesIO()
@@ -137,7 +168,8 @@ class StreamProcessor:
             ]
         )
         table = self._copy_out("SELECT merchant, customer, n, amount_sum, has_f, has_m FROM y_state", schema)
-        self.state = self.spark.createDataFrame(table, schema=state_spark_schema()).localCheckpoint(eager=True)
+        state = self.spark.createDataFrame(table, schema=state_spark_schema())
+        self.state = patterns.by_merchant(state).localCheckpoint(eager=True)
         self.state_rows = table.num_rows
 
     def _refresh_weights(self) -> bool:
@@ -163,19 +195,31 @@ class StreamProcessor:
         )
         if self.weights is not None:
             self.weights.unpersist()
-        self.weights = self.spark.createDataFrame(table, schema=weights_spark_schema()).localCheckpoint(eager=True)
+        weights = self.spark.createDataFrame(table, schema=weights_spark_schema())
+        # Partitioned and sorted like the versions the detection joins them to: that join needs no shuffle.
+        self.weights = patterns.by_merchant(weights).localCheckpoint(eager=True)
         log.info("importance weights loaded: version %d, %d (customer, merchant) pairs", version, table.num_rows)
         self.weights_version = version
         return True
 
     # ---------------------------------------------------------------- loop
 
-    def _next_chunk(self):
-        rows = self.db.query(
+    def _waiting_chunks(self) -> list[tuple]:
+        """The next unprocessed chunks in ledger order (pending ones included: the batch stops before them)."""
+        return self.db.query(
             "SELECT seq, file_id, chunk_seq, object_key, first_line, last_line, status, written_at FROM chunks "
-            "WHERE processed_at IS NULL AND status <> 'failed' ORDER BY seq LIMIT 1"
+            "WHERE processed_at IS NULL AND status <> 'failed' ORDER BY seq LIMIT %s",
+            (self.settings.y_max_batch_chunks,),
         )
-        return rows[0] if rows else None
+
+    @staticmethod
+    def _ready_prefix(rows: list[tuple]) -> list[ChunkRef]:
+        batch = []
+        for seq, file_id, chunk_seq, key, first, last, status, written_at in rows:
+            if status != "written":
+                break  # strictly in order: a chunk whose object is not written yet holds back the rest
+            batch.append(ChunkRef(seq, file_id, chunk_seq, key, first, last, written_at))
+        return batch
 
     def _x_busy(self) -> bool:
         return bool(self.db.query("SELECT 1 FROM source_files WHERE status = 'ingesting' LIMIT 1"))
@@ -203,10 +247,11 @@ class StreamProcessor:
         try:
             while not self.stop.is_set():
                 self.writer.tick()
-                chunk = self._next_chunk()
+                waiting = self._waiting_chunks()
+                batch = self._ready_prefix(waiting)
                 draining = drain or self.drain_requested.is_set()
-                if chunk is None or chunk[6] != "written":
-                    if draining and chunk is None and (self.drain_requested.is_set() or not self._x_busy()):
+                if not batch:
+                    if draining and not waiting and (self.drain_requested.is_set() or not self._x_busy()):
                         log.info("drain: every chunk in the ledger is processed")
                         return 0
                     self._wait(min(0.5, self.settings.detections_flush_seconds))
@@ -214,7 +259,7 @@ class StreamProcessor:
                 if not self._refresh_weights():
                     if waiting_since is None:
                         waiting_since = time.monotonic()
-                        log.warning("chunk %d waits: no CustomerImportance file has been loaded yet", chunk[0])
+                        log.warning("chunk %d waits: no CustomerImportance file has been loaded yet", batch[0].seq)
                     if draining and not self._x_busy():
                         log.error(
                             "drain impossible: chunks wait for a CustomerImportance file the source does not have"
@@ -225,7 +270,7 @@ class StreamProcessor:
                 waiting_since = None
                 if self.stop.is_set():
                     break
-                self.process_chunk(*chunk[:6], written_at=chunk[7])
+                self.process_batch(batch)
             return 0
         finally:
             try:
@@ -234,95 +279,195 @@ class StreamProcessor:
                 if self._listen is not None:
                     self._listen.close()
 
-    # ---------------------------------------------------------------- one chunk
+    # ---------------------------------------------------------------- one batch
 
-    def process_chunk(
-        self,
-        seq: int,
-        file_id: str,
-        chunk_seq: int,
-        key: str,
-        first_line: int,
-        last_line: int,
-        *,
-        written_at: datetime | None,
-    ) -> int:
+    def warm_up(self) -> None:
+        """Run the fold and the detection once on one made-up row, so the first real chunk does not pay for
+        Spark's first query plans, code generation and JIT (seconds on a 2-core machine)."""
         t0 = time.perf_counter()
-        df = self.spark.read.schema(chunk_spark_schema()).parquet(self.store.spark_uri(key))
-        check_schema(df)
-        rows = mark_duplicates(annotate_problems(df).toArrow())
+        row = pa.table(
+            {
+                "cut": pa.array([0], pa.int32()),
+                "merchant": ["M-warm-up"],
+                "customer": ["C-warm-up"],
+                "gender": ["F"],
+                "amount": pa.array([1], pa.decimal128(18, 2)),
+            }
+        )
+        empty = self.spark.createDataFrame([], schema=state_spark_schema())
+        versions = patterns.fold_batch(
+            patterns.by_merchant(empty), self.spark.createDataFrame(row, schema=batch_rows_spark_schema()), 1
+        ).localCheckpoint(eager=True)
+        weights = patterns.by_merchant(self.spark.createDataFrame([], schema=weights_spark_schema())).localCheckpoint()
+        patterns.detect_batch(versions, weights, 1, **self.thresholds).collect()
+        versions.unpersist()
+        log.info("Spark warmed up in %.1f s", time.perf_counter() - t0)
+
+    def _read_batch(self, batch: list[ChunkRef]) -> pa.Table:
+        """The rows of every chunk of the batch, read by Spark in one pass, annotated, in (cut, file) order."""
+        from pyspark.sql import functions as F
+
+        uris = [self.store.spark_uri(c.key) for c in batch]
+        df = self.spark.read.schema(chunk_spark_schema()).parquet(*uris)
+        df = annotate_problems(df).withColumn(CUT, F.col("_metadata.file_name"))
+        rows = df.toArrow()
+        names = pa.array([c.key.rsplit("/", 1)[-1] for c in batch])
+        cuts = pc.index_in(rows.column(CUT), value_set=names).cast(pa.int32())
+        rows = rows.set_column(rows.schema.get_field_index(CUT), CUT, cuts)
+        # A stable sort: rows keep their order within their object, which `mark_duplicates` relies on.
+        rows = rows.take(pc.sort_indices(rows, [(CUT, "ascending")]))
+        return mark_duplicates(rows, within=(CUT,))
+
+    def process_batch(self, batch: list[ChunkRef]) -> int:
+        """Fold, judge and commit the chunks of `batch` (consecutive in the ledger); returns new detections."""
+        t0 = time.perf_counter()
+        try:
+            rows = self._read_batch(batch)
+        except Exception as exc:  # noqa: BLE001 - the object may be bad; find out which before giving up
+            if self._fail_unreadable(batch, exc):
+                return 0
+            raise
+        k = len(batch)
         problem = rows.column(PROBLEM)
         clean_mask = pc.is_null(problem)
         clean = rows.filter(clean_mask).drop_columns([PROBLEM])
         rejected = rows.filter(pc.invert(clean_mask))
 
-        clean_df = self.spark.createDataFrame(clean, schema=chunk_spark_schema())
-        # Checkpointed (eagerly) every chunk: it cuts the lineage, so planning and work stay flat with
-        # history. Caching instead and checkpointing every k chunks measured 4x slower per chunk.
-        new_state = patterns.merge_state(self.state, patterns.chunk_delta(clean_df)).localCheckpoint(eager=True)
-        found = patterns.detect_all(new_state, self.weights, **self.thresholds).collect()
+        folded = clean.select([CUT, "merchant", "customer", "gender", "amount"]).rename_columns(
+            ["cut", "merchant", "customer", "gender", "amount"]
+        )
+        # Checkpointed (eagerly) every batch: it cuts the lineage, so planning and work stay flat with
+        # history, and it keeps the merchant partitioning, so the detection reads it without a shuffle.
+        versions = patterns.fold_batch(
+            self.state, self.spark.createDataFrame(folded, schema=batch_rows_spark_schema()), k
+        ).localCheckpoint(eager=True)
+        found = patterns.first_hits(patterns.detect_batch(versions, self.weights, k, **self.thresholds).collect())
         t_spark = time.perf_counter()
-        new = sorted({(r["pattern_id"], r["customer_name"], r["merchant_id"]) for r in found} - self.emitted)
+        new = sorted((cut, key) for key, cut in found.items() if key not in self.emitted)
 
+        per_cut_clean = _counts(clean.column(CUT), k)
+        per_cut_rejected = _counts(rejected.column(CUT), k)
+        per_cut_new = [0] * k
+        for cut, _ in new:
+            per_cut_new[cut] += 1
         with self.db.transaction() as cur:
-            cur.execute(
-                "UPDATE chunks SET processed_at = clock_timestamp(), y_rows_clean = %s, y_rows_rejected = %s, "
-                "y_new_detections = %s WHERE seq = %s AND processed_at IS NULL",
-                (clean.num_rows, rejected.num_rows, len(new), seq),
+            psycopg2.extras.execute_values(
+                cur,
+                "UPDATE chunks c SET processed_at = clock_timestamp(), y_rows_clean = v.clean, "
+                "y_rows_rejected = v.rejected, y_new_detections = v.new FROM (VALUES %s) AS v(seq, clean, rejected, new) "
+                "WHERE c.seq = v.seq AND c.processed_at IS NULL",
+                [(c.seq, per_cut_clean[i], per_cut_rejected[i], per_cut_new[i]) for i, c in enumerate(batch)],
             )
-            if cur.rowcount != 1:
-                raise ProcessorError(f"chunk {seq} was processed by someone else; refusing to count it twice")
+            if cur.rowcount != k:
+                raise ProcessorError(
+                    f"chunks {batch[0].seq}..{batch[-1].seq} were processed by someone else; refusing to count them twice"
+                )
             if clean.num_rows:
                 out = clean.select(list(TRANSACTION_COLUMNS)).rename_columns(list(TRANSACTION_COLUMNS.values()))
                 buf = io.BytesIO()
                 pacsv.write_csv(out, buf)
                 buf.seek(0)
                 copy_csv(cur, "transactions", out.column_names, buf)
-                # The durable twin of Spark's merge: PostgreSQL folds the same rows into y_state in the
-                # same transaction as the processed mark, so a restart reloads exactly this state.
+                # The durable twin of Spark's fold: PostgreSQL folds the same rows into y_state in the same
+                # transaction as the processed marks, so a restart reloads exactly this state.
                 cur.execute(
                     "INSERT INTO y_state (merchant, customer, n, amount_sum, has_f, has_m) "
-                    "SELECT merchant, customer, count(*), sum(amount), bool_or(gender = 'F'), bool_or(gender = 'M') "
-                    "FROM transactions WHERE source_file_id = %s AND chunk_seq = %s "
-                    "AND source_line BETWEEN %s AND %s GROUP BY merchant, customer "
+                    "SELECT t.merchant, t.customer, count(*), sum(t.amount), bool_or(t.gender = 'F'), "
+                    "bool_or(t.gender = 'M') FROM transactions t "
+                    "JOIN unnest(%s::text[], %s::int[], %s::bigint[], %s::bigint[]) AS b(file_id, chunk_seq, lo, hi) "
+                    "ON t.source_file_id = b.file_id AND t.chunk_seq = b.chunk_seq AND t.source_line BETWEEN b.lo AND b.hi "
+                    "GROUP BY t.merchant, t.customer "
                     "ON CONFLICT (merchant, customer) DO UPDATE SET "
                     "n = y_state.n + EXCLUDED.n, amount_sum = y_state.amount_sum + EXCLUDED.amount_sum, "
                     "has_f = y_state.has_f OR EXCLUDED.has_f, has_m = y_state.has_m OR EXCLUDED.has_m",
-                    (file_id, chunk_seq, first_line, last_line),
+                    (
+                        [c.file_id for c in batch],
+                        [c.chunk_seq for c in batch],
+                        [c.first_line for c in batch],
+                        [c.last_line for c in batch],
+                    ),
                 )
             if new:
+                now = datetime.now(timezone.utc)
                 psycopg2.extras.execute_values(
                     cur,
                     "INSERT INTO pattern_detections (pattern_id, action_type, customer_name, merchant_id, "
                     "y_start_time, detection_time, chunk_id) VALUES %s",
-                    [(p, ACTIONS[p], c, m, self.y_start, datetime.now(timezone.utc), seq) for p, c, m in new],
+                    [(p, ACTIONS[p], c, m, self.y_start, now, batch[cut].seq) for cut, (p, c, m) in new],
                 )
             if rejected.num_rows:
-                self._record_rejected(cur, seq, file_id, chunk_seq, rejected)
+                cuts = rejected.column(CUT)
+                for i, chunk in enumerate(batch):
+                    if per_cut_rejected[i]:
+                        self._record_rejected(
+                            cur, chunk.seq, chunk.file_id, chunk.chunk_seq, rejected.filter(pc.equal(cuts, i))
+                        )
         t_commit = time.perf_counter()
-        self.state.unpersist()
-        self.state = new_state
-        self.emitted.update(new)
+        if self._versions is not None:
+            self._versions.unpersist()
+        self._versions = versions
+        self.state = patterns.latest_state(versions, k)
+        self.emitted.update(key for _, key in new)
         self.writer.note_new(len(new))
-        latency = (datetime.now(timezone.utc) - written_at).total_seconds() if written_at else float("nan")
-        log.info(
-            "chunk %d (%s-%06d): %d rows, %d rejected, %d new detection(s) %s, %.0f ms in Y "
-            "(Spark %.0f, commit %.0f), latency %.3f s",
-            seq,
-            file_id,
-            chunk_seq,
-            clean.num_rows,
-            rejected.num_rows,
-            len(new),
-            "(" + ", ".join(f"{p}:{sum(1 for x in new if x[0] == p)}" for p in ACTIONS) + ")",
-            (time.perf_counter() - t0) * 1000,
-            (t_spark - t0) * 1000,
-            (t_commit - t_spark) * 1000,
-            latency,
-        )
+        done = datetime.now(timezone.utc)
+        for i, c in enumerate(batch):
+            here = [key for cut, key in new if cut == i]
+            log.info(
+                "chunk %d (%s-%06d): %d rows, %d rejected, %d new detection(s) %s, latency %.3f s "
+                "[batch of %d: %.0f ms in Y (Spark %.0f, commit %.0f)]",
+                c.seq,
+                c.file_id,
+                c.chunk_seq,
+                per_cut_clean[i],
+                per_cut_rejected[i],
+                len(here),
+                "(" + ", ".join(f"{p}:{sum(1 for x in here if x[0] == p)}" for p in ACTIONS) + ")",
+                (done - c.written_at).total_seconds() if c.written_at else float("nan"),
+                k,
+                (time.perf_counter() - t0) * 1000,
+                (t_spark - t0) * 1000,
+                (t_commit - t_spark) * 1000,
+            )
         if rejected.num_rows:
             self.write_quality_report()
         return len(new)
+
+    def _fail_unreadable(self, batch: list[ChunkRef], exc: Exception) -> bool:
+        """After Spark failed to read a batch: mark failed (and quarantine) each chunk whose object is not a
+        chunk, judged from its own Parquet footer. False if every object is fine, i.e. the failure was not
+        theirs (a lake outage): then nothing is marked and the caller re-raises."""
+        bad = []
+        for c in batch:
+            try:
+                problems = chunk_schema_problems(pq.read_schema(io.BytesIO(self.store.get_bytes(c.key))))
+            except FileNotFoundError:
+                problems = ["the object is missing from the lake"]
+            except (pa.ArrowInvalid, OSError) as err:
+                if is_transient(err):
+                    raise
+                problems = [f"not a readable Parquet file ({err})"]
+            if problems:
+                bad.append((c, "; ".join(problems)))
+        if not bad:
+            return False
+        for c, reason in bad:
+            message = f"chunk object {c.key} cannot be processed: {reason}"
+            with self.db.transaction() as cur:
+                cur.execute(
+                    "UPDATE chunks SET status = 'failed' WHERE seq = %s AND processed_at IS NULL", (c.seq,)
+                )
+                copy_rows(
+                    cur,
+                    "quarantine",
+                    ("file_id", "line_no", "chunk_seq", "stage", "reason", "raw_line"),
+                    [(c.file_id, c.first_line, c.chunk_seq, "detect", f"whole chunk (lines {c.first_line}-"
+                      f"{c.last_line}) rejected: {reason}", None)],
+                )
+                self.db.log_event(
+                    COMPONENT, "ERROR", "chunk_failed", message, file_id=c.file_id, chunk_id=c.seq, cur=cur
+                )
+            log.error("%s; marked failed and quarantined (Spark said: %s)", message, str(exc).splitlines()[0][:300])
+        return True
 
     def _record_rejected(self, cur, seq: int, file_id: str, chunk_seq: int, rejected: pa.Table) -> None:
         """Quarantine rejected rows (one record per row id) in PostgreSQL and in the lake."""
@@ -396,6 +541,15 @@ class StreamProcessor:
             what="write quality_reports.json",
             transient=is_transient,
         )
+
+
+def _counts(cuts: pa.ChunkedArray, k: int) -> list[int]:
+    """How many entries of `cuts` fall on each cut 0..k-1."""
+    counts = [0] * k
+    if len(cuts):
+        for value, n in zip(*pc.value_counts(cuts).flatten()):
+            counts[value.as_py()] = n.as_py()
+    return counts
 
 
 # -------------------------------------------------------------------- entry point

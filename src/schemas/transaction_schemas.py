@@ -121,3 +121,18 @@ def weights_spark_schema() -> "StructType":
             StructField("weight_count", LongType(), False),
         ]
     )
+
+
+def batch_rows_spark_schema() -> "StructType":
+    """What Mechanism Y folds into its state: the clean rows of a batch, each tagged with its chunk's cut."""
+    from pyspark.sql.types import DecimalType, IntegerType, StringType, StructField, StructType
+
+    return StructType(
+        [
+            StructField("cut", IntegerType(), False),
+            StructField("merchant", StringType(), False),
+            StructField("customer", StringType(), False),
+            StructField("gender", StringType(), False),
+            StructField("amount", DecimalType(AMOUNT_PRECISION, AMOUNT_SCALE), False),
+        ]
+    )
