@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
 
 from config.config import Settings  # noqa: E402
 from src.errors import ProcessorError  # noqa: E402
+from src.utils.runtime import READY_FILE_ENV  # noqa: E402
 
 log = logging.getLogger("supervisor")
 
@@ -34,8 +35,6 @@ EXIT_CONFIG = 2  # a worker exiting with this code has a settings problem: resta
 STOP_TIMEOUT = 8.0
 MAX_BACKOFF = 60.0
 HEALTHY_AFTER = 60.0  # a worker up this long has its restart backoff reset
-Y_READY_TIMEOUT = 180.0  # X starts after Y reports ready (Spark up and warm), or after this long regardless
-READY_FILE_ENV = "TP_Y_READY_FILE"
 
 
 @dataclass
@@ -67,8 +66,9 @@ class Supervisor:
         self.env = self._child_env()
         self.x = Worker("mechanism X", "src.mechanism_x.data_ingestion", ["--drain"] if drain else [])
         self.y = Worker("mechanism Y", "src.mechanism_y.stream_processor") if run_y else None
-        # Y touches this file once its Spark session is up and warm. X is started only then, so chunks are
-        # not released at CHUNK_INTERVAL_SECONDS into a queue nobody serves during Spark's start-up.
+        # Y touches this file once its Spark session is up and warm; X gets ready meanwhile (scans files, loads
+        # CustomerImportance) but releases its first chunk only then, so chunks are not paced out at
+        # CHUNK_INTERVAL_SECONDS into a queue nobody serves during Spark's start-up.
         self.ready_file = settings.data_dir / "run" / f"mechanism-y-ready-{os.getpid()}"
         if self.y is not None:
             self.env[READY_FILE_ENV] = str(self.ready_file)
@@ -84,20 +84,6 @@ class Supervisor:
     def workers(self) -> list[Worker]:
         return [w for w in (self.x, self.y) if w is not None]
 
-    def _x_may_start(self, due: float) -> bool:
-        if self.y is None:
-            return True
-        if self.ready_file.exists():
-            log.info("mechanism Y is ready; starting mechanism X")
-            return True
-        if not self.y.alive():
-            log.warning("mechanism Y is not running; starting mechanism X without waiting for it")
-            return True
-        if time.monotonic() >= due:
-            log.warning("mechanism Y did not report ready within %.0fs; starting mechanism X anyway", Y_READY_TIMEOUT)
-            return True
-        return False
-
     def run(self) -> int:
         try:
             return self._run()
@@ -107,15 +93,9 @@ class Supervisor:
     def _run(self) -> int:
         self.ready_file.parent.mkdir(parents=True, exist_ok=True)
         self.ready_file.unlink(missing_ok=True)
-        if self.y is not None:
-            self.y.start(self.env)
-            log.info("waiting for mechanism Y's Spark session before releasing chunks")
-        x_due = time.monotonic() + Y_READY_TIMEOUT
+        for w in self.workers():
+            w.start(self.env)
         while not self.stop.wait(0.2):
-            if self.x.proc is None:
-                if not self._x_may_start(x_due):
-                    continue
-                self.x.start(self.env)
             for w in self.workers():
                 if w.done or w.alive():
                     continue

@@ -47,7 +47,7 @@ from src.mechanism_x.sources import Source, SourceFile, md5_file
 from src.utils import lake_paths
 from src.utils.object_store import ObjectStore, parquet_bytes
 from src.utils.postgres_utils import Database, copy_csv, copy_rows, is_transient
-from src.utils.runtime import retry_call
+from src.utils.runtime import CONSUMER_READY_TIMEOUT, READY_FILE_ENV, retry_call
 
 log = logging.getLogger(__name__)
 COMPONENT = "mechanism_x"
@@ -80,6 +80,7 @@ class Ingestor:
         self.stop = stop
         self.monitor = FileMonitor(source, db)
         self._last_release = 0.0
+        self._consumer_ready = not os.environ.get(READY_FILE_ENV)
 
     # ---------------------------------------------------------------- top level
 
@@ -373,8 +374,23 @@ class Ingestor:
             )
             cur.execute("SELECT pg_notify(%s, %s)", (CHUNK_CHANNEL, str(seq)))
 
+    def _await_consumer(self) -> None:
+        """Under the supervisor, hold the first release until Mechanism Y reports ready (see main.py)."""
+        path = os.environ.get(READY_FILE_ENV, "")
+        deadline = time.monotonic() + CONSUMER_READY_TIMEOUT
+        if not os.path.exists(path):
+            log.info("first chunk ready; holding it until mechanism Y's Spark session is up")
+        while not os.path.exists(path) and not self.stop.is_set():
+            if time.monotonic() >= deadline:
+                log.warning("mechanism Y not ready after %.0fs; releasing chunks anyway", CONSUMER_READY_TIMEOUT)
+                break
+            self.stop.wait(0.1)
+        self._consumer_ready = True
+
     def _pace(self) -> None:
         """One chunk per CHUNK_INTERVAL_SECONDS: wait out the rest of the interval since the last release."""
+        if not self._consumer_ready:
+            self._await_consumer()
         interval = self.settings.chunk_interval_seconds
         if interval > 0 and self._last_release:
             self.stop.wait(max(0.0, interval - (time.monotonic() - self._last_release)))

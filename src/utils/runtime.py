@@ -12,6 +12,11 @@ from typing import Callable, TypeVar
 from src.errors import RetryableError
 
 T = TypeVar("T")
+
+# Under the supervisor (main.py), Mechanism Y creates the file named here once its Spark session is up and
+# warm, and Mechanism X holds its first chunk release until then (or CONSUMER_READY_TIMEOUT at most).
+READY_FILE_ENV = "TP_Y_READY_FILE"
+CONSUMER_READY_TIMEOUT = 180.0
 log = logging.getLogger(__name__)
 
 
