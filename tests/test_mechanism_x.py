@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -880,3 +881,37 @@ def test_lines_split_across_read_blocks(make_settings, inbox, lake, pg_conn, mon
     ingest(make_settings(BATCH_SIZE="4"))
     assert (lake / target["object_key"]).read_bytes() == original
     assert [c["status"] for c in chunk_records(pg_conn)] == ["written"] * len(chunks)
+
+
+def test_first_release_waits_for_mechanism_y(make_settings, inbox, pg_conn, monkeypatch, tmp_path):
+    """Under the supervisor, X prepares its first chunk but releases it only once Y reports ready."""
+    from src.mechanism_x.data_ingestion import run_worker
+    from src.utils.runtime import READY_FILE_ENV
+
+    ready = tmp_path / "y-ready"
+    monkeypatch.setenv(READY_FILE_ENV, str(ready))
+    from src.utils.postgres_utils import Database
+
+    settings = make_settings(BATCH_SIZE="2")
+    db = Database(settings)
+    db.apply_schema()  # so the ledger can be watched from the start
+    db.close()
+    write_csv(inbox / "tx.csv", rows(4))
+    codes: list[int] = []
+    x = threading.Thread(target=lambda: codes.append(run_worker(settings, drain=True)))
+    x.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not chunk_records(pg_conn) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        held = chunk_records(pg_conn)
+        assert held and all(c["status"] == "pending" for c in held), held
+        assert x.is_alive()
+        ready.write_text("1\n")
+        x.join(30)
+    finally:
+        ready.touch()
+        x.join(30)
+    assert codes == [0]
+    assert [c["status"] for c in chunk_records(pg_conn)] == ["written", "written"]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import psycopg2
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -460,8 +461,10 @@ def test_handcrafted_lake_outputs(handcrafted_run):
 # ---------------------------------------------------------------- 3. validator
 
 
-def _register_chunk(run: Run, file_id: str, rows: list[dict]) -> int:
-    """Write a hand-made chunk object into the lake and record it in the ledger as X would; returns its seq."""
+def _register_chunk(run: Run, file_id: str, rows: list[dict], payload: bytes | None = None) -> int:
+    """Write a hand-made chunk object into the lake and record it in the ledger as X would; returns its seq.
+
+    `payload`, when given, is written as the object instead of the rows (a broken object)."""
     from src.schemas.transaction_schemas import CHUNK_ARROW_SCHEMA
 
     schema = pa.schema([f.with_nullable(True) for f in CHUNK_ARROW_SCHEMA])
@@ -469,7 +472,10 @@ def _register_chunk(run: Run, file_id: str, rows: list[dict]) -> int:
     key = f"raw-transactions/year=2026/month=01/day=02/{file_id}-000000.parquet"
     path = run.lake / key
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    if payload is None:
+        pq.write_table(table, path)
+    else:
+        path.write_bytes(payload)
     lines = [r["source_line"] for r in rows if r["source_line"] is not None]
     with run.conn.cursor() as cur:
         cur.execute(
@@ -603,6 +609,59 @@ def test_validator_rejects_reach_the_lake_quarantine(small_clean_run, spark):
         if "source_line" in r
     }
     assert ("handmade-neg", 2) in lines, f"no lake quarantine object holds the rejected row; objects: {objects}"
+
+
+def _wrong_type_payload(rows: list[dict]) -> bytes:
+    table = pa.Table.from_pylist(rows)  # inferred types: amount is a string, step an int64, ...
+    table = table.set_column(table.schema.get_field_index("amount"), "amount", pc.cast(table["amount"], pa.string()))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+@pytest.mark.parametrize("broken", ["wrong column type", "not parquet"])
+def test_unreadable_chunk_is_failed_and_quarantined_while_its_batch_goes_on(small_clean_run, spark, broken):
+    """A chunk object Spark cannot read is judged by its own footer: marked failed, quarantined and logged,
+    once; the chunks around it in the same batch are processed, and Y does not crash-loop."""
+    run = small_clean_run
+
+    def rows(file_id, customer):
+        return [
+            dict(_row(2, customer=customer, amount="1.00"), source_file_id=file_id),
+            dict(_row(3, customer=customer, amount="2.00"), source_file_id=file_id),
+        ]
+
+    before = _register_chunk(run, "handmade-before", rows("handmade-before", "C_B"))
+    bad_rows = rows("handmade-broken", "C_X")
+    payload = _wrong_type_payload(bad_rows) if broken == "wrong column type" else b"PAR1 but not really a parquet file"
+    bad = _register_chunk(run, "handmade-broken", bad_rows, payload=payload)
+    after = _register_chunk(run, "handmade-after", rows("handmade-after", "C_A"))
+    run_y(run.settings, spark)
+
+    status = dict(
+        (
+            (s, (st, done))
+            for s, st, done in run.rows(
+                "SELECT seq, status, processed_at IS NOT NULL FROM chunks WHERE seq IN (%s, %s, %s)",
+                (before, bad, after),
+            )
+        )
+    )
+    assert status == {before: ("written", True), bad: ("failed", False), after: ("written", True)}
+    assert run.rows(
+        "SELECT DISTINCT source_file_id FROM transactions WHERE source_file_id LIKE 'handmade-%%' ORDER BY 1"
+    ) == [("handmade-after",), ("handmade-before",)]
+    assert_state_matches_transactions(run)
+    quarantined = run.rows("SELECT line_no, stage, reason FROM quarantine WHERE file_id = 'handmade-broken'")
+    assert len(quarantined) == 1
+    line_no, stage, reason = quarantined[0]
+    assert (line_no, stage) == (2, "detect")
+    assert "whole chunk (lines 2-3)" in reason
+    assert ("amount is string" in reason) if broken == "wrong column type" else ("not a readable Parquet" in reason)
+    logged = run.rows(
+        "SELECT level, message FROM processing_logs WHERE event = 'chunk_failed' AND chunk_id = %s", (bad,)
+    )
+    assert len(logged) == 1 and logged[0][0] == "ERROR" and "handmade-broken" in logged[0][1]
 
 
 # ---------------------------------------------------------------- 5. restart and SIGKILL of Y: same result

@@ -375,8 +375,11 @@ class StreamProcessor:
         with self.db.transaction() as cur:
             psycopg2.extras.execute_values(
                 cur,
-                "UPDATE chunks c SET processed_at = clock_timestamp(), y_rows_clean = v.clean, "
-                "y_rows_rejected = v.rejected, y_new_detections = v.new FROM (VALUES %s) AS v(seq, clean, rejected, new) "
+                # One clock reading for the whole batch: its chunks are committed together.
+                "WITH clock AS (SELECT clock_timestamp() AS ts) "
+                "UPDATE chunks c SET processed_at = clock.ts, y_rows_clean = v.clean, "
+                "y_rows_rejected = v.rejected, y_new_detections = v.new "
+                "FROM clock, (VALUES %s) AS v(seq, clean, rejected, new) "
                 "WHERE c.seq = v.seq AND c.processed_at IS NULL",
                 [(c.seq, per_cut_clean[i], per_cut_rejected[i], per_cut_new[i]) for i, c in enumerate(batch)],
             )
@@ -477,15 +480,21 @@ class StreamProcessor:
         for c, reason in bad:
             message = f"chunk object {c.key} cannot be processed: {reason}"
             with self.db.transaction() as cur:
-                cur.execute(
-                    "UPDATE chunks SET status = 'failed' WHERE seq = %s AND processed_at IS NULL", (c.seq,)
-                )
+                cur.execute("UPDATE chunks SET status = 'failed' WHERE seq = %s AND processed_at IS NULL", (c.seq,))
                 copy_rows(
                     cur,
                     "quarantine",
                     ("file_id", "line_no", "chunk_seq", "stage", "reason", "raw_line"),
-                    [(c.file_id, c.first_line, c.chunk_seq, "detect", f"whole chunk (lines {c.first_line}-"
-                      f"{c.last_line}) rejected: {reason}", None)],
+                    [
+                        (
+                            c.file_id,
+                            c.first_line,
+                            c.chunk_seq,
+                            "detect",
+                            f"whole chunk (lines {c.first_line}-{c.last_line}) rejected: {reason}",
+                            None,
+                        )
+                    ],
                 )
                 self.db.log_event(
                     COMPONENT, "ERROR", "chunk_failed", message, file_id=c.file_id, chunk_id=c.seq, cur=cur
