@@ -162,7 +162,7 @@ class Settings:
         "Y_MAX_BATCH_CHUNKS",
         "20",
         _int(1, 1000),
-        "most waiting chunks Mechanism Y folds in one Spark pass (each is still judged at its own boundary)",
+        "most waiting chunks (and 200,000 rows) Mechanism Y folds in one Spark pass; each is judged at its own boundary",
     )
     spark_master: str = _setting("SPARK_MASTER", "local[*]", _str, "Spark master URL")
     spark_driver_memory: str = _setting("SPARK_DRIVER_MEMORY", "1g", _memory, "Spark driver memory")

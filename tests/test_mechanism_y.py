@@ -824,3 +824,22 @@ def test_stream_processor_help_exits_zero(product_env):
     )
     assert out.returncode == 0, out.stderr
     assert "--drain" in out.stdout
+
+
+def test_batch_is_the_written_prefix_within_the_row_bound():
+    """A batch stops before the first chunk whose object is not written yet (strict order) and before it would
+    exceed MAX_BATCH_ROWS, but always holds at least one written chunk."""
+    from src.mechanism_y.stream_processor import MAX_BATCH_ROWS, StreamProcessor
+
+    def ledger(*rows):
+        return [(i + 1, "f", i, f"k{i}", 1, 2, status, None, n) for i, (status, n) in enumerate(rows)]
+
+    def seqs(rows):
+        return [c.seq for c in StreamProcessor._ready_prefix(rows)]
+
+    assert seqs(ledger(("written", 10), ("written", 10), ("pending", 10), ("written", 10))) == [1, 2]
+    assert seqs(ledger(("pending", 10), ("written", 10))) == []
+    assert seqs(ledger(("written", MAX_BATCH_ROWS + 5), ("written", 1))) == [1]
+    half = MAX_BATCH_ROWS // 2
+    assert seqs(ledger(("written", half), ("written", half), ("written", 1))) == [1, 2]
+    assert seqs([]) == []

@@ -76,6 +76,7 @@ TRANSACTION_COLUMNS = {
 ACTIONS = patterns.ACTION_TYPES
 CUT = "_cut"
 WARM_UP_ROUNDS = 3
+MAX_BATCH_ROWS = 200_000  # a batch takes more than one chunk only while it stays within this many rows
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class StreamProcessor:
             # At a pace, every chunk's latency counts: warm Spark before the first one arrives. At 0 (as fast
             # as possible) the backlog is folded in large batches, where warming up would only delay it.
             self.warm_up()
+            self._refresh_weights()  # X has often loaded CustomerImportance meanwhile: not on the first chunk's clock
         log.info(
             "mechanism Y up (YStartTime %s): state of %d (merchant, customer) pairs, %d detections so far",
             ist(self.y_start),
@@ -213,17 +215,21 @@ class StreamProcessor:
     def _waiting_chunks(self) -> list[tuple]:
         """The next unprocessed chunks in ledger order (pending ones included: the batch stops before them)."""
         return self.db.query(
-            "SELECT seq, file_id, chunk_seq, object_key, first_line, last_line, status, written_at FROM chunks "
-            "WHERE processed_at IS NULL AND status <> 'failed' ORDER BY seq LIMIT %s",
+            "SELECT seq, file_id, chunk_seq, object_key, first_line, last_line, status, written_at, rows_total "
+            "FROM chunks WHERE processed_at IS NULL AND status <> 'failed' ORDER BY seq LIMIT %s",
             (self.settings.y_max_batch_chunks,),
         )
 
     @staticmethod
     def _ready_prefix(rows: list[tuple]) -> list[ChunkRef]:
-        batch = []
-        for seq, file_id, chunk_seq, key, first, last, status, written_at in rows:
+        batch: list[ChunkRef] = []
+        total = 0
+        for seq, file_id, chunk_seq, key, first, last, status, written_at, n_rows in rows:
             if status != "written":
                 break  # strictly in order: a chunk whose object is not written yet holds back the rest
+            total += n_rows or 0
+            if batch and total > MAX_BATCH_ROWS:
+                break  # the batch's rows are held in memory on the driver: bound them, whatever BATCH_SIZE is
             batch.append(ChunkRef(seq, file_id, chunk_seq, key, first, last, written_at))
         return batch
 
@@ -328,6 +334,11 @@ class StreamProcessor:
         df = annotate_problems(df).withColumn(CUT, F.col("_metadata.file_name"))
         rows = df.toArrow()
         cuts = pc.index_in(rows.column(CUT), value_set=pa.array(names)).cast(pa.int32())
+        if cuts.null_count:
+            strays = pc.unique(pc.filter(rows.column(CUT), pc.is_null(cuts))).to_pylist()
+            raise ProcessorError(
+                f"Spark returned rows from files {strays[:3]} that are not in the batch {names[:3]}..."
+            )
         rows = rows.set_column(rows.schema.get_field_index(CUT), CUT, cuts)
         # A stable sort: rows keep their order within their object, which `mark_duplicates` relies on.
         rows = rows.take(pc.sort_indices(rows, [(CUT, "ascending")]))
