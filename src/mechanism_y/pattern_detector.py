@@ -164,20 +164,20 @@ FROM (
 # F, M at each step of the merchant; busy merchants' versions are expanded to the cuts they are valid at
 # (j); the weights join is co-partitioned; a window by (merchant, j) gives T and the percentiles at j.
 # Each row then yields the hits it proves: PatId1 at j, PatId2 for its own version, PatId3 once per
-# merchant step (on the step's first row); `j <= greatest(cut, 0)` picks one copy of an expanded row.
-# Frames only grow from the partition start: Spark re-aggregates a frame that ends at UNBOUNDED FOLLOWING
-# for every row (the next step's cut, as a following frame, cost 0.3 s of a 0.5 s detection).
+# merchant step (on the step's last row in (cut, customer) order, where the running F and M count the
+# whole step and the next row's cut is the step's end); `j <= greatest(cut, 0)` picks one copy of an
+# expanded row. The merchant windows share one ordering, so they cost one sort; their frames grow from
+# the partition start (Spark re-aggregates a frame that ends at UNBOUNDED FOLLOWING for every row).
 _BATCH_DETECT_SQL = f"""
 WITH marked AS (
   SELECT merchant, customer, cut, cut_to, n, amount_sum,
-         sum(CASE WHEN cut_to = {{k}} THEN n ELSE 0 END) OVER (PARTITION BY merchant) AS t_end,
-         sum(CASE WHEN has_f AND NOT had_f THEN 1 ELSE 0 END) OVER (PARTITION BY merchant ORDER BY cut
-             RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS f,
-         sum(CASE WHEN has_m AND NOT had_m THEN 1 ELSE 0 END) OVER (PARTITION BY merchant ORDER BY cut
-             RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS m,
-         coalesce(min(cut) OVER (PARTITION BY merchant ORDER BY cut DESC
-             RANGE BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), {{k}}) AS step_to,
-         row_number() OVER (PARTITION BY merchant, cut ORDER BY customer) = 1 AS step_head
+         sum(CASE WHEN cut_to = {{k}} THEN n ELSE 0 END) OVER (PARTITION BY merchant ORDER BY cut, customer
+             ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING) AS t_end,
+         sum(CASE WHEN has_f AND NOT had_f THEN 1 ELSE 0 END) OVER (PARTITION BY merchant ORDER BY cut, customer
+             ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS f,
+         sum(CASE WHEN has_m AND NOT had_m THEN 1 ELSE 0 END) OVER (PARTITION BY merchant ORDER BY cut, customer
+             ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS m,
+         lead(cut, 1) OVER (PARTITION BY merchant ORDER BY cut, customer) AS next_cut
   FROM {{versions}}
 ),
 expanded AS (
@@ -202,7 +202,8 @@ hits AS (
            named_struct('p', '{PATID2}', 'c', customer, 'cut', greatest(cut, 0),
                         'ok', j <= greatest(cut, 0) AND {_PATID2_WHERE}),
            named_struct('p', '{PATID3}', 'c', '', 'cut', greatest(cut, 0),
-                        'ok', j <= greatest(cut, 0) AND step_head AND step_to > 0 AND {_PATID3_WHERE})
+                        'ok', j <= greatest(cut, 0) AND coalesce(next_cut, {{k}}) > greatest(cut, 0)
+                              AND {_PATID3_WHERE})
          ), x -> x.ok)) AS h
   FROM scored
 )
