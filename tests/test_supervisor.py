@@ -62,6 +62,10 @@ def test_supervisor_restarts_a_killed_worker_and_stops_cleanly(tmp_path, product
             proc.kill()
     text = log.read_text(errors="replace")
     assert code == 0, text[-3000:]
+    # At a pace, Y warms Spark up before it reports ready, and X releases no chunk before that.
+    assert "Spark warmed up in" in text
+    assert text.index("mechanism Y up") < text.index("-000000 written"), text[:3000]
+    assert not list((Path(product_env["DATA_DIR"]) / "run").glob("mechanism-y-ready-*")), "ready file left behind"
     assert took < 10, f"shutdown took {took:.1f}s"
     assert "did not stop" not in text
     assert "all workers stopped" in text

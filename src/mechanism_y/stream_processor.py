@@ -383,6 +383,52 @@ class StreamProcessor:
         per_cut_new = [0] * k
         for cut, _ in new:
             per_cut_new[cut] += 1
+        self._commit(batch, clean, rejected, new, per_cut_clean, per_cut_rejected, per_cut_new)
+        t_commit = time.perf_counter()
+        if self._versions is not None:
+            self._versions.unpersist()
+        self._versions = versions
+        self.state = patterns.latest_state(versions, k)
+        self.emitted.update(key for _, key in new)
+        self.writer.note_new(len(new))
+        done = datetime.now(timezone.utc)
+        for i, c in enumerate(batch):
+            here = [key for cut, key in new if cut == i]
+            log.info(
+                "chunk %d (%s-%06d): %d rows, %d rejected, %d new detection(s) %s, latency %.3f s "
+                "[batch of %d: %.0f ms in Y (read %.0f, fold %.0f, detect %.0f, commit %.0f)]",
+                c.seq,
+                c.file_id,
+                c.chunk_seq,
+                per_cut_clean[i],
+                per_cut_rejected[i],
+                len(here),
+                "(" + ", ".join(f"{p}:{sum(1 for x in here if x[0] == p)}" for p in ACTIONS) + ")",
+                (done - c.written_at).total_seconds() if c.written_at else float("nan"),
+                k,
+                (time.perf_counter() - t0) * 1000,
+                (t_read - t0) * 1000,
+                (t_fold - t_read) * 1000,
+                (t_spark - t_fold) * 1000,
+                (t_commit - t_spark) * 1000,
+            )
+        if rejected.num_rows:
+            self.write_quality_report()
+        return len(new)
+
+    def _commit(
+        self,
+        batch: list[ChunkRef],
+        clean: pa.Table,
+        rejected: pa.Table,
+        new: list[tuple[int, tuple[str, str, str]]],
+        per_cut_clean: list[int],
+        per_cut_rejected: list[int],
+        per_cut_new: list[int],
+    ) -> None:
+        """ONE PostgreSQL transaction for the whole batch: every chunk's processed mark (guarded, so a chunk is
+        never counted twice), the clean rows, the state delta, the new detections and the rejected rows."""
+        k = len(batch)
         with self.db.transaction() as cur:
             psycopg2.extras.execute_values(
                 cur,
@@ -438,37 +484,6 @@ class StreamProcessor:
                         self._record_rejected(
                             cur, chunk.seq, chunk.file_id, chunk.chunk_seq, rejected.filter(pc.equal(cuts, i))
                         )
-        t_commit = time.perf_counter()
-        if self._versions is not None:
-            self._versions.unpersist()
-        self._versions = versions
-        self.state = patterns.latest_state(versions, k)
-        self.emitted.update(key for _, key in new)
-        self.writer.note_new(len(new))
-        done = datetime.now(timezone.utc)
-        for i, c in enumerate(batch):
-            here = [key for cut, key in new if cut == i]
-            log.info(
-                "chunk %d (%s-%06d): %d rows, %d rejected, %d new detection(s) %s, latency %.3f s "
-                "[batch of %d: %.0f ms in Y (read %.0f, fold %.0f, detect %.0f, commit %.0f)]",
-                c.seq,
-                c.file_id,
-                c.chunk_seq,
-                per_cut_clean[i],
-                per_cut_rejected[i],
-                len(here),
-                "(" + ", ".join(f"{p}:{sum(1 for x in here if x[0] == p)}" for p in ACTIONS) + ")",
-                (done - c.written_at).total_seconds() if c.written_at else float("nan"),
-                k,
-                (time.perf_counter() - t0) * 1000,
-                (t_read - t0) * 1000,
-                (t_fold - t_read) * 1000,
-                (t_spark - t_fold) * 1000,
-                (t_commit - t_spark) * 1000,
-            )
-        if rejected.num_rows:
-            self.write_quality_report()
-        return len(new)
 
     def _fail_unreadable(self, batch: list[ChunkRef], exc: Exception) -> bool:
         """After Spark failed to read a batch: mark failed (and quarantine) each chunk whose object is not a
