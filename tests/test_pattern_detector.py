@@ -18,14 +18,6 @@ from tests.reference import reference_detections
 ROOT = Path(__file__).resolve().parent.parent
 D = Decimal
 
-CHUNK_SCHEMA = T.StructType(
-    [
-        T.StructField("customer", T.StringType(), False),
-        T.StructField("merchant", T.StringType(), False),
-        T.StructField("gender", T.StringType(), False),
-        T.StructField("amount", T.DecimalType(18, 2), False),
-    ]
-)
 IMPORTANCE_SCHEMA = T.StructType(
     [
         T.StructField("source", T.StringType(), False),

@@ -3,8 +3,8 @@
 The state holds one row per (merchant, customer) seen so far (`state_spark_schema`): the patterns only
 need n(c,m), the amount sum and whether c ever paid m as gender F or M, so chunks are folded into the state
 with `fold_batch` (one or several chunks at once, each keeping its own boundary) and the whole history is
-never re-read. Nothing here reads, writes,
-collects or talks to a database: the caller owns I/O and decides what is new.
+never re-read. Nothing here reads, writes, collects or talks to a database: the caller owns I/O and
+decides what is new.
 """
 
 from __future__ import annotations

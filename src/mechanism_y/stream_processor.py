@@ -52,7 +52,7 @@ from src.schemas.transaction_schemas import (
 from src.utils import lake_paths
 from src.utils.object_store import ObjectStore, parquet_bytes
 from src.utils.postgres_utils import Database, copy_csv, copy_rows, is_transient
-from src.utils.runtime import retry_call
+from src.utils.runtime import READY_FILE_ENV, retry_call
 
 log = logging.getLogger(__name__)
 COMPONENT = "mechanism_y"
@@ -139,8 +139,8 @@ class StreamProcessor:
             self.state_rows,
             len(self.emitted),
         )
-        ready = os.environ.get("TP_Y_READY_FILE")
-        if ready:  # the supervisor starts Mechanism X once this exists (main.py)
+        ready = os.environ.get(READY_FILE_ENV)
+        if ready:  # under the supervisor, X releases its first chunk once this exists (main.py)
             with open(ready, "w") as f:
                 f.write(f"{os.getpid()}\n")
 
@@ -380,10 +380,7 @@ class StreamProcessor:
 
         per_cut_clean = _counts(clean.column(CUT), k)
         per_cut_rejected = _counts(rejected.column(CUT), k)
-        per_cut_new = [0] * k
-        for cut, _ in new:
-            per_cut_new[cut] += 1
-        self._commit(batch, clean, rejected, new, per_cut_clean, per_cut_rejected, per_cut_new)
+        self._commit(batch, clean, rejected, new, per_cut_clean, per_cut_rejected)
         t_commit = time.perf_counter()
         if self._versions is not None:
             self._versions.unpersist()
@@ -424,11 +421,13 @@ class StreamProcessor:
         new: list[tuple[int, tuple[str, str, str]]],
         per_cut_clean: list[int],
         per_cut_rejected: list[int],
-        per_cut_new: list[int],
     ) -> None:
         """ONE PostgreSQL transaction for the whole batch: every chunk's processed mark (guarded, so a chunk is
         never counted twice), the clean rows, the state delta, the new detections and the rejected rows."""
         k = len(batch)
+        per_cut_new = [0] * k
+        for cut, _ in new:
+            per_cut_new[cut] += 1
         with self.db.transaction() as cur:
             psycopg2.extras.execute_values(
                 cur,
