@@ -179,7 +179,38 @@ class Settings:
     log_level: str = _setting(
         "LOG_LEVEL", "INFO", lambda n, r: _choice("debug", "info", "warning", "error")(n, r).upper(), "log level"
     )
-    log_format: str = _setting("LOG_FORMAT", "text", _choice("text", "json"), "text for people, json for collectors")
+    log_format: str = _setting(
+        "LOG_FORMAT", "auto", _choice("auto", "text", "json"), "auto: text on a terminal, json otherwise"
+    )
+    log_file: Path | None = _setting(
+        "LOG_FILE", "", lambda n, r: _path(n, r) if r.strip() else None, "also log to this file, rotated by size"
+    )
+    log_file_max_bytes: int = _setting("LOG_FILE_MAX_BYTES", "52428800", _int(1024), "rotate LOG_FILE at this size")
+    log_file_backups: int = _setting("LOG_FILE_BACKUPS", "5", _int(0, 1000), "rotated (gzipped) log files kept")
+    metrics_addr: str = _setting(
+        "METRICS_ADDR", "127.0.0.1:9464", _str, "host:port of /metrics, /healthz, /readyz and the status page; off"
+    )
+    alert_webhook_url: str | None = _setting(
+        "ALERT_WEBHOOK_URL", "", _url, "POST a JSON message here when an incident starts and when it resolves"
+    )
+    alert_quarantine_ratio: float = _setting(
+        "ALERT_QUARANTINE_RATIO", "0.05", _float(0, 1), "alert when this share of recent rows is quarantined"
+    )
+    max_line_bytes: int = _setting(
+        "MAX_LINE_BYTES", "1048576", _int(64, 1 << 30), "longer source lines are quarantined"
+    )
+    max_attempts: int = _setting(
+        "MAX_ATTEMPTS", "5", _int(1, 1000), "failed attempts at one file or chunk before it is marked failed"
+    )
+    retry_max_delay_seconds: float = _setting(
+        "RETRY_MAX_DELAY_SECONDS", "30", _float(0, exclusive_min=True), "cap of the backoff between retries"
+    )
+    postgres_connect_timeout: int = _setting(
+        "POSTGRES_CONNECT_TIMEOUT", "10", _int(1, 3600), "seconds to wait for one connection attempt"
+    )
+    postgres_statement_timeout: int = _setting(
+        "POSTGRES_STATEMENT_TIMEOUT", "300", _int(0, 86400), "seconds a statement may run; 0 = no limit"
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, dotenv: Path | None = None) -> "Settings":

@@ -37,6 +37,10 @@ class _JsonFormatter(logging.Formatter):
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Configure the root logger once per process: every line carries the pid."""
     handler = logging.StreamHandler()
+    if fmt == "auto":
+        import sys
+
+        fmt = "text" if sys.stderr.isatty() else "json"
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
