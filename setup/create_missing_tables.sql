@@ -100,3 +100,12 @@ CREATE TABLE IF NOT EXISTS kv_state (
     value       TEXT        NOT NULL,
     updated_at  TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+
+-- Added 2026-12-02 (reliability): attempts per file and per chunk, the last error, and the batch that
+-- processed a chunk (so a commit redone after a lost acknowledgement is recognised, not counted twice).
+ALTER TABLE source_files ADD COLUMN IF NOT EXISTS attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE source_files ADD COLUMN IF NOT EXISTS last_error TEXT;
+ALTER TABLE chunks ADD COLUMN IF NOT EXISTS attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE chunks ADD COLUMN IF NOT EXISTS last_error TEXT;
+ALTER TABLE chunks ADD COLUMN IF NOT EXISTS y_batch_id TEXT;
+CREATE INDEX IF NOT EXISTS chunks_batch_idx ON chunks (y_batch_id) WHERE y_batch_id IS NOT NULL;

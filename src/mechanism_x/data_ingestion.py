@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from config.config import Settings
-from src.errors import FileRejected, ObjectConflict, ProcessorError, RetryableError
+from src import ledger
+from src.errors import FileRejected, is_retryable
 from src.mechanism_x.csv_parser import (
     KIND_IGNORED,
     KIND_IMPORTANCE,
@@ -44,27 +45,20 @@ from src.mechanism_x.csv_parser import (
 )
 from src.mechanism_x.file_monitor import FileMonitor, FileWork
 from src.mechanism_x.sources import Source, SourceFile, md5_file
+from src.schemas.transaction_schemas import QUARANTINE_SCHEMA, QUARANTINE_TABLE_COLUMNS
 from src.utils import lake_paths
+from src.utils.db import CHUNK_CHANNEL, Database, copy_csv, copy_rows
 from src.utils.object_store import ObjectStore, parquet_bytes
-from src.utils.postgres_utils import Database, copy_csv, copy_rows, is_transient
-from src.utils.runtime import CONSUMER_READY_TIMEOUT, READY_FILE_ENV, retry_call
+from src.utils.retry import brief
+from src.utils.runtime import CONSUMER_READY_TIMEOUT, READY_FILE_ENV
 
 log = logging.getLogger(__name__)
 COMPONENT = "mechanism_x"
-CHUNK_CHANNEL = "chunk_written"
-
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        pa.field("source_file_id", pa.string(), nullable=False),
-        pa.field("source_line", pa.int64(), nullable=False),
-        pa.field("reason", pa.string(), nullable=False),
-        pa.field("raw_line", pa.string()),
-    ]
-)
-
-
-def _transient(exc: BaseException) -> bool:
-    return is_transient(exc)
+SINGLE_X_LOCK = 7261003  # one Mechanism X per database: a second one waits for the first to stop
+# A file missing from the source while one of its chunks is pending keeps the chunk pending this long
+# (a Drive file moved for a minute comes back); after that the chunk is given up and its rows taken
+# back out of the file's counters.
+MISSING_FILE_GRACE_SECONDS = 600.0
 
 
 class Ingestor:
@@ -81,51 +75,118 @@ class Ingestor:
         self.monitor = FileMonitor(source, db)
         self._last_release = 0.0
         self._consumer_ready = not os.environ.get(READY_FILE_ENV)
+        self._missing_since: dict[int, float] = {}
 
     # ---------------------------------------------------------------- top level
 
     def recover(self) -> None:
-        """Finish chunks whose ledger row committed but whose object may not have been written."""
-        rows = self.db.query(
-            # The line number at bytes_start (not the chunk's first row: blank lines may come before it).
-            "SELECT c.seq, c.file_id, c.chunk_seq, COALESCE((SELECT p.last_line + 1 FROM chunks p "
-            "WHERE p.file_id = c.file_id AND p.chunk_seq = c.chunk_seq - 1), 2), c.bytes_start, c.bytes_end, "
-            "c.prefix_md5, c.object_key, c.ingest_date FROM chunks c WHERE c.status = 'pending' ORDER BY c.seq"
-        )
-        if not rows:
+        """Finish chunks whose ledger row committed but whose object may not have been written.
+
+        A chunk is only ever rebuilt from its own byte range, and only if the bytes before it are still
+        those recorded. A file briefly missing keeps its chunks pending; an error retrying cannot fix is
+        counted, and after MAX_ATTEMPTS the chunk is failed and its rows leave the file's counters.
+        """
+        pending = ledger.pending_chunks(self.db)
+        if not pending:
             return
-        log.info("recovering %d chunk(s) recorded but not confirmed written", len(rows))
+        log.info("recovering %d chunk(s) recorded but not confirmed written", len(pending))
         listing = {f.file_id: f for f in self.source.list_files()}
-        for seq, file_id, chunk_seq, start_line, b0, b1, prefix_md5, key, _day in rows:
-            f = listing.get(file_id)
-            reason = None
+        for c in pending:
+            if self.stop.is_set():
+                return
+            f = listing.get(c.file_id)
             if f is None:
-                reason = "source file is gone"
-            else:
-                try:
-                    with self.source.fetch(f) as path:
-                        if scan_file(path, b1).prefix_md5 != prefix_md5:
-                            reason = "source file changed before the chunk could be rebuilt"
-                        else:
-                            block = _concat_blocks(iter_row_blocks(path, b0, start_line, end=b1))
-                            parsed = parse_transactions(block, file_id=file_id, chunk_seq=chunk_seq)
-                            self._mark_written(seq, self._write_chunk_objects(key, file_id, chunk_seq, parsed))
-                            log.info("chunk %s-%06d recovered at %s", file_id, chunk_seq, key)
-                            continue
-                except FileRejected as exc:
-                    reason = str(exc)
-            with self.db.transaction() as cur:
-                cur.execute("UPDATE chunks SET status = 'failed' WHERE seq = %s", (seq,))
-                self.db.log_event(
-                    COMPONENT,
-                    "ERROR",
-                    "chunk_lost",
-                    f"chunk {file_id}-{chunk_seq} cannot be rebuilt: {reason}",
-                    file_id=file_id,
-                    chunk_id=seq,
-                    cur=cur,
-                )
-            log.error("chunk %s-%06d cannot be rebuilt (%s); marked failed", file_id, chunk_seq, reason)
+                self._source_missing(c)
+                continue
+            self._missing_since.pop(c.seq, None)
+            try:
+                self._rebuild(f, c)
+            except FileRejected as exc:
+                self._chunk_attempt_failed(c, str(exc))
+            except Exception as exc:  # noqa: BLE001 - counted per chunk, so one poison chunk cannot wedge X
+                if is_retryable(exc):
+                    raise
+                self._chunk_attempt_failed(c, f"{type(exc).__name__}: {brief(exc)}")
+
+    def _rebuild(self, f: SourceFile, c: ledger.PendingChunk) -> None:
+        with self.source.fetch(f) as path:
+            # Only the bytes up to the chunk's end matter: what was appended after it is not looked at.
+            if md5_file(path, limit=c.bytes_end) != c.prefix_md5:
+                self._give_up_chunk(c, "the source file changed before the chunk could be rebuilt")
+                return
+            block = _concat_blocks(iter_row_blocks(path, c.bytes_start, c.start_line, end=c.bytes_end))
+            parsed = parse_transactions(block, file_id=c.file_id, chunk_seq=c.chunk_seq)
+            ledger.mark_chunk_written(
+                self.db, c.seq, self._write_chunk_objects(c.object_key, c.file_id, c.chunk_seq, parsed)
+            )
+        log.info(
+            "chunk %s-%06d recovered at %s",
+            c.file_id,
+            c.chunk_seq,
+            c.object_key,
+            extra={"event": "chunk_recovered", "file_id": c.file_id, "chunk_id": c.seq, "chunk_seq": c.chunk_seq},
+        )
+
+    def _source_missing(self, c: ledger.PendingChunk) -> None:
+        since = self._missing_since.setdefault(c.seq, time.monotonic())
+        waited = time.monotonic() - since
+        if waited >= MISSING_FILE_GRACE_SECONDS:
+            self._give_up_chunk(c, f"its source file has been missing for {waited:.0f} s")
+        elif waited == 0:
+            log.warning(
+                "chunk %s-%06d waits: its source file is not in the source right now; it stays pending",
+                c.file_id,
+                c.chunk_seq,
+                extra={"event": "chunk_source_missing", "file_id": c.file_id, "chunk_id": c.seq},
+            )
+
+    def _give_up_chunk(self, c: ledger.PendingChunk, reason: str) -> None:
+        def fn(cur) -> None:
+            ledger.fail_chunk(cur, c.seq, reason, rollback_counters=True)
+            self.db.log_event(
+                COMPONENT,
+                "ERROR",
+                "chunk_lost",
+                f"chunk {c.file_id}-{c.chunk_seq} cannot be rebuilt: {reason}",
+                file_id=c.file_id,
+                chunk_id=c.seq,
+                cur=cur,
+            )
+
+        self.db.run(fn, what=f"give up chunk {c.seq}")
+        self._missing_since.pop(c.seq, None)
+        log.error(
+            "chunk %s-%06d cannot be rebuilt (%s); marked failed and its rows taken out of the file's counts",
+            c.file_id,
+            c.chunk_seq,
+            reason,
+            extra={"event": "chunk_lost", "file_id": c.file_id, "chunk_id": c.seq, "chunk_seq": c.chunk_seq},
+        )
+
+    def _chunk_attempt_failed(self, c: ledger.PendingChunk, error: str) -> None:
+        attempts, failed = ledger.note_chunk_failure(
+            self.db, c.seq, error=error, max_attempts=self.settings.max_attempts, by="x"
+        )
+        ids = {"file_id": c.file_id, "chunk_id": c.seq, "chunk_seq": c.chunk_seq}
+        if failed:
+            self.db.log_event(
+                COMPONENT, "ERROR", "chunk_failed", f"chunk {c.seq}: {error}", file_id=c.file_id, chunk_id=c.seq
+            )
+            log.error(
+                "chunk %d failed for good after %d attempts: %s",
+                c.seq,
+                attempts,
+                error,
+                extra={"event": "chunk_failed", **ids},
+            )
+        else:
+            log.warning(
+                "chunk %d: attempt %d failed: %s",
+                c.seq,
+                attempts,
+                error,
+                extra={"event": "chunk_attempt_failed", **ids},
+            )
 
     def poll_once(self) -> int:
         """One pass over the source; returns how many files needed work."""
@@ -139,18 +200,30 @@ class Ingestor:
         return len(work)
 
     def run(self, *, drain: bool) -> int:
+        """Poll until stopped (or, with `drain`, until one poll finds everything ingested).
+
+        Transient faults (PostgreSQL restarting, the source or the lake unreachable) are waited out in
+        place; an error that is not transient is counted against its file or chunk and never stops X.
+        """
         while not self.stop.is_set():
             started = time.monotonic()
             try:
-                self.recover()  # chunks left pending by a crash or a write whose retries ran out
+                self.recover()  # chunks left pending by a crash or a write that failed
                 self.poll_once()
-            except (RetryableError, OSError) as exc:
-                if drain and not isinstance(exc, RetryableError):
+            except Exception as exc:  # noqa: BLE001 - transient faults only; the rest is raised
+                if not is_retryable(exc):
                     raise
-                log.warning("poll failed, retrying in %.0fs: %s", self.settings.processing_interval, exc)
+                log.warning(
+                    "poll interrupted by a transient fault, trying again in %.0f s: %s",
+                    self.settings.processing_interval,
+                    brief(exc),
+                    extra={"event": "poll_retry"},
+                )
             else:
-                if drain:
-                    log.info("drain: every file in the %s is ingested", self.source.describe())
+                if drain and not ledger.pending_chunks(self.db):
+                    log.info(
+                        "drain: every file in the %s is ingested", self.source.describe(), extra={"event": "drained"}
+                    )
                     return 0
             self.stop.wait(max(0.0, self.settings.processing_interval - (time.monotonic() - started)))
         return 1 if drain else 0
@@ -159,32 +232,70 @@ class Ingestor:
 
     def _handle(self, item: FileWork) -> None:
         f = item.file
+        ids = {"file_id": f.file_id}
         try:
             with self.source.fetch(f) as path:
                 header = read_header(path)
                 if header.kind == KIND_IGNORED:
                     self.monitor.record_status(f, KIND_IGNORED, "ignored", header.reason, checksum=f.checksum)
-                    log.info("file %s (%s) ignored: %s", f.file_id, f.name, header.reason)
+                    log.info(
+                        "file %s (%s) ignored: %s",
+                        f.file_id,
+                        f.name,
+                        header.reason,
+                        extra={"event": "file_ignored", **ids},
+                    )
                     return
                 if header.kind == KIND_IMPORTANCE:
                     self._load_importance(f, path, header.data_offset)
                 else:
                     self._ingest_transactions(f, path, header.data_offset, item)
         except FileRejected as exc:
-            self.monitor.record_status(f, "unknown", "failed", str(exc), checksum=f.checksum)
-            self.db.log_event(COMPONENT, "ERROR", "file_failed", f"{f.name}: {exc}", file_id=f.file_id)
-            log.error("file %s (%s) failed: %s", f.file_id, f.name, exc)
+            self._fail_file(f, str(exc))
         except FileNotFoundError:
-            log.warning("file %s (%s) disappeared before it could be read; will look again", f.file_id, f.name)
-        except ProcessorError as exc:
+            log.warning(
+                "file %s (%s) disappeared before it could be read; will look again", f.file_id, f.name, extra=ids
+            )
+        except Exception as exc:  # noqa: BLE001 - transient faults go up; anything else is counted per file
+            if is_retryable(exc):
+                raise
             from src.mechanism_x.sources import SourceError
 
-            if isinstance(exc, SourceError) and not isinstance(exc, RetryableError):
-                self.monitor.record_status(f, "unknown", "failed", str(exc), checksum=f.checksum)
-                self.db.log_event(COMPONENT, "ERROR", "file_failed", f"{f.name}: {exc}", file_id=f.file_id)
-                log.error("file %s (%s) failed: %s", f.file_id, f.name, exc)
+            if isinstance(exc, SourceError):
+                self._fail_file(f, str(exc))  # the source says this file cannot be had (404, not CSV, ...)
+                return
+            error = f"{type(exc).__name__}: {brief(exc)}"
+            attempts, failed = ledger.note_file_failure(
+                self.db, f, source=self.monitor.source_tag, error=error, max_attempts=self.settings.max_attempts
+            )
+            if failed:
+                self.db.log_event(COMPONENT, "ERROR", "file_failed", f"{f.name}: {error}", file_id=f.file_id)
+                log.error(
+                    "file %s (%s) failed after %d attempts: %s",
+                    f.file_id,
+                    f.name,
+                    attempts,
+                    error,
+                    extra={"event": "file_failed", **ids},
+                )
             else:
-                raise
+                log.warning(
+                    "file %s (%s): attempt %d of %d failed: %s",
+                    f.file_id,
+                    f.name,
+                    attempts,
+                    self.settings.max_attempts,
+                    error,
+                    exc_info=True,
+                    extra={"event": "file_attempt_failed", **ids},
+                )
+
+    def _fail_file(self, f: SourceFile, reason: str) -> None:
+        self.monitor.record_status(f, "unknown", "failed", reason, checksum=f.checksum)
+        self.db.log_event(COMPONENT, "ERROR", "file_failed", f"{f.name}: {reason}", file_id=f.file_id)
+        log.error(
+            "file %s (%s) failed: %s", f.file_id, f.name, reason, extra={"event": "file_failed", "file_id": f.file_id}
+        )
 
     def _ingest_transactions(self, f: SourceFile, path: Path, data_offset: int, item: FileWork) -> None:
         rec = item.record
@@ -226,25 +337,31 @@ class Ingestor:
             _hash_range(fh, hasher, pos, scan.size)  # trailing blank lines, if any
         if self.stop.is_set():
             return
-        with self.db.transaction() as cur:
-            cur.execute(
-                "UPDATE source_files SET status = 'done', checksum = %s, size_bytes = %s, modified_time = %s, "
-                "reason = NULL, conflict_checksum = NULL, finished_at = now(), updated_at = now() "
-                "WHERE file_id = %s RETURNING rows_ingested, rows_quarantined, chunks",
-                (hasher.hexdigest(), scan.size, f.modified_time, f.file_id),
+
+        def finish(cur) -> tuple[int, int, int]:
+            done = ledger.finish_file(
+                cur, f.file_id, checksum=hasher.hexdigest(), size=scan.size, modified_time=f.modified_time
             )
-            ingested, quarantined, chunks = cur.fetchone()
             self.db.log_event(
                 COMPONENT,
                 "INFO",
                 "file_ingested",
-                f"{f.name}: {ingested} rows in {chunks} chunks, {quarantined} quarantined",
+                f"{f.name}: {done[0]} rows in {done[2]} chunks, {done[1]} quarantined",
                 file_id=f.file_id,
-                row_count=ingested,
+                row_count=done[0],
                 cur=cur,
             )
+            return done
+
+        ingested, quarantined, chunks = self.db.run(finish, what=f"finish file {f.file_id}")
         log.info(
-            "file %s (%s) done: %d rows in %d chunks, %d quarantined", f.file_id, f.name, ingested, chunks, quarantined
+            "file %s (%s) done: %d rows in %d chunks, %d quarantined",
+            f.file_id,
+            f.name,
+            ingested,
+            chunks,
+            quarantined,
+            extra={"event": "file_ingested", "file_id": f.file_id},
         )
 
     def _cut(self, path: Path, start: int, first_line: int, chunk_seq: int):
@@ -268,77 +385,79 @@ class Ingestor:
         end = int(rows.end_offset[-1])
         _hash_range(fh, hasher, pos, end)
         today = datetime.now(timezone.utc).date()
-        key = lake_paths.chunk_key(today, f.file_id, chunk_seq)
-        prefix_md5 = hasher.copy().hexdigest()
-        n_rows, n_bad = len(rows), len(parsed.bad_lines)
-        with self.db.transaction() as cur:
-            cur.execute(
-                "INSERT INTO chunks (file_id, chunk_seq, first_line, last_line, rows_total, rows_valid, rows_quarantined, "
-                "bytes_start, bytes_end, prefix_md5, object_key, ingest_date, status) "
-                "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,'pending') RETURNING seq",
-                (
-                    f.file_id,
-                    chunk_seq,
-                    int(rows.line_no[0]),
-                    int(rows.line_no[-1]),
-                    n_rows,
-                    parsed.good.num_rows,
-                    n_bad,
-                    pos,
-                    end,
-                    prefix_md5,
-                    key,
-                    today,
-                ),
-            )
-            seq = cur.fetchone()[0]
-            cur.execute(
-                "UPDATE source_files SET bytes_done = %s, next_line = %s, lines_done = lines_done + %s, "
-                "rows_ingested = rows_ingested + %s, rows_quarantined = rows_quarantined + %s, chunks = chunks + 1, "
-                "prefix_md5 = %s, updated_at = now() WHERE file_id = %s",
-                (end, int(rows.line_no[-1]) + 1, n_rows, parsed.good.num_rows, n_bad, prefix_md5, f.file_id),
-            )
-            if n_bad:
-                copy_rows(
-                    cur,
-                    "quarantine",
-                    ("file_id", "line_no", "chunk_seq", "stage", "reason", "raw_line"),
-                    (
-                        (f.file_id, ln, chunk_seq, "ingest", r, raw)
-                        for ln, r, raw in zip(parsed.bad_lines, parsed.bad_reasons, parsed.bad_raw)
-                    ),
-                )
-                self.db.log_event(
-                    COMPONENT,
-                    "WARNING",
-                    "rows_quarantined",
-                    f"{f.name}: {n_bad} bad row(s) in chunk {chunk_seq}, first at line {parsed.bad_lines[0]}: "
-                    f"{parsed.bad_reasons[0]}",
-                    file_id=f.file_id,
-                    chunk_id=seq,
-                    row_count=n_bad,
-                    cur=cur,
-                )
-        content_md5 = self._write_chunk_objects(key, f.file_id, chunk_seq, parsed, payload)
+        chunk = ledger.NewChunk(
+            file_id=f.file_id,
+            chunk_seq=chunk_seq,
+            first_line=int(rows.line_no[0]),
+            last_line=int(rows.line_no[-1]),
+            rows_total=len(rows),
+            rows_valid=parsed.good.num_rows,
+            rows_quarantined=len(parsed.bad_lines),
+            bytes_start=pos,
+            bytes_end=end,
+            prefix_md5=hasher.copy().hexdigest(),
+            object_key=lake_paths.chunk_key(today, f.file_id, chunk_seq),
+            ingest_date=today,
+        )
+        seq = self._record_chunk(f, chunk, parsed)
+        content_md5 = self._write_chunk_objects(chunk.object_key, f.file_id, chunk_seq, parsed, payload)
         self._pace()
-        self._mark_written(seq, content_md5)
+        ledger.mark_chunk_written(self.db, seq, content_md5)
         log.info(
             "chunk %s-%06d written: lines %d-%d, %d rows, %d quarantined, %s (%.0f ms)",
             f.file_id,
             chunk_seq,
-            rows.line_no[0],
-            rows.line_no[-1],
-            parsed.good.num_rows,
-            n_bad,
-            key,
+            chunk.first_line,
+            chunk.last_line,
+            chunk.rows_valid,
+            chunk.rows_quarantined,
+            chunk.object_key,
             (time.perf_counter() - t0) * 1000,
+            extra={"event": "chunk_written", "file_id": f.file_id, "chunk_id": seq, "chunk_seq": chunk_seq},
         )
         return end
+
+    def _record_chunk(self, f: SourceFile, chunk: ledger.NewChunk, parsed: ParsedRows) -> int:
+        """The chunk's ledger row, the file's progress and the chunk's quarantined rows, in one transaction."""
+
+        def fn(cur) -> int | None:
+            seq = ledger.record_chunk(cur, chunk)
+            if seq is None or not parsed.bad_lines:
+                return seq
+            copy_rows(
+                cur,
+                "quarantine",
+                QUARANTINE_TABLE_COLUMNS,
+                (
+                    (f.file_id, ln, chunk.chunk_seq, "ingest", r, raw)
+                    for ln, r, raw in zip(parsed.bad_lines, parsed.bad_reasons, parsed.bad_raw)
+                ),
+            )
+            self.db.log_event(
+                COMPONENT,
+                "WARNING",
+                "rows_quarantined",
+                f"{f.name}: {chunk.rows_quarantined} bad row(s) in chunk {chunk.chunk_seq}, first at line "
+                f"{parsed.bad_lines[0]}: {parsed.bad_reasons[0]}",
+                file_id=f.file_id,
+                chunk_id=seq,
+                row_count=chunk.rows_quarantined,
+                cur=cur,
+            )
+            return seq
+
+        seq = self.db.run(fn, what=f"record chunk {f.file_id}-{chunk.chunk_seq:06d}")
+        # None: a redo of a commit that had gone through (its acknowledgement was lost with the connection).
+        return seq if seq is not None else ledger.chunk_seq_of(self.db, f.file_id, chunk.chunk_seq)
 
     def _write_chunk_objects(
         self, key: str, file_id: str, chunk_seq: int, parsed: ParsedRows, payload: bytes | None = None
     ) -> str:
-        """Write the chunk (and its quarantine rows); returns the chunk object's md5."""
+        """Write the chunk (and its quarantine rows) to the lake; returns the chunk object's md5.
+
+        Idempotent (the same bytes under the same key are a no-op); different bytes under the key raise
+        ObjectConflict, which is counted against the chunk by `recover`.
+        """
         payload = parquet_bytes(parsed.good) if payload is None else payload
         if parsed.bad_lines:
             bad = pa.table(
@@ -350,29 +469,11 @@ class Ingestor:
                 },
                 schema=QUARANTINE_SCHEMA,
             )
-            qkey = lake_paths.quarantine_key("ingest", file_id, chunk_seq)
-            retry_call(
-                lambda: self.store.put_bytes(qkey, parquet_bytes(bad), overwrite=True),
-                what=f"write {qkey}",
-                transient=_transient,
+            self.store.put_bytes(
+                lake_paths.quarantine_key("ingest", file_id, chunk_seq), parquet_bytes(bad), overwrite=True
             )
-        try:
-            retry_call(lambda: self.store.put_bytes(key, payload), what=f"write {key}", transient=_transient)
-        except ObjectConflict:
-            log.error("lake object %s exists with other content; the ledger row stays pending for inspection", key)
-            raise
+        self.store.put_bytes(key, payload)
         return hashlib.md5(payload).hexdigest()
-
-    def _mark_written(self, seq: int, content_md5: str) -> None:
-        with self.db.transaction() as cur:
-            # Losing this commit in a server crash is harmless: the chunk stays `pending` and recovery
-            # rewrites the same bytes under the same key. So it need not wait for the WAL flush.
-            cur.execute("SET LOCAL synchronous_commit = off")
-            cur.execute(
-                "UPDATE chunks SET status = 'written', written_at = clock_timestamp(), content_md5 = %s WHERE seq = %s",
-                (content_md5, seq),
-            )
-            cur.execute("SELECT pg_notify(%s, %s)", (CHUNK_CHANNEL, str(seq)))
 
     def _await_consumer(self) -> None:
         """Under the supervisor, hold the first release until Mechanism Y reports ready (see main.py)."""
@@ -407,18 +508,19 @@ class Ingestor:
             pacsv.write_csv(good, buf, pacsv.WriteOptions(include_header=True))
         n_good = good.num_rows if good is not None else 0
         self.monitor.start_file(f, KIND_IMPORTANCE)
-        with self.db.transaction() as cur:
+
+        def load(cur) -> None:
             cur.execute("LOCK TABLE customer_importance IN ACCESS EXCLUSIVE MODE")
             cur.execute("TRUNCATE customer_importance")
             if n_good:
-                buf.seek(0)
+                buf.seek(0)  # seek again: a redo reads the payload from the start
                 copy_csv(cur, "customer_importance", ("source", "target", "weight", "type_trans", "fraud"), buf)
             cur.execute("DELETE FROM quarantine WHERE file_id = %s AND stage = 'ingest'", (f.file_id,))
             if bad:
                 copy_rows(
                     cur,
                     "quarantine",
-                    ("file_id", "line_no", "chunk_seq", "stage", "reason", "raw_line"),
+                    QUARANTINE_TABLE_COLUMNS,
                     ((f.file_id, ln, None, "ingest", r, raw) for ln, r, raw in bad),
                 )
                 self.db.log_event(
@@ -436,11 +538,14 @@ class Ingestor:
                 "rows_loaded = EXCLUDED.rows_loaded, version = importance_state.version + 1, loaded_at = now()",
                 (f.file_id, scan.md5, n_good),
             )
-            cur.execute(
-                "UPDATE source_files SET status = 'done', checksum = %s, size_bytes = %s, modified_time = %s, "
-                "rows_ingested = %s, rows_quarantined = %s, lines_done = %s, reason = NULL, finished_at = now(), "
-                "updated_at = now() WHERE file_id = %s",
-                (scan.md5, scan.size, f.modified_time, n_good, len(bad), n_good + len(bad), f.file_id),
+            ledger.finish_importance_file(
+                cur,
+                f.file_id,
+                checksum=scan.md5,
+                size=scan.size,
+                modified_time=f.modified_time,
+                good=n_good,
+                bad=len(bad),
             )
             self.db.log_event(
                 COMPONENT,
@@ -452,6 +557,10 @@ class Ingestor:
                 cur=cur,
             )
             cur.execute("SELECT pg_notify(%s, %s)", (CHUNK_CHANNEL, "importance"))
+
+        if n_good:
+            buf.seek(0)
+        self.db.run(load, what=f"load importance file {f.file_id}")
         log.info("importance file %s (%s) loaded: %d rows, %d quarantined", f.file_id, f.name, n_good, len(bad))
 
     def _write_processing_log(self) -> None:
@@ -482,11 +591,7 @@ class Ingestor:
             },
         }
         data = json.dumps(doc, indent=2, default=str).encode()
-        retry_call(
-            lambda: self.store.put_bytes(lake_paths.PROCESSING_LOG_KEY, data, overwrite=True),
-            what="write processing_log.json",
-            transient=_transient,
-        )
+        self.store.put_bytes(lake_paths.PROCESSING_LOG_KEY, data, overwrite=True)
 
 
 def _glued_to_last_row(path: Path, start: int) -> bool:
@@ -532,8 +637,9 @@ def run_worker(settings: Settings, *, drain: bool, stop: threading.Event | None 
     from src.utils.object_store import open_lake
 
     stop = stop or threading.Event()
-    db = Database(settings)
+    db = Database(settings, stop=stop)
     db.apply_schema()
+    db.hold_lock(SINGLE_X_LOCK, who="Mechanism X")
     store = open_lake(settings)
     source = make_source(settings, db)
     log.info("mechanism X: reading %s, writing %s", source.describe(), store.describe())

@@ -13,25 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from config.config import Settings
+from src import ledger
 from src.mechanism_x.sources import LocalInboxSource, Source, SourceFile
-from src.utils.postgres_utils import Database
+from src.utils.db import Database
 
 log = logging.getLogger(__name__)
 COMPONENT = "mechanism_x"
-
-_RECORD_COLUMNS = (
-    "file_id",
-    "name",
-    "kind",
-    "status",
-    "checksum",
-    "bytes_done",
-    "next_line",
-    "prefix_md5",
-    "chunks",
-    "conflict_checksum",
-    "reason",
-)
 
 
 @dataclass(frozen=True)
@@ -59,8 +46,7 @@ class FileMonitor:
         self.source_tag = "gdrive" if "drive" in source.kind.lower() else "local"
 
     def records(self) -> dict[str, dict[str, Any]]:
-        rows = self.db.query(f"SELECT {', '.join(_RECORD_COLUMNS)} FROM source_files")
-        return {r[0]: dict(zip(_RECORD_COLUMNS, r)) for r in rows}
+        return ledger.file_records(self.db)
 
     def poll(self) -> list[FileWork]:
         """List the source and return the files needing work, importance files first."""
@@ -78,12 +64,7 @@ class FileMonitor:
             elif rec["checksum"] == f.checksum and f.checksum is not None:
                 if rec["status"] in ("deleted", "conflict"):
                     status = _restored_status(rec)
-                    self.db.execute(
-                        "UPDATE source_files SET status = %s, conflict_checksum = NULL, "
-                        "reason = CASE WHEN %s = 'done' THEN NULL ELSE reason END, updated_at = now() "
-                        "WHERE file_id = %s",
-                        (status, status, f.file_id),
-                    )
+                    ledger.restore_file_status(self.db, f.file_id, status)
                     log.info("file %s (%s) is back as it was ingested (%s)", f.file_id, f.name, status)
             elif rec["status"] == "conflict" and rec["conflict_checksum"] == f.checksum:
                 continue  # already reported, still rewritten
@@ -91,7 +72,7 @@ class FileMonitor:
                 work.append(FileWork(f, rec, "changed"))
         for file_id, rec in records.items():
             if file_id not in present and rec["status"] != "deleted":
-                self._set_status(file_id, "deleted")
+                ledger.mark_file_deleted(self.db, file_id)
                 self.db.log_event(
                     COMPONENT,
                     "WARNING",
@@ -105,52 +86,29 @@ class FileMonitor:
             log.info("poll: %d file(s) need work: %s", len(work), ", ".join(f"{w.file.name} ({w.why})" for w in work))
         return work
 
-    def _set_status(self, file_id: str, status: str) -> None:
-        self.db.execute("UPDATE source_files SET status = %s, updated_at = now() WHERE file_id = %s", (status, file_id))
-
     def start_file(self, f: SourceFile, kind: str) -> None:
         """Mark the file as being ingested (creating its ledger row if new)."""
-        self.db.execute(
-            "INSERT INTO source_files (file_id, source, name, kind, status, size_bytes, modified_time) "
-            "VALUES (%s, %s, %s, %s, 'ingesting', %s, %s) "
-            "ON CONFLICT (file_id) DO UPDATE SET name = EXCLUDED.name, kind = EXCLUDED.kind, status = 'ingesting', "
-            "size_bytes = EXCLUDED.size_bytes, modified_time = EXCLUDED.modified_time, reason = NULL, updated_at = now()",
-            (f.file_id, self.source_tag, f.name, kind, f.size, f.modified_time),
-        )
+        ledger.start_file(self.db, f, source=self.source_tag, kind=kind)
 
     def record_status(self, f: SourceFile, kind: str, status: str, reason: str | None, *, checksum: str | None) -> None:
         """A terminal state for a file that is not ingested (ignored, failed)."""
-        self.db.execute(
-            "INSERT INTO source_files (file_id, source, name, kind, status, checksum, size_bytes, modified_time, reason) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
-            "ON CONFLICT (file_id) DO UPDATE SET name = EXCLUDED.name, "
-            "kind = CASE WHEN source_files.lines_done > 0 THEN source_files.kind ELSE EXCLUDED.kind END, "
-            "status = EXCLUDED.status, checksum = EXCLUDED.checksum, size_bytes = EXCLUDED.size_bytes, "
-            "modified_time = EXCLUDED.modified_time, reason = EXCLUDED.reason, updated_at = now()",
-            (f.file_id, self.source_tag, f.name, kind, status, checksum, f.size, f.modified_time, reason),
+        ledger.record_file_status(
+            self.db, f, source=self.source_tag, kind=kind, status=status, reason=reason, checksum=checksum
         )
 
     def record_conflict(self, f: SourceFile, new_checksum: str) -> None:
         """The file was rewritten in place: what was ingested no longer matches. Report once per content."""
-        rows = self.db.query(
-            "UPDATE source_files SET status = 'conflict', conflict_checksum = %s, updated_at = now(), "
-            "reason = %s WHERE file_id = %s AND conflict_checksum IS DISTINCT FROM %s RETURNING lines_done, bytes_done",
-            (
-                new_checksum,
-                "rewritten in place: the rows already ingested changed; new content not ingested",
-                f.file_id,
-                new_checksum,
-            ),
-        )
-        if rows:
-            lines, nbytes = rows[0]
+        reason = "rewritten in place: the rows already ingested changed; new content not ingested"
+        seen = ledger.record_conflict(self.db, f.file_id, new_checksum, reason)
+        if seen:
+            lines, nbytes = seen
             message = (
                 f"{f.name} was rewritten in place: its first {nbytes} bytes ({lines} rows already ingested) changed, "
                 "so the new content is NOT ingested (that would count rows twice). To ingest it, add it as a new "
                 "file; to resume, restore the original rows and only append."
             )
             self.db.log_event(COMPONENT, "ERROR", "file_conflict", message, file_id=f.file_id)
-            log.error("file %s: %s", f.file_id, message)
+            log.error("file %s: %s", f.file_id, message, extra={"event": "file_conflict", "file_id": f.file_id})
 
 
 def _restored_status(rec: dict[str, Any]) -> str:

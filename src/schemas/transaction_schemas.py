@@ -57,6 +57,18 @@ IMPORTANCE_ARROW_SCHEMA = pa.schema(
     ]
 )
 
+# Rows that failed validation, as written to the lake's quarantine/ (by X at ingest, by Y at detect).
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("source_file_id", pa.string(), nullable=False),
+        pa.field("source_line", pa.int64(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("raw_line", pa.string()),
+    ]
+)
+# The columns of the PostgreSQL quarantine table, in COPY order.
+QUARANTINE_TABLE_COLUMNS = ("file_id", "line_no", "chunk_seq", "stage", "reason", "raw_line")
+
 # Columns of the detection files in the lake (SPEC §3), in this order.
 DETECTION_COLUMNS = ("YStartTime", "detectionTime", "patternId", "ActionType", "customerName", "MerchantId")
 DETECTION_ARROW_SCHEMA = pa.schema([pa.field(c, pa.string(), nullable=False) for c in DETECTION_COLUMNS])
