@@ -7,10 +7,6 @@ The server is the machine's PostgreSQL (initdb + pg_ctl on 127.0.0.1, a free por
 from __future__ import annotations
 
 import os
-import pwd
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import uuid
@@ -20,28 +16,14 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+from tests.pg_cluster import PgCluster, pg_bindir
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pg_bindir() -> Path | None:
-    env = os.environ.get("PG_BINDIR")
-    candidates = [Path(env)] if env else []
-    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
-    for c in candidates:
-        if (c / "initdb").exists() and (c / "pg_ctl").exists():
-            return c
-    return None
 
 
 @dataclass
@@ -72,7 +54,7 @@ class PgServer:
 
 @pytest.fixture(scope="session")
 def pg_server():
-    bindir = _pg_bindir()
+    bindir = pg_bindir()
     if bindir is None:
         import pgserver
 
@@ -82,41 +64,12 @@ def pg_server():
         server.cleanup()
         return
 
-    tmp = Path(tempfile.mkdtemp(prefix="tp-pg-"))
-    pgdata = tmp / "data"
-    port = _free_port()
-    as_root = os.geteuid() == 0
-    prefix: list[str] = []
-    if as_root:
-        pw = pwd.getpwnam("postgres")
-        os.chown(tmp, pw.pw_uid, pw.pw_gid)
-        os.chmod(tmp, 0o755)
-        prefix = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(
-        prefix + [str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {tmp} -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-    subprocess.run(
-        prefix + [str(bindir / "pg_ctl"), "-D", str(pgdata), "-o", opts, "-l", str(tmp / "log"), "-w", "start"],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+    cluster = PgCluster(Path(tempfile.mkdtemp(prefix="tp-pg-")), bindir)
+    cluster.start()
     try:
-        yield PgServer(
-            host="127.0.0.1",
-            port=port,
-            user="postgres",
-            admin_dsn=f"host=127.0.0.1 port={port} dbname=postgres user=postgres",
-        )
+        yield PgServer(host="127.0.0.1", port=cluster.port, user="postgres", admin_dsn=cluster.admin_dsn)
     finally:
-        subprocess.run(
-            prefix + [str(bindir / "pg_ctl"), "-D", str(pgdata), "-m", "immediate", "stop"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        shutil.rmtree(tmp, ignore_errors=True)
+        cluster.destroy()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 
 from src.mechanism_y.detection_writer import DetectionWriter
 from src.utils.object_store import LocalObjectStore
-from src.utils.postgres_utils import Database
+from src.utils.db import Database
 
 COLUMNS = ["YStartTime", "detectionTime", "patternId", "ActionType", "customerName", "MerchantId"]
 ACTIONS = {"PatId1": "UPGRADE", "PatId2": "CHILD", "PatId3": "DEI-NEEDED"}

@@ -76,7 +76,7 @@ def sleeps(monkeypatch) -> list[float]:
 
 @pytest.fixture
 def make_source(make_settings, drive, key_file, folder):
-    from src.utils.postgres_utils import Database
+    from src.utils.db import Database
 
     made: list[tuple[GoogleDriveSource, Database]] = []
     dbs: list[Database] = []

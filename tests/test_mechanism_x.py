@@ -746,7 +746,7 @@ def test_stop_between_chunks_resumes_in_process(make_settings, inbox, lake, pg_c
     from src.mechanism_x.data_ingestion import Ingestor
     from src.mechanism_x.sources import LocalInboxSource
     from src.utils.object_store import LocalObjectStore
-    from src.utils.postgres_utils import Database
+    from src.utils.db import Database
 
     data = write_csv(inbox / "tx.csv", rows(20))
     settings = make_settings(BATCH_SIZE="3")
@@ -890,7 +890,7 @@ def test_first_release_waits_for_mechanism_y(make_settings, inbox, pg_conn, monk
 
     ready = tmp_path / "y-ready"
     monkeypatch.setenv(READY_FILE_ENV, str(ready))
-    from src.utils.postgres_utils import Database
+    from src.utils.db import Database
 
     settings = make_settings(BATCH_SIZE="2")
     db = Database(settings)

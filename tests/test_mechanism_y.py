@@ -121,7 +121,7 @@ def run_y(settings, spark) -> None:
     """Mechanism Y in this process, on the session's SparkSession, until the ledger is drained."""
     from src.mechanism_y.stream_processor import StreamProcessor
     from src.utils.object_store import open_lake
-    from src.utils.postgres_utils import Database
+    from src.utils.db import Database
 
     db = Database(settings)
     db.apply_schema()
@@ -786,7 +786,7 @@ def test_drain_without_importance_file_ends_instead_of_waiting_forever(pg_server
     """`--drain` promises an exit: chunks that can never be evaluated (no CustomerImportance) end it non-zero."""
     from src.mechanism_y.stream_processor import StreamProcessor
     from src.utils.object_store import open_lake
-    from src.utils.postgres_utils import Database
+    from src.utils.db import Database
 
     with product_run(pg_server, tmp_path, {"BATCH_SIZE": "3"}) as run:
         header = "step,customer,age,gender,zipcodeOri,merchant,zipMerchant,category,amount,fraud"
@@ -829,10 +829,11 @@ def test_stream_processor_help_exits_zero(product_env):
 def test_batch_is_the_written_prefix_within_the_row_bound():
     """A batch stops before the first chunk whose object is not written yet (strict order) and before it would
     exceed MAX_BATCH_ROWS, but always holds at least one written chunk."""
+    from src.ledger import ChunkRef
     from src.mechanism_y.stream_processor import MAX_BATCH_ROWS, StreamProcessor
 
     def ledger(*rows):
-        return [(i + 1, "f", i, f"k{i}", 1, 2, status, None, n) for i, (status, n) in enumerate(rows)]
+        return [ChunkRef(i + 1, "f", i, f"k{i}", 1, 2, None, n, status, 0) for i, (status, n) in enumerate(rows)]
 
     def seqs(rows):
         return [c.seq for c in StreamProcessor._ready_prefix(rows)]

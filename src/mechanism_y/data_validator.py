@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from src.schemas.transaction_schemas import CHUNK_ARROW_SCHEMA, GENDERS
+from src.schemas.transaction_schemas import CHUNK_ARROW_SCHEMA, GENDERS, TRANSACTION_TEXT_COLUMNS
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -54,6 +54,8 @@ def annotate_problems(df: "DataFrame") -> "DataFrame":
         (~F.col("gender").isin(*GENDERS), F.concat(F.lit("unknown gender "), F.col("gender"))),
         (~F.col("fraud").isin(0, 1), F.lit("fraud not 0 or 1")),
     ]
+    # PostgreSQL text cannot hold NUL: such a row would make the batch's COPY fail, batch after batch.
+    checks += [(F.instr(F.col(c), "\u0000") > 0, F.lit(f"NUL character in {c}")) for c in TRANSACTION_TEXT_COLUMNS]
     expr = F.when(checks[0][0], checks[0][1])
     for cond, reason in checks[1:]:
         expr = expr.when(cond, reason)

@@ -19,9 +19,8 @@ import pyarrow as pa
 from config.config import Settings
 from src.schemas.transaction_schemas import DETECTION_ARROW_SCHEMA
 from src.utils import lake_paths
+from src.utils.db import Database
 from src.utils.object_store import ObjectStore, parquet_bytes
-from src.utils.postgres_utils import Database, is_transient
-from src.utils.runtime import retry_call
 
 log = logging.getLogger(__name__)
 IST = ZoneInfo("Asia/Kolkata")
@@ -76,16 +75,20 @@ class DetectionWriter:
         # The last group may still fill up; it waits unless this is a flush of partial files.
         if not partial and len(groups[-1][1]) < self.per_file:
             groups.pop()
-        with self.db.transaction() as cur:
-            for month, ids in groups:
-                year, mon = (int(x) for x in month.split("-"))
-                key = lake_paths.detection_key(pattern, year, mon, ids[0], ids[-1])
-                cur.execute(
-                    "INSERT INTO detection_files (object_key, pattern_id, rows) VALUES (%s, %s, %s) "
-                    "ON CONFLICT (object_key) DO NOTHING",
-                    (key, pattern, len(ids)),
-                )
-                cur.execute("UPDATE pattern_detections SET lake_file = %s WHERE id = ANY(%s)", (key, ids))
+        self.db.run(lambda cur: self._record_files(cur, pattern, groups), what=f"assign {pattern} detection files")
+
+    @staticmethod
+    def _record_files(cur, pattern: str, groups: list[tuple[str, list[int]]]) -> None:
+        """Name each group's lake file and file its detections under it (a redo assigns the same names)."""
+        for month, ids in groups:
+            year, mon = (int(x) for x in month.split("-"))
+            key = lake_paths.detection_key(pattern, year, mon, ids[0], ids[-1])
+            cur.execute(
+                "INSERT INTO detection_files (object_key, pattern_id, rows) VALUES (%s, %s, %s) "
+                "ON CONFLICT (object_key) DO NOTHING",
+                (key, pattern, len(ids)),
+            )
+            cur.execute("UPDATE pattern_detections SET lake_file = %s WHERE id = ANY(%s)", (key, ids))
 
     def _write_assigned(self) -> int:
         files = self.db.query(
@@ -109,15 +112,10 @@ class DetectionWriter:
                 },
                 schema=DETECTION_ARROW_SCHEMA,
             )
-            payload = parquet_bytes(table)
-            retry_call(
-                lambda key=key, payload=payload: self.store.put_bytes(key, payload),
-                what=f"write {key}",
-                transient=is_transient,
-            )
+            self.store.put_bytes(key, parquet_bytes(table))
             self.db.execute("UPDATE detection_files SET written = true WHERE object_key = %s", (key,))
             touched.add(pattern)
-            log.info("detections file %s written (%d rows)", key, len(rows))
+            log.info("detections file %s written (%d rows)", key, len(rows), extra={"event": "detections_written"})
         for pattern in touched:
             self._write_monthly_stats(pattern)
         return len(files)
@@ -137,4 +135,4 @@ class DetectionWriter:
         }
         key = lake_paths.monthly_stats_key(pattern)
         data = json.dumps(doc, indent=2).encode()
-        retry_call(lambda: self.store.put_bytes(key, data, overwrite=True), what=f"write {key}", transient=is_transient)
+        self.store.put_bytes(key, data, overwrite=True)

@@ -20,17 +20,14 @@ import io
 import json
 import logging
 import os
-import select
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
 
-import psycopg2
-import psycopg2.extensions
 import psycopg2.extras
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,21 +35,25 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from config.config import Settings
-from src.errors import ProcessorError
-from src.mechanism_x.data_ingestion import CHUNK_CHANNEL, QUARANTINE_SCHEMA
+from src import ledger
+from src.errors import ProcessorError, RetryableError, is_retryable
+from src.ledger import ChunkMark, ChunkRef
 from src.mechanism_y import pattern_detector as patterns
 from src.mechanism_y.data_validator import PROBLEM, annotate_problems, chunk_schema_problems, mark_duplicates
 from src.mechanism_y.detection_writer import DetectionWriter, ist
 from src.schemas.transaction_schemas import (
+    QUARANTINE_SCHEMA,
+    QUARANTINE_TABLE_COLUMNS,
     batch_rows_spark_schema,
     chunk_spark_schema,
     state_spark_schema,
     weights_spark_schema,
 )
 from src.utils import lake_paths
+from src.utils.db import CHUNK_CHANNEL, Database, Listener, copy_csv, copy_rows
 from src.utils.object_store import ObjectStore, parquet_bytes
-from src.utils.postgres_utils import Database, copy_csv, copy_rows, is_transient
-from src.utils.runtime import READY_FILE_ENV, retry_call
+from src.utils.retry import brief
+from src.utils.runtime import READY_FILE_ENV
 
 log = logging.getLogger(__name__)
 COMPONENT = "mechanism_y"
@@ -79,19 +80,6 @@ WARM_UP_ROUNDS = 3
 MAX_BATCH_ROWS = 200_000  # a batch takes more than one chunk only while it stays within this many rows
 
 
-@dataclass(frozen=True)
-class ChunkRef:
-    """A ledger row of a chunk Y is about to process."""
-
-    seq: int
-    file_id: str
-    chunk_seq: int
-    key: str
-    first_line: int
-    last_line: int
-    written_at: datetime | None
-
-
 class StreamProcessor:
     def __init__(self, settings: Settings, db: Database, store: ObjectStore, spark, stop: threading.Event) -> None:
         self.settings = settings
@@ -108,19 +96,17 @@ class StreamProcessor:
         self.weights = None
         self.weights_version: int | None = None
         self.emitted: set[tuple[str, str, str]] = set()
-        self._listen = None
+        self._listen: Listener | None = None
+        self._isolate = False  # after a failed batch: take one chunk at a time, so the failure finds its chunk
+        self._fault_delay = 0.0
 
     # ---------------------------------------------------------------- start-up
 
     def start(self) -> None:
-        with self.db.transaction() as cur:
-            cur.execute("SELECT pg_try_advisory_lock(%s)", (SINGLE_Y_LOCK,))
-            if not cur.fetchone()[0]:
-                raise ProcessorError("another Mechanism Y is already running against this database; stop it first")
-        self._listen = psycopg2.connect(**self.db._kwargs)
-        self._listen.autocommit = True
-        with self._listen.cursor() as cur:
-            cur.execute(f"LISTEN {CHUNK_CHANNEL}")
+        # One active Y per database; a second one (another daemon) waits here as a standby. The lock is
+        # re-taken on every reconnect (Database.hold_lock).
+        self.db.hold_lock(SINGLE_Y_LOCK, who="Mechanism Y")
+        self._listen = Listener(self.db, CHUNK_CHANNEL)
         self._load_state()
         self.emitted = {
             (p, c, m)
@@ -146,8 +132,13 @@ class StreamProcessor:
 
     def _copy_out(self, sql: str, schema: pa.Schema) -> pa.Table:
         buf = io.BytesIO()
-        with self.db.transaction() as cur:
+
+        def fn(cur) -> None:
+            buf.seek(0)
+            buf.truncate()
             cur.copy_expert(f"COPY ({sql}) TO STDOUT WITH (FORMAT csv, HEADER true)", buf)
+
+        self.db.run(fn, what="read state")
         if buf.tell() == 0:
             return schema.empty_table()
         buf.seek(0)
@@ -212,29 +203,26 @@ class StreamProcessor:
 
     # ---------------------------------------------------------------- loop
 
-    def _waiting_chunks(self) -> list[tuple]:
+    def _waiting_chunks(self) -> list[ChunkRef]:
         """The next unprocessed chunks in ledger order (pending ones included: the batch stops before them)."""
-        return self.db.query(
-            "SELECT seq, file_id, chunk_seq, object_key, first_line, last_line, status, written_at, rows_total "
-            "FROM chunks WHERE processed_at IS NULL AND status <> 'failed' ORDER BY seq LIMIT %s",
-            (self.settings.y_max_batch_chunks,),
-        )
+        limit = 1 if self._isolate else self.settings.y_max_batch_chunks
+        return ledger.waiting_chunks(self.db, limit)
 
     @staticmethod
-    def _ready_prefix(rows: list[tuple]) -> list[ChunkRef]:
+    def _ready_prefix(rows: list[ChunkRef]) -> list[ChunkRef]:
         batch: list[ChunkRef] = []
         total = 0
-        for seq, file_id, chunk_seq, key, first, last, status, written_at, n_rows in rows:
-            if status != "written":
+        for c in rows:
+            if c.status != "written":
                 break  # strictly in order: a chunk whose object is not written yet holds back the rest
-            total += n_rows or 0
+            total += c.rows_total or 0
             if batch and total > MAX_BATCH_ROWS:
                 break  # the batch's rows are held in memory on the driver: bound them, whatever BATCH_SIZE is
-            batch.append(ChunkRef(seq, file_id, chunk_seq, key, first, last, written_at))
+            batch.append(c)
         return batch
 
     def _x_busy(self) -> bool:
-        return bool(self.db.query("SELECT 1 FROM source_files WHERE status = 'ingesting' LIMIT 1"))
+        return ledger.x_busy(self.db)
 
     def _wait(self, timeout: float) -> None:
         """Sleep until X notifies a chunk (or importance) or the timeout passes."""
@@ -244,14 +232,8 @@ class StreamProcessor:
         end = time.monotonic() + timeout
         while not self.stop.is_set():
             left = end - time.monotonic()
-            if left <= 0:
+            if left <= 0 or self._listen.wait(min(left, 0.5), self.stop):
                 return
-            ready, _, _ = select.select([self._listen], [], [], min(left, 0.5))
-            if ready:
-                self._listen.poll()
-                if self._listen.notifies:
-                    self._listen.notifies.clear()
-                    return
 
     def run(self, *, drain: bool) -> int:
         self.start()
@@ -283,7 +265,7 @@ class StreamProcessor:
                 waiting_since = None
                 if self.stop.is_set():
                     break
-                self.process_batch(batch)
+                self._process_or_count(batch)
             return 0
         finally:
             try:
@@ -291,6 +273,93 @@ class StreamProcessor:
             finally:
                 if self._listen is not None:
                     self._listen.close()
+
+    def _process_or_count(self, batch: list[ChunkRef]) -> None:
+        """Process a batch; a transient fault is waited out, any other failure is pinned on one chunk and
+        counted, so a poison chunk is failed after MAX_ATTEMPTS instead of wedging every later chunk."""
+        try:
+            self.process_batch(batch)
+        except Exception as exc:  # noqa: BLE001 - sorted below: transient, or counted against a chunk
+            if is_retryable(exc):
+                self._fault_delay = min(self.settings.retry_max_delay_seconds, max(0.5, self._fault_delay * 2))
+                log.warning(
+                    "batch of %d chunk(s) from %d interrupted by a transient fault; again in %.1f s: %s",
+                    len(batch),
+                    batch[0].seq,
+                    self._fault_delay,
+                    brief(exc),
+                    extra={"event": "batch_retry", "chunk_id": batch[0].seq},
+                )
+                self.stop.wait(self._fault_delay)
+                return
+            if len(batch) > 1:
+                log.warning(
+                    "batch of %d chunk(s) from %d failed (%s); taking them one at a time to find the cause",
+                    len(batch),
+                    batch[0].seq,
+                    brief(exc),
+                    extra={"event": "batch_failed", "chunk_id": batch[0].seq},
+                )
+                self._isolate = True
+                return
+            self._chunk_attempt_failed(batch[0], exc)
+            return
+        self._fault_delay = 0.0
+        self._isolate = False
+
+    def _chunk_attempt_failed(self, c: ChunkRef, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {brief(exc)}"
+        attempts, failed = ledger.note_chunk_failure(
+            self.db, c.seq, error=error, max_attempts=self.settings.max_attempts, by="y"
+        )
+        ids = {"file_id": c.file_id, "chunk_id": c.seq, "chunk_seq": c.chunk_seq}
+        if not failed:
+            log.warning(
+                "chunk %d: attempt %d of %d failed: %s",
+                c.seq,
+                attempts,
+                self.settings.max_attempts,
+                error,
+                exc_info=True,
+                extra={"event": "chunk_attempt_failed", **ids},
+            )
+            return
+        self._isolate = False
+
+        def record(cur) -> None:
+            copy_rows(
+                cur,
+                "quarantine",
+                QUARANTINE_TABLE_COLUMNS,
+                [
+                    (
+                        c.file_id,
+                        c.first_line,
+                        c.chunk_seq,
+                        "detect",
+                        f"whole chunk (lines {c.first_line}-{c.last_line}) rejected after {attempts} attempts: {error}",
+                        None,
+                    )
+                ],
+            )
+            self.db.log_event(
+                COMPONENT,
+                "ERROR",
+                "chunk_failed",
+                f"chunk {c.seq}: {error}",
+                file_id=c.file_id,
+                chunk_id=c.seq,
+                cur=cur,
+            )
+
+        self.db.run(record, what=f"quarantine chunk {c.seq}")
+        log.error(
+            "chunk %d failed for good after %d attempts (%s); its rows are quarantined and later chunks go on",
+            c.seq,
+            attempts,
+            error,
+            extra={"event": "chunk_failed", **ids},
+        )
 
     # ---------------------------------------------------------------- one batch
 
@@ -362,8 +431,10 @@ class StreamProcessor:
         except Exception as exc:  # noqa: BLE001 - the object may be bad; find out which before giving up
             if self._fail_unreadable(batch, exc):
                 return 0
-            raise
+            # Every object is a fine chunk: the lake (or Spark's access to it) failed, not the data.
+            raise RetryableError(f"Spark could not read the batch's objects: {brief(exc)}") from exc
         k = len(batch)
+        batch_id = uuid.uuid4().hex[:16]
         t_read = time.perf_counter()
         problem = rows.column(PROBLEM)
         clean_mask = pc.is_null(problem)
@@ -380,7 +451,9 @@ class StreamProcessor:
 
         per_cut_clean = _counts(clean.column(CUT), k)
         per_cut_rejected = _counts(rejected.column(CUT), k)
-        self._commit(batch, clean, rejected, new, per_cut_clean, per_cut_rejected)
+        if rejected.num_rows:
+            self._write_rejected_objects(batch, rejected)  # before the commit: idempotent, same bytes on a redo
+        self._commit(batch_id, batch, clean, rejected, new, per_cut_clean, per_cut_rejected)
         t_commit = time.perf_counter()
         if self._versions is not None:
             self._versions.unpersist()
@@ -408,6 +481,13 @@ class StreamProcessor:
                 (t_fold - t_read) * 1000,
                 (t_spark - t_fold) * 1000,
                 (t_commit - t_spark) * 1000,
+                extra={
+                    "event": "chunk_processed",
+                    "file_id": c.file_id,
+                    "chunk_id": c.seq,
+                    "chunk_seq": c.chunk_seq,
+                    "batch_id": batch_id,
+                },
             )
         if rejected.num_rows:
             self.write_quality_report()
@@ -415,6 +495,7 @@ class StreamProcessor:
 
     def _commit(
         self,
+        batch_id: str,
         batch: list[ChunkRef],
         clean: pa.Table,
         rejected: pa.Table,
@@ -422,52 +503,24 @@ class StreamProcessor:
         per_cut_clean: list[int],
         per_cut_rejected: list[int],
     ) -> None:
-        """ONE PostgreSQL transaction for the whole batch: every chunk's processed mark (guarded, so a chunk is
-        never counted twice), the clean rows, the state delta, the new detections and the rejected rows."""
-        k = len(batch)
-        per_cut_new = [0] * k
+        """ONE PostgreSQL transaction for the whole batch, touching only the database: every chunk's processed
+        mark (guarded, so a chunk is never counted twice), the clean rows, the state delta, the new detections
+        and the rejected rows. Redone on a new connection if the server goes away; a redo finds the batch id
+        when the first attempt had committed after all, and then does nothing."""
+        per_cut_new = [0] * len(batch)
         for cut, _ in new:
             per_cut_new[cut] += 1
-        with self.db.transaction() as cur:
-            psycopg2.extras.execute_values(
-                cur,
-                # One clock reading for the whole batch: its chunks are committed together.
-                "WITH clock AS (SELECT clock_timestamp() AS ts) "
-                "UPDATE chunks c SET processed_at = clock.ts, y_rows_clean = v.clean, "
-                "y_rows_rejected = v.rejected, y_new_detections = v.new "
-                "FROM clock, (VALUES %s) AS v(seq, clean, rejected, new) "
-                "WHERE c.seq = v.seq AND c.processed_at IS NULL",
-                [(c.seq, per_cut_clean[i], per_cut_rejected[i], per_cut_new[i]) for i, c in enumerate(batch)],
-            )
-            if cur.rowcount != k:
-                raise ProcessorError(
-                    f"chunks {batch[0].seq}..{batch[-1].seq} were processed by someone else; refusing to count them twice"
-                )
-            if clean.num_rows:
-                out = clean.select(list(TRANSACTION_COLUMNS)).rename_columns(list(TRANSACTION_COLUMNS.values()))
-                buf = io.BytesIO()
-                pacsv.write_csv(out, buf)
-                buf.seek(0)
-                copy_csv(cur, "transactions", out.column_names, buf)
-                # The durable twin of Spark's fold: PostgreSQL folds the same rows into y_state in the same
-                # transaction as the processed marks, so a restart reloads exactly this state.
-                cur.execute(
-                    "INSERT INTO y_state (merchant, customer, n, amount_sum, has_f, has_m) "
-                    "SELECT t.merchant, t.customer, count(*), sum(t.amount), bool_or(t.gender = 'F'), "
-                    "bool_or(t.gender = 'M') FROM transactions t "
-                    "JOIN unnest(%s::text[], %s::int[], %s::bigint[], %s::bigint[]) AS b(file_id, chunk_seq, lo, hi) "
-                    "ON t.source_file_id = b.file_id AND t.chunk_seq = b.chunk_seq AND t.source_line BETWEEN b.lo AND b.hi "
-                    "GROUP BY t.merchant, t.customer "
-                    "ON CONFLICT (merchant, customer) DO UPDATE SET "
-                    "n = y_state.n + EXCLUDED.n, amount_sum = y_state.amount_sum + EXCLUDED.amount_sum, "
-                    "has_f = y_state.has_f OR EXCLUDED.has_f, has_m = y_state.has_m OR EXCLUDED.has_m",
-                    (
-                        [c.file_id for c in batch],
-                        [c.chunk_seq for c in batch],
-                        [c.first_line for c in batch],
-                        [c.last_line for c in batch],
-                    ),
-                )
+        marks = [ChunkMark(c.seq, per_cut_clean[i], per_cut_rejected[i], per_cut_new[i]) for i, c in enumerate(batch)]
+        payload = _transactions_csv(clean) if clean.num_rows else None
+
+        def fn(cur) -> None:
+            cur.execute("SELECT 1 FROM chunks WHERE y_batch_id = %s LIMIT 1", (batch_id,))
+            if cur.fetchone():
+                log.info("batch %s had committed before the connection was lost; not redone", batch_id)
+                return
+            ledger.mark_batch_processed(cur, batch_id, marks)
+            if payload is not None:
+                self._insert_rows(cur, batch, payload)
             if new:
                 now = datetime.now(timezone.utc)
                 psycopg2.extras.execute_values(
@@ -477,12 +530,31 @@ class StreamProcessor:
                     [(p, ACTIONS[p], c, m, self.y_start, now, batch[cut].seq) for cut, (p, c, m) in new],
                 )
             if rejected.num_rows:
-                cuts = rejected.column(CUT)
-                for i, chunk in enumerate(batch):
-                    if per_cut_rejected[i]:
-                        self._record_rejected(
-                            cur, chunk.seq, chunk.file_id, chunk.chunk_seq, rejected.filter(pc.equal(cuts, i))
-                        )
+                self._copy_rejected(cur, batch, rejected, per_cut_rejected)
+
+        self.db.run(fn, what=f"commit batch {batch_id} (chunks {batch[0].seq}..{batch[-1].seq})")
+
+    def _insert_rows(self, cur, batch: list[ChunkRef], payload: bytes) -> None:
+        """The clean rows into `transactions`, and their fold into `y_state`: the durable twin of Spark's fold,
+        in the same transaction as the processed marks, so a restart reloads exactly this state."""
+        copy_csv(cur, "transactions", list(TRANSACTION_COLUMNS.values()), payload)
+        cur.execute(
+            "INSERT INTO y_state (merchant, customer, n, amount_sum, has_f, has_m) "
+            "SELECT t.merchant, t.customer, count(*), sum(t.amount), bool_or(t.gender = 'F'), "
+            "bool_or(t.gender = 'M') FROM transactions t "
+            "JOIN unnest(%s::text[], %s::int[], %s::bigint[], %s::bigint[]) AS b(file_id, chunk_seq, lo, hi) "
+            "ON t.source_file_id = b.file_id AND t.chunk_seq = b.chunk_seq AND t.source_line BETWEEN b.lo AND b.hi "
+            "GROUP BY t.merchant, t.customer "
+            "ON CONFLICT (merchant, customer) DO UPDATE SET "
+            "n = y_state.n + EXCLUDED.n, amount_sum = y_state.amount_sum + EXCLUDED.amount_sum, "
+            "has_f = y_state.has_f OR EXCLUDED.has_f, has_m = y_state.has_m OR EXCLUDED.has_m",
+            (
+                [c.file_id for c in batch],
+                [c.chunk_seq for c in batch],
+                [c.first_line for c in batch],
+                [c.last_line for c in batch],
+            ),
+        )
 
     def _fail_unreadable(self, batch: list[ChunkRef], exc: Exception) -> bool:
         """After Spark failed to read a batch: mark failed (and quarantine) each chunk whose object is not a
@@ -495,7 +567,7 @@ class StreamProcessor:
             except FileNotFoundError:
                 problems = ["the object is missing from the lake"]
             except (pa.ArrowInvalid, OSError) as err:
-                if is_transient(err):
+                if is_retryable(err):
                     raise
                 problems = [f"not a readable Parquet file ({err})"]
             if problems:
@@ -504,12 +576,13 @@ class StreamProcessor:
             return False
         for c, reason in bad:
             message = f"chunk object {c.key} cannot be processed: {reason}"
-            with self.db.transaction() as cur:
-                cur.execute("UPDATE chunks SET status = 'failed' WHERE seq = %s AND processed_at IS NULL", (c.seq,))
+
+            def fail(cur, c: ChunkRef = c, reason: str = reason, message: str = message) -> None:
+                ledger.fail_unreadable_chunk(cur, c.seq, message)
                 copy_rows(
                     cur,
                     "quarantine",
-                    ("file_id", "line_no", "chunk_seq", "stage", "reason", "raw_line"),
+                    QUARANTINE_TABLE_COLUMNS,
                     [
                         (
                             c.file_id,
@@ -524,51 +597,74 @@ class StreamProcessor:
                 self.db.log_event(
                     COMPONENT, "ERROR", "chunk_failed", message, file_id=c.file_id, chunk_id=c.seq, cur=cur
                 )
-            log.error("%s; marked failed and quarantined (Spark said: %s)", message, str(exc).splitlines()[0][:300])
+
+            self.db.run(fail, what=f"fail chunk {c.seq}")
+            log.error(
+                "%s; marked failed and quarantined (Spark said: %s)",
+                message,
+                str(exc).splitlines()[0][:300],
+                extra={"event": "chunk_failed", "file_id": c.file_id, "chunk_id": c.seq},
+            )
         return True
 
-    def _record_rejected(self, cur, seq: int, file_id: str, chunk_seq: int, rejected: pa.Table) -> None:
-        """Quarantine rejected rows (one record per row id) in PostgreSQL and in the lake."""
+    @staticmethod
+    def _rejected_records(chunk_seq: int, rejected: pa.Table) -> list[tuple[int, str]]:
+        """(line, reason) per rejected row id; a row without a line number gets a negative placeholder."""
         lines = rejected.column("source_line").to_pylist()
         reasons = rejected.column(PROBLEM).to_pylist()
         per_line: dict[int, list[str]] = {}
         for i, (ln, r) in enumerate(zip(lines, reasons)):
-            # A row without a line number gets a negative placeholder unique within the file.
             per_line.setdefault(ln if ln is not None else -1 - (chunk_seq * 1_000_000 + i), []).append(r)
-        records = [
+        return [
             (ln, rs[0] if len(rs) == 1 else f"{rs[0]} (+{len(rs) - 1} more row(s) with this id)")
             for ln, rs in per_line.items()
         ]
-        copy_rows(
-            cur,
-            "quarantine",
-            ("file_id", "line_no", "chunk_seq", "stage", "reason", "raw_line"),
-            ((file_id, ln, chunk_seq, "detect", r, None) for ln, r in records),
-        )
-        table = pa.table(
-            {
-                "source_file_id": [file_id] * len(records),
-                "source_line": [ln for ln, _ in records],
-                "reason": [r for _, r in records],
-                "raw_line": pa.nulls(len(records), pa.string()),
-            },
-            schema=QUARANTINE_SCHEMA,
-        )
-        key = lake_paths.quarantine_key("detect", file_id, chunk_seq)
-        payload = parquet_bytes(table)  # same rows on a redo -> same bytes: written before the commit, idempotently
-        retry_call(
-            lambda: self.store.put_bytes(key, payload, overwrite=True), what=f"write {key}", transient=is_transient
-        )
-        self.db.log_event(
-            COMPONENT,
-            "WARNING",
-            "rows_rejected",
-            f"chunk {seq}: {len(reasons)} row(s) excluded from the state, first: {reasons[0]}",
-            file_id=file_id,
-            chunk_id=seq,
-            row_count=len(reasons),
-            cur=cur,
-        )
+
+    def _write_rejected_objects(self, batch: list[ChunkRef], rejected: pa.Table) -> None:
+        """Each chunk's rejected rows to the lake's quarantine (same rows on a redo -> same bytes)."""
+        cuts = rejected.column(CUT)
+        for i, c in enumerate(batch):
+            mine = rejected.filter(pc.equal(cuts, i))
+            if not mine.num_rows:
+                continue
+            records = self._rejected_records(c.chunk_seq, mine)
+            table = pa.table(
+                {
+                    "source_file_id": [c.file_id] * len(records),
+                    "source_line": [ln for ln, _ in records],
+                    "reason": [r for _, r in records],
+                    "raw_line": pa.nulls(len(records), pa.string()),
+                },
+                schema=QUARANTINE_SCHEMA,
+            )
+            self.store.put_bytes(
+                lake_paths.quarantine_key("detect", c.file_id, c.chunk_seq), parquet_bytes(table), overwrite=True
+            )
+
+    def _copy_rejected(self, cur, batch: list[ChunkRef], rejected: pa.Table, per_cut_rejected: list[int]) -> None:
+        """Quarantine rejected rows (one record per row id) in PostgreSQL, in the commit transaction."""
+        cuts = rejected.column(CUT)
+        for i, c in enumerate(batch):
+            if not per_cut_rejected[i]:
+                continue
+            mine = rejected.filter(pc.equal(cuts, i))
+            records = self._rejected_records(c.chunk_seq, mine)
+            copy_rows(
+                cur,
+                "quarantine",
+                QUARANTINE_TABLE_COLUMNS,
+                ((c.file_id, ln, c.chunk_seq, "detect", r, None) for ln, r in records),
+            )
+            self.db.log_event(
+                COMPONENT,
+                "WARNING",
+                "rows_rejected",
+                f"chunk {c.seq}: {per_cut_rejected[i]} row(s) excluded from the state, first: {records[0][1]}",
+                file_id=c.file_id,
+                chunk_id=c.seq,
+                row_count=per_cut_rejected[i],
+                cur=cur,
+            )
 
     def write_quality_report(self) -> None:
         totals = self.db.query(
@@ -594,11 +690,15 @@ class StreamProcessor:
             ],
         }
         data = json.dumps(doc, indent=2).encode()
-        retry_call(
-            lambda: self.store.put_bytes(lake_paths.QUALITY_REPORT_KEY, data, overwrite=True),
-            what="write quality_reports.json",
-            transient=is_transient,
-        )
+        self.store.put_bytes(lake_paths.QUALITY_REPORT_KEY, data, overwrite=True)
+
+
+def _transactions_csv(clean: pa.Table) -> bytes:
+    """The clean rows as the CSV payload of the `transactions` COPY (PostgreSQL's column names)."""
+    out = clean.select(list(TRANSACTION_COLUMNS)).rename_columns(list(TRANSACTION_COLUMNS.values()))
+    buf = io.BytesIO()
+    pacsv.write_csv(out, buf)
+    return buf.getvalue()
 
 
 def _counts(cuts: pa.ChunkedArray, k: int) -> list[int]:
@@ -653,7 +753,7 @@ def run_worker(
     from src.utils.object_store import open_lake
 
     stop = stop or threading.Event()
-    db = Database(settings)
+    db = Database(settings, stop=stop)
     db.apply_schema()
     store = open_lake(settings)
     spark = build_spark_session(settings, app_name="mechanism-y")
