@@ -370,7 +370,7 @@ def _describe_error(env: str, error: Any, raw: Mapping[str, str]) -> str:
         reason = "is not one of: " + ", ".join(str(a).lower() for a in get_args(field.annotation))
     else:
         reason = _REASONS.get(kind, "is not valid: " + error["msg"])
-    if field is not None and field.annotation is SecretStr:
+    if field is None or field.annotation is SecretStr:  # never echo a secret (or a whole mapping)
         return f"{env} {reason}"
     shown = raw.get(env, error.get("input"))
     return f"{env}={redact_url(shown) if isinstance(shown, str) else shown!r} {reason}"

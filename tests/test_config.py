@@ -192,13 +192,13 @@ def test_unreadable_credentials_file_with_a_drive_folder(tmp_path, monkeypatch):
     assert build(GDRIVE_FOLDER_ID="folder123", GOOGLE_CREDENTIALS_PATH=str(key)).gdrive_folder_id == "folder123"
 
 
-@pytest.mark.parametrize("name", ["POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY"])
-def test_placeholder_secret_is_refused(name):
-    env = {name: "changeme"}
-    if name == "AWS_SECRET_ACCESS_KEY":
-        env["AWS_ACCESS_KEY_ID"] = "AKIAEXAMPLE"
+@pytest.mark.parametrize("name", ["POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"])
+@pytest.mark.parametrize("value", ["changeme", " ChangeMe ", "<secret>", "your-secret-key", "your_password", "xxx"])
+def test_placeholder_secret_is_refused(name, value):
+    env = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value", name: value}
     message = settings_error(**env)
-    assert name in message and "changeme" not in message
+    assert message == f"{name} holds a placeholder value: set the real secret or leave it unset"
+    assert build(**{**env, name: "a-real-value-" + value.strip()}).to_env()[name].startswith("a-real-value-")
 
 
 def test_aws_keys_come_in_pairs():
@@ -440,6 +440,9 @@ def test_an_explicit_environ_replaces_the_process_environment(monkeypatch, tmp_p
     dotenv.write_text("BATCH_SIZE=5\nMAX_WORKERS=3\n")
     s = Settings.from_env(dotenv=dotenv)
     assert (s.batch_size, s.max_workers) == (77, 3)  # the process environment wins over .env
+    monkeypatch.setenv("BATCH_SIZE", "")
+    assert Settings.from_env(dotenv=dotenv).batch_size == 10_000  # an empty value means the default, even over .env
+    assert Settings.from_env({}, dotenv=dotenv).batch_size == 5
 
 
 def test_config_imports_nothing_from_src_but_errors():
