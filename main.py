@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from config.config import Settings  # noqa: E402
+from config.config import Settings, redact_url  # noqa: E402
 from src.errors import ProcessorError  # noqa: E402
 from src.utils.runtime import READY_FILE_ENV  # noqa: E402
 
@@ -176,7 +176,7 @@ def describe_setup(settings: Settings) -> None:
     if settings.local_lake:
         log.info("lake: local directory %s (set S3_BUCKET_NAME for S3)", settings.local_lake_dir)
     else:
-        endpoint = f" via {settings.s3_endpoint_url}" if settings.s3_endpoint_url else ""
+        endpoint = f" via {redact_url(settings.s3_endpoint_url)}" if settings.s3_endpoint_url else ""
         log.info("lake: s3://%s (%s)%s", settings.s3_bucket_name, settings.aws_region, endpoint)
     log.info("database: %s", describe_target(settings))
 

@@ -1,259 +1,280 @@
 """Typed settings, built once from the environment (and `.env`) and validated at start.
 
-Every variable of SPEC §6 is a field here and a line in `.env.template`; a test keeps the two
-in step. A bad value raises `SettingsError` whose message is one line naming the variable.
+Every variable of SPEC §6 is a field here (its name upper-cased is the variable) and a line in
+`.env.template`; a test keeps the two in step. pydantic-settings does the typing and the bounds;
+a bad value raises `SettingsError` whose message is one line naming the variable, never a secret.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from dataclasses import dataclass, field, fields
+import re
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Literal, Mapping, get_args
+from urllib.parse import urlsplit, urlunsplit
+
+import annotated_types
+from dotenv import dotenv_values
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from src.errors import SettingsError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-
-class Secret:
-    """A string that never shows itself in repr, str or logs."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def get(self) -> str:
-        return self._value
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __repr__(self) -> str:
-        return "Secret('**********')" if self._value else "Secret('')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+_PLACEHOLDERS = frozenset(
+    {"changeme", "change_me", "change-me", "changethis", "replace_me", "xxx", "secret", "todo", "your_secret_key"}
+)
+_DAY = 86_400
+_SHAPES = {  # field -> (full match, what it must look like)
+    "aws_region": (re.compile(r"[a-z0-9-]+"), "is not a region name such as us-east-1"),
+    "s3_bucket_name": (
+        re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"),
+        "is not an S3 bucket name (3-63 lower-case letters, digits, dots, hyphens; no s3:// prefix)",
+    ),
+    "postgres_host": (re.compile(r"[^\s/@]+"), "is not a host name or address (no spaces, no URL)"),
+    "gdrive_folder_id": (
+        re.compile(r"[A-Za-z0-9_-]+"),
+        "is not a Drive folder id (the last part of the folder's address, after /folders/)",
+    ),
+    "spark_master": (
+        re.compile(r"local(\[(\*|[0-9]+)(,[0-9]+)?\])?|local-cluster\[[0-9, ]+\]|yarn|[a-z0-9+]+://\S+"),
+        "is not a Spark master URL such as local[*], local[2] or spark://host:7077",
+    ),
+    "spark_driver_memory": (re.compile(r"[0-9]+[kmgt]"), "is not a JVM memory size such as 1g or 512m"),
+}
 
 
-def _str(name: str, raw: str) -> str:
-    return raw.strip()
+def redact_url(url: str) -> str:
+    """The URL without its userinfo (`https://user:pw@host/x` -> `https://***@host/x`), safe to log."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
-def _opt_str(name: str, raw: str) -> str | None:
-    value = raw.strip()
-    return value or None
-
-
-def _int(minimum: int, maximum: int | None = None) -> Callable[[str, str], int]:
-    def parse(name: str, raw: str) -> int:
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise SettingsError(f"{name}={raw!r} is not a whole number") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-            raise SettingsError(f"{name}={value} is out of range: it must be {bound}")
-        return value
-
-    return parse
-
-
-def _float(minimum: float, maximum: float | None = None, *, exclusive_min: bool = False) -> Callable[[str, str], float]:
-    def parse(name: str, raw: str) -> float:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise SettingsError(f"{name}={raw!r} is not a number") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise SettingsError(f"{name}={raw!r} is not a finite number")
-        too_low = value <= minimum if exclusive_min else value < minimum
-        if too_low or (maximum is not None and value > maximum):
-            lo = f"> {minimum}" if exclusive_min else f">= {minimum}"
-            bound = lo if maximum is None else f"{lo} and <= {maximum}"
-            raise SettingsError(f"{name}={raw.strip()} is out of range: it must be {bound}")
-        return value
-
-    return parse
-
-
-def _secret(name: str, raw: str) -> Secret:
-    value = raw.strip()
-    if value and value.lower() in {"changeme", "your_secret_key", "your-secret-key", "xxx", "<secret>"}:
-        raise SettingsError(f"{name} holds a placeholder value: set the real secret or leave it unset")
-    return Secret(value)
-
-
-def _choice(*options: str) -> Callable[[str, str], str]:
-    def parse(name: str, raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in options:
-            raise SettingsError(f"{name}={raw!r} is not one of: {', '.join(options)}")
-        return value
-
-    return parse
-
-
-def _url(name: str, raw: str) -> str | None:
-    value = raw.strip()
-    if not value:
-        return None
-    if not (value.startswith("http://") or value.startswith("https://")):
-        raise SettingsError(f"{name}={value!r} is not an http(s) URL")
+def _check_url(value: str) -> str:
+    """An http(s) URL; plain http only to this machine, so credentials and data never cross a network in clear."""
+    try:
+        parts = urlsplit(value)
+        host, _port = parts.hostname, parts.port
+    except ValueError:
+        host = None
+    if parts.scheme not in ("http", "https") or not host:
+        raise ValueError("is not an http(s) URL such as https://host:9000/path")
+    if parts.scheme == "http" and host not in LOCAL_HOSTS:
+        raise ValueError("must use https: plain http is allowed only for 127.0.0.1, localhost or ::1")
     return value
 
 
-def _path(name: str, raw: str) -> Path:
-    value = raw.strip()
-    if not value:
-        raise SettingsError(f"{name} is empty: give a path")
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else PROJECT_ROOT / path
-
-
-def _memory(name: str, raw: str) -> str:
-    value = raw.strip().lower()
-    if not value or not value[:-1].isdigit() or value[-1] not in "kmgt":
-        raise SettingsError(f"{name}={raw!r} is not a JVM memory size such as 1g or 512m")
+def _check_host_port(value: str) -> str:
+    """`host:port` (`[::1]:9464` for IPv6) or `off`."""
+    if value.lower() == "off":
+        return "off"
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            host = ""
+    valid_host = bool(re.fullmatch(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]", host))
+    if not (sep and valid_host and port.isdigit() and int(port) <= 65535):
+        raise ValueError("is not host:port (such as 127.0.0.1:9464, [::1]:9464, 0.0.0.0:9464) or off")
     return value
 
 
-def _setting(env: str, default: str, parse: Callable[[str, str], Any], doc: str) -> Any:
-    return field(metadata={"env": env, "default": default, "parse": parse, "doc": doc})
+def _is_placeholder(value: str) -> bool:
+    low = value.lower()
+    return low in _PLACEHOLDERS or (low.startswith(("your_", "your-", "<")) and low.endswith(("key", "password", ">")))
 
 
-@dataclass(frozen=True)
-class Settings:
-    """All configuration of the daemon (SPEC §6 plus a few operational knobs)."""
+def _seconds(default: float, doc: str, *, positive: bool) -> Any:
+    """A duration: finite, at most a day, and > 0 where 0 would spin."""
+    bound = {"gt": 0} if positive else {"ge": 0}
+    return Field(default, description=doc, le=_DAY, allow_inf_nan=False, **bound)
 
-    aws_access_key_id: Secret = _setting("AWS_ACCESS_KEY_ID", "", _secret, "S3 access key (or use the AWS chain)")
-    aws_secret_access_key: Secret = _setting("AWS_SECRET_ACCESS_KEY", "", _secret, "S3 secret key")
-    aws_region: str = _setting("AWS_REGION", "us-east-1", _str, "region of the bucket")
-    s3_bucket_name: str | None = _setting("S3_BUCKET_NAME", "", _opt_str, "lake bucket; unset -> local lake")
-    s3_endpoint_url: str | None = _setting("S3_ENDPOINT_URL", "", _url, "S3-compatible endpoint (MinIO, tests)")
-    local_lake_dir: Path = _setting("LOCAL_LAKE_DIR", "data/lake", _path, "lake directory when no bucket is set")
-    postgres_host: str | None = _setting("POSTGRES_HOST", "", _opt_str, "PostgreSQL host; unset -> embedded")
-    postgres_port: int = _setting("POSTGRES_PORT", "5432", _int(1, 65535), "PostgreSQL port")
-    postgres_db: str = _setting("POSTGRES_DB", "transactions", _str, "PostgreSQL database")
-    postgres_user: str = _setting("POSTGRES_USER", "postgres", _str, "PostgreSQL user")
-    postgres_password: Secret = _setting("POSTGRES_PASSWORD", "", _secret, "PostgreSQL password")
-    gdrive_folder_id: str | None = _setting("GDRIVE_FOLDER_ID", "", _opt_str, "Drive folder; unset -> local inbox")
-    google_credentials_path: Path = _setting(
-        "GOOGLE_CREDENTIALS_PATH", "config/google_credentials.json", _path, "service-account key file"
+
+class Settings(BaseSettings):
+    """All configuration of the daemon (SPEC §6 plus a few operational knobs); build it with `from_env`."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        alias_generator=str.upper,
+        case_sensitive=True,
+        extra="ignore",
+        validate_default=True,
+        hide_input_in_errors=True,
     )
-    gdrive_api_endpoint: str | None = _setting("GDRIVE_API_ENDPOINT", "", _url, "Drive API base URL override")
-    local_inbox_dir: Path = _setting("LOCAL_INBOX_DIR", "data/inbox", _path, "folder watched when no Drive folder")
-    data_dir: Path = _setting("DATA_DIR", "data", _path, "embedded PostgreSQL, Spark scratch, downloads")
-    batch_size: int = _setting("BATCH_SIZE", "10000", _int(1, 10_000_000), "rows per chunk")
-    chunk_interval_seconds: float = _setting("CHUNK_INTERVAL_SECONDS", "1", _float(0), "pause between chunks")
-    processing_interval: float = _setting("PROCESSING_INTERVAL", "30", _float(0, exclusive_min=True), "poll period")
-    max_workers: int = _setting("MAX_WORKERS", "4", _int(1, 64), "parallel uploads/downloads")
-    detections_per_file: int = _setting("DETECTIONS_PER_FILE", "50", _int(1, 1_000_000), "detections per lake file")
-    detections_flush_seconds: float = _setting(
-        "DETECTIONS_FLUSH_SECONDS", "5", _float(0, exclusive_min=True), "flush a partial file after this idle time"
+
+    aws_access_key_id: SecretStr = Field(SecretStr(""), description="S3 access key (or use the AWS chain)")
+    aws_secret_access_key: SecretStr = Field(SecretStr(""), description="S3 secret key")
+    aws_region: str = Field("us-east-1", description="region of the bucket")
+    s3_bucket_name: str | None = Field(None, description="lake bucket; unset -> local lake")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, tests); https unless local")
+    local_lake_dir: Path = Field(Path("data/lake"), description="lake directory when no bucket is set")
+    postgres_host: str | None = Field(None, description="PostgreSQL host; unset -> embedded")
+    postgres_port: int = Field(5432, description="PostgreSQL port", ge=1, le=65535)
+    postgres_db: str = Field("transactions", description="PostgreSQL database")
+    postgres_user: str = Field("postgres", description="PostgreSQL user")
+    postgres_password: SecretStr = Field(SecretStr(""), description="PostgreSQL password")
+    gdrive_folder_id: str | None = Field(None, description="Drive folder; unset -> local inbox")
+    google_credentials_path: Path = Field(
+        Path("config/google_credentials.json"), description="service-account key file"
     )
-    y_max_batch_chunks: int = _setting(
-        "Y_MAX_BATCH_CHUNKS",
-        "20",
-        _int(1, 1000),
-        "most waiting chunks (and 200,000 rows) Mechanism Y folds in one Spark pass; each is judged at its own boundary",
+    gdrive_api_endpoint: str | None = Field(None, description="Drive API base URL override; https unless local")
+    local_inbox_dir: Path = Field(Path("data/inbox"), description="folder watched when no Drive folder")
+    data_dir: Path = Field(Path("data"), description="embedded PostgreSQL, Spark scratch, downloads")
+    batch_size: int = Field(10_000, description="rows per chunk", ge=1, le=10_000_000)
+    chunk_interval_seconds: float = _seconds(1, "pause between chunks", positive=False)
+    processing_interval: float = _seconds(30, "poll period", positive=True)
+    max_workers: int = Field(4, description="parallel uploads/downloads", ge=1, le=64)
+    detections_per_file: int = Field(50, description="detections per lake file", ge=1, le=1_000_000)
+    detections_flush_seconds: float = _seconds(5, "flush a partial file after this idle time", positive=True)
+    y_max_batch_chunks: int = Field(
+        20,
+        description="most waiting chunks (and 200,000 rows) Mechanism Y folds in one Spark pass; "
+        "each is judged at its own boundary",
+        ge=1,
+        le=1000,
     )
-    spark_master: str = _setting("SPARK_MASTER", "local[*]", _str, "Spark master URL")
-    spark_driver_memory: str = _setting("SPARK_DRIVER_MEMORY", "1g", _memory, "Spark driver memory")
-    spark_ui_enabled: bool = _setting(
-        "SPARK_UI_ENABLED", "false", lambda n, r: _choice("true", "false")(n, r) == "true", "Spark web UI"
+    spark_master: str = Field("local[*]", description="Spark master URL")
+    spark_driver_memory: str = Field("1g", description="Spark driver memory")
+    spark_ui_enabled: bool = Field(False, description="Spark web UI")
+    spark_jars: str | None = Field(None, description="local hadoop-aws/SDK jars (offline machines)")
+    patid1_min_merchant_txns: int = Field(50_000, description="PatId1: T(m) >", ge=0)
+    patid1_count_percentile: float = Field(0.9, description="PatId1: n >= P_q(n)", ge=0, le=1)
+    patid1_weight_percentile: float = Field(0.1, description="PatId1: w <= P_q(w)", ge=0, le=1)
+    patid2_max_avg_amount: float = Field(23, description="PatId2: mean amount <", ge=0, allow_inf_nan=False)
+    patid2_min_txns: int = Field(80, description="PatId2: n >=", ge=0)
+    patid3_min_female_customers: int = Field(100, description="PatId3: F(m) >", ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    log_format: Literal["auto", "text", "json"] = Field("auto", description="auto: text on a terminal, json otherwise")
+    log_file: Path | None = Field(None, description="also log to this file, rotated by size")
+    log_file_max_bytes: int = Field(52_428_800, description="rotate LOG_FILE at this size", ge=1024, le=1 << 40)
+    log_file_backups: int = Field(5, description="rotated (gzipped) log files kept", ge=0, le=1000)
+    metrics_addr: str = Field(
+        "127.0.0.1:9464", description="host:port of /metrics, /healthz, /readyz and the status page; off"
     )
-    spark_jars: str | None = _setting("SPARK_JARS", "", _opt_str, "local hadoop-aws/SDK jars (offline machines)")
-    patid1_min_merchant_txns: int = _setting("PATID1_MIN_MERCHANT_TXNS", "50000", _int(0), "PatId1: T(m) >")
-    patid1_count_percentile: float = _setting("PATID1_COUNT_PERCENTILE", "0.9", _float(0, 1), "PatId1: n >= P_q(n)")
-    patid1_weight_percentile: float = _setting("PATID1_WEIGHT_PERCENTILE", "0.1", _float(0, 1), "PatId1: w <= P_q(w)")
-    patid2_max_avg_amount: float = _setting("PATID2_MAX_AVG_AMOUNT", "23", _float(0), "PatId2: mean amount <")
-    patid2_min_txns: int = _setting("PATID2_MIN_TXNS", "80", _int(0), "PatId2: n >=")
-    patid3_min_female_customers: int = _setting("PATID3_MIN_FEMALE_CUSTOMERS", "100", _int(0), "PatId3: F(m) >")
-    log_level: str = _setting(
-        "LOG_LEVEL", "INFO", lambda n, r: _choice("debug", "info", "warning", "error")(n, r).upper(), "log level"
+    alert_webhook_url: SecretStr = Field(
+        SecretStr(""), description="POST a JSON message here when an incident starts and when it resolves"
     )
-    log_format: str = _setting(
-        "LOG_FORMAT", "auto", _choice("auto", "text", "json"), "auto: text on a terminal, json otherwise"
+    alert_quarantine_ratio: float = Field(
+        0.05, description="alert when this share of recent rows is quarantined", ge=0, le=1
     )
-    log_file: Path | None = _setting(
-        "LOG_FILE", "", lambda n, r: _path(n, r) if r.strip() else None, "also log to this file, rotated by size"
+    max_line_bytes: int = Field(1_048_576, description="longer source lines are quarantined", ge=64, le=1 << 30)
+    max_attempts: int = Field(
+        5, description="failed attempts at one file or chunk before it is marked failed", ge=1, le=1000
     )
-    log_file_max_bytes: int = _setting("LOG_FILE_MAX_BYTES", "52428800", _int(1024), "rotate LOG_FILE at this size")
-    log_file_backups: int = _setting("LOG_FILE_BACKUPS", "5", _int(0, 1000), "rotated (gzipped) log files kept")
-    metrics_addr: str = _setting(
-        "METRICS_ADDR", "127.0.0.1:9464", _str, "host:port of /metrics, /healthz, /readyz and the status page; off"
+    retry_max_delay_seconds: float = Field(
+        30, description="cap of the backoff between retries", gt=0, le=3600, allow_inf_nan=False
     )
-    alert_webhook_url: str | None = _setting(
-        "ALERT_WEBHOOK_URL", "", _url, "POST a JSON message here when an incident starts and when it resolves"
-    )
-    alert_quarantine_ratio: float = _setting(
-        "ALERT_QUARANTINE_RATIO", "0.05", _float(0, 1), "alert when this share of recent rows is quarantined"
-    )
-    max_line_bytes: int = _setting(
-        "MAX_LINE_BYTES", "1048576", _int(64, 1 << 30), "longer source lines are quarantined"
-    )
-    max_attempts: int = _setting(
-        "MAX_ATTEMPTS", "5", _int(1, 1000), "failed attempts at one file or chunk before it is marked failed"
-    )
-    retry_max_delay_seconds: float = _setting(
-        "RETRY_MAX_DELAY_SECONDS", "30", _float(0, exclusive_min=True), "cap of the backoff between retries"
-    )
-    postgres_connect_timeout: int = _setting(
-        "POSTGRES_CONNECT_TIMEOUT", "10", _int(1, 3600), "seconds to wait for one connection attempt"
-    )
-    postgres_statement_timeout: int = _setting(
-        "POSTGRES_STATEMENT_TIMEOUT", "300", _int(0, 86400), "seconds a statement may run; 0 = no limit"
-    )
+    postgres_connect_timeout: int = Field(10, description="seconds to wait for one connection attempt", ge=1, le=3600)
+    postgres_statement_timeout: int = Field(300, description="seconds a statement may run; 0 = no limit", ge=0, le=_DAY)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, *, dotenv: Path | None = None) -> "Settings":
-        """Build and validate settings; `.env` (if any) fills in what the environment lacks."""
-        env: dict[str, str] = {}
-        if dotenv is None:
-            dotenv = PROJECT_ROOT / ".env"
-        if dotenv and dotenv.is_file():
-            from dotenv import dotenv_values
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only what `from_env` passes: an explicit mapping must not be topped up from `os.environ`."""
+        return (init_settings,)
 
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, dotenv: Path | None = None) -> Settings:
+        """Build and validate settings; `.env` (if any) fills in what the environment lacks.
+
+        `environ` (tests, a child's environment) replaces `os.environ` entirely. An empty value
+        means the default, as in a freshly copied `.env.template`.
+        """
+        env: dict[str, str] = {}
+        dotenv = PROJECT_ROOT / ".env" if dotenv is None else dotenv
+        if dotenv.is_file():
             env.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
         env.update(os.environ if environ is None else environ)
-        values = {}
-        for f in fields(cls):
-            meta = f.metadata
-            raw = env.get(meta["env"])
-            if raw is None or (raw.strip() == "" and meta["default"] != ""):
-                raw = meta["default"]
-            values[f.name] = meta["parse"](meta["env"], raw)
-        settings = cls(**values)
-        settings._check()
-        return settings
+        values = {name: env[name] for name in cls.env_names() if env.get(name, "").strip()}
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise SettingsError(_one_line(exc, values)) from None
 
-    def _check(self) -> None:
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strip(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("local_lake_dir", "google_credentials_path", "local_inbox_dir", "data_dir", "log_file")
+    @classmethod
+    def _under_project(cls, path: Path | None) -> Path | None:
+        """Relative paths are relative to the project root, whatever the working directory."""
+        if path is None:
+            return None
+        path = path.expanduser()
+        return path if path.is_absolute() else PROJECT_ROOT / path
+
+    @field_validator("aws_access_key_id", "aws_secret_access_key", "postgres_password", "alert_webhook_url")
+    @classmethod
+    def _no_placeholder(cls, secret: SecretStr) -> SecretStr:
+        if _is_placeholder(secret.get_secret_value()):
+            raise ValueError("holds a placeholder value: set the real secret or leave it unset")
+        return secret
+
+    @field_validator("s3_endpoint_url", "gdrive_api_endpoint")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_url(value)
+
+    @field_validator("alert_webhook_url")
+    @classmethod
+    def _secret_url(cls, secret: SecretStr) -> SecretStr:
+        if secret.get_secret_value():
+            _check_url(secret.get_secret_value())
+        return secret
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _metrics_addr(cls, value: str) -> str:
+        return _check_host_port(value)
+
+    @field_validator(*_SHAPES)
+    @classmethod
+    def _shape(cls, value: str | None, info: ValidationInfo) -> str | None:
+        shape, reason = _SHAPES[info.field_name]
+        if value is not None and not shape.fullmatch(value):
+            raise ValueError(reason)
+        return value
+
+    @field_validator("log_level", "log_format", "spark_driver_memory", mode="before")
+    @classmethod
+    def _choice_case(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, str):
+            return value
+        return value.upper() if info.field_name == "log_level" else value.lower()  # names in any case
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        """Checks across settings; their messages name every variable involved.
+
+        They raise `SettingsError` itself, which pydantic lets through (it wraps only ValueError).
+        """
         if self.gdrive_folder_id:
-            path = self.google_credentials_path
-            if path.exists() and not path.is_file():
-                raise SettingsError(
-                    f"GOOGLE_CREDENTIALS_PATH={path} is not a file: point it at the service-account key"
-                )
-            if not path.is_file():
-                raise SettingsError(
-                    f"GOOGLE_CREDENTIALS_PATH={path} does not exist: download the service-account key there "
-                    "or point GOOGLE_CREDENTIALS_PATH at it (README: Google Drive set-up)"
-                )
-            if not os.access(path, os.R_OK):
-                raise SettingsError(f"GOOGLE_CREDENTIALS_PATH={path} is not readable by this user")
+            _check_credentials(self.google_credentials_path)
         if bool(self.aws_access_key_id) != bool(self.aws_secret_access_key):
             raise SettingsError("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together (or neither)")
+        return self
 
-    @staticmethod
-    def env_names() -> list[str]:
-        return [f.metadata["env"] for f in fields(Settings)]
+    @classmethod
+    def env_names(cls) -> list[str]:
+        """The environment variables read, in field order."""
+        return [field.alias or name.upper() for name, field in cls.model_fields.items()]
 
     @property
     def embedded_postgres(self) -> bool:
@@ -267,22 +288,106 @@ class Settings:
     def local_inbox(self) -> bool:
         return not self.gdrive_folder_id
 
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """`METRICS_ADDR` as (host, port) to bind, or None when it is `off`."""
+        if self.metrics_addr == "off":
+            return None
+        host, _, port = self.metrics_addr.rpartition(":")
+        return host.strip("[]"), int(port)
+
     def describe(self) -> dict[str, str]:
-        """Settings safe to log: secrets masked."""
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            out[f.metadata["env"]] = repr(value) if isinstance(value, Secret) else str(value)
-        return out
+        """Settings safe to log: secrets masked, URLs without userinfo."""
+        secrets = {env for env, value in self._items() if isinstance(value, SecretStr)}
+        return {
+            env: ("**********" if value else "") if env in secrets else redact_url(value)
+            for env, value in self.to_env().items()
+        }
 
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
         out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Secret):
-                value = value.get()
+        for name, value in self._items():
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
             elif isinstance(value, bool):
                 value = "true" if value else "false"
-            out[f.metadata["env"]] = "" if value is None else str(value)
+            out[name] = "" if value is None else str(value)
         return out
+
+    def __repr_args__(self) -> Any:
+        """The repr (and str) of the settings never shows a URL's userinfo; SecretStr masks itself."""
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if isinstance(value, str) else value
+
+    def _items(self) -> list[tuple[str, Any]]:
+        return [(env, getattr(self, name)) for env, name in zip(self.env_names(), type(self).model_fields)]
+
+
+def _check_credentials(path: Path) -> None:
+    if path.exists() and not path.is_file():
+        raise SettingsError(f"GOOGLE_CREDENTIALS_PATH={path} is not a file: point it at the service-account key")
+    if not path.is_file():
+        raise SettingsError(
+            f"GOOGLE_CREDENTIALS_PATH={path} does not exist: download the service-account key there "
+            "or point GOOGLE_CREDENTIALS_PATH at it (README: Google Drive set-up)"
+        )
+    if not os.access(path, os.R_OK):
+        raise SettingsError(f"GOOGLE_CREDENTIALS_PATH={path} is not readable by this user")
+
+
+_REASONS = {
+    "int_parsing": "is not a whole number",
+    "int_from_float": "is not a whole number",
+    "int_type": "is not a whole number",
+    "float_parsing": "is not a number",
+    "float_type": "is not a number",
+    "finite_number": "is not a finite number",
+    "bool_parsing": "is not true or false",
+}
+_RANGE = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def _one_line(exc: ValidationError, raw: Mapping[str, str]) -> str:
+    """The first bad setting as one line (`NAME='value' reason`), naming any others; never a secret's value.
+
+    The value shown is the one the operator wrote (`raw`), not pydantic's normalised input.
+    """
+    errors = exc.errors(include_url=False)
+    names = list(dict.fromkeys(str(e["loc"][0]) if e["loc"] else "settings" for e in errors))
+    line = _describe_error(names[0], errors[0], raw)
+    return line + (f" (also check {', '.join(names[1:])})" if len(names) > 1 else "")
+
+
+def _describe_error(env: str, error: Any, raw: Mapping[str, str]) -> str:
+    field = Settings.model_fields.get(env.lower())
+    kind = error["type"]
+    if kind == "value_error":
+        reason = str(error["ctx"]["error"])
+    elif kind in _RANGE and field is not None:
+        reason = f"is out of range: it must be {_bounds(field)}"
+    elif kind == "literal_error" and field is not None:
+        reason = "is not one of: " + ", ".join(str(a).lower() for a in get_args(field.annotation))
+    else:
+        reason = _REASONS.get(kind, "is not valid: " + error["msg"])
+    if field is None or field.annotation is SecretStr:  # never echo a secret (or a whole mapping)
+        return f"{env} {reason}"
+    shown = raw.get(env, error.get("input"))
+    return f"{env}={redact_url(shown) if isinstance(shown, str) else shown!r} {reason}"
+
+
+def _bounds(field: Any) -> str:
+    """The allowed range of a numeric field, as the operator should read it (`between 1 and 64`, `> 0`)."""
+    low = high = ""
+    for bound in field.metadata:
+        if isinstance(bound, annotated_types.Ge):
+            low = f">= {bound.ge}"
+        elif isinstance(bound, annotated_types.Gt):
+            low = f"> {bound.gt}"
+        elif isinstance(bound, annotated_types.Le):
+            high = f"<= {bound.le}"
+        elif isinstance(bound, annotated_types.Lt):
+            high = f"< {bound.lt}"
+    if low.startswith(">=") and high.startswith("<="):
+        return f"between {low[3:]} and {high[3:]}"
+    return " and ".join(b for b in (low, high) if b)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr, ValidationError
 
-from config.config import PROJECT_ROOT, Settings
+from config.config import PROJECT_ROOT, Settings, redact_url
 from src.errors import SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,35 +77,88 @@ def test_values_are_parsed_and_typed():
     assert build(BATCH_SIZE="").batch_size == 10_000  # empty means default, as in a copied template
 
 
-@pytest.mark.parametrize(
-    "name, value, words",
-    [
-        ("BATCH_SIZE", "abc", ["'abc'", "whole number"]),
-        ("BATCH_SIZE", "0", ["out of range"]),
-        ("BATCH_SIZE", "-5", ["out of range"]),
-        ("BATCH_SIZE", "1.5", ["whole number"]),
-        ("CHUNK_INTERVAL_SECONDS", "-1", ["out of range", ">= 0"]),
-        ("CHUNK_INTERVAL_SECONDS", "soon", ["not a number"]),
-        ("CHUNK_INTERVAL_SECONDS", "nan", ["finite"]),
-        ("PROCESSING_INTERVAL", "0", ["out of range", "> 0"]),
-        ("PROCESSING_INTERVAL", "-30", ["out of range"]),
-        ("POSTGRES_PORT", "99999", ["out of range"]),
-        ("MAX_WORKERS", "0", ["out of range"]),
-        ("DETECTIONS_PER_FILE", "fifty", ["whole number"]),
-        ("DETECTIONS_FLUSH_SECONDS", "0", ["out of range"]),
-        ("PATID1_COUNT_PERCENTILE", "1.5", ["out of range"]),
-        ("PATID1_WEIGHT_PERCENTILE", "-0.1", ["out of range"]),
-        ("PATID2_MIN_TXNS", "-1", ["out of range"]),
-        ("S3_ENDPOINT_URL", "ftp://minio:9000", ["URL"]),
-        ("LOG_LEVEL", "verbose", ["'verbose'"]),
-        ("SPARK_DRIVER_MEMORY", "lots", ["memory"]),
-    ],
-)
+# A value of each variable that must be refused, and words the one-line message must hold.
+BAD_VALUES = [
+    ("AWS_ACCESS_KEY_ID", "changeme", ["placeholder"]),
+    ("AWS_SECRET_ACCESS_KEY", "your_secret_key", ["placeholder"]),
+    ("AWS_REGION", "us east 1", ["'us east 1'", "region"]),
+    ("S3_BUCKET_NAME", "s3://lake", ["'s3://lake'", "bucket name"]),
+    ("S3_ENDPOINT_URL", "ftp://minio:9000", ["URL"]),
+    ("S3_ENDPOINT_URL", "http://minio:9000", ["https", "127.0.0.1"]),
+    ("POSTGRES_HOST", "postgres://db:5432", ["host name"]),
+    ("POSTGRES_PORT", "99999", ["out of range", "between 1 and 65535"]),
+    ("POSTGRES_PORT", "pg", ["whole number"]),
+    ("POSTGRES_PASSWORD", "changeme", ["placeholder"]),
+    ("GDRIVE_FOLDER_ID", "https://drive.google.com/drive/folders/1AbC", ["folder id"]),
+    ("GOOGLE_CREDENTIALS_PATH", "/nonexistent/key.json", ["does not exist"]),
+    ("GDRIVE_API_ENDPOINT", "http://www.googleapis.com/drive/v3/", ["https"]),
+    ("BATCH_SIZE", "abc", ["'abc'", "whole number"]),
+    ("BATCH_SIZE", "0", ["out of range"]),
+    ("BATCH_SIZE", "-5", ["out of range"]),
+    ("BATCH_SIZE", "1.5", ["whole number"]),
+    ("CHUNK_INTERVAL_SECONDS", "-1", ["out of range", "between 0 and 86400"]),
+    ("CHUNK_INTERVAL_SECONDS", "soon", ["not a number"]),
+    ("CHUNK_INTERVAL_SECONDS", "nan", ["finite"]),
+    ("PROCESSING_INTERVAL", "0", ["out of range", "> 0"]),
+    ("PROCESSING_INTERVAL", "-30", ["out of range"]),
+    ("MAX_WORKERS", "0", ["out of range"]),
+    ("DETECTIONS_PER_FILE", "fifty", ["whole number"]),
+    ("DETECTIONS_FLUSH_SECONDS", "0", ["out of range"]),
+    ("Y_MAX_BATCH_CHUNKS", "1001", ["out of range", "between 1 and 1000"]),
+    ("SPARK_MASTER", "lcoal[*]", ["Spark master"]),
+    ("SPARK_DRIVER_MEMORY", "lots", ["memory"]),
+    ("SPARK_UI_ENABLED", "maybe", ["'maybe'", "true or false"]),
+    ("PATID1_MIN_MERCHANT_TXNS", "-1", ["out of range", ">= 0"]),
+    ("PATID1_COUNT_PERCENTILE", "1.5", ["out of range", "between 0 and 1"]),
+    ("PATID1_WEIGHT_PERCENTILE", "-0.1", ["out of range"]),
+    ("PATID2_MAX_AVG_AMOUNT", "inf", ["finite"]),
+    ("PATID2_MIN_TXNS", "-1", ["out of range"]),
+    ("PATID3_MIN_FEMALE_CUSTOMERS", "many", ["whole number"]),
+    ("LOG_LEVEL", "verbose", ["'verbose'", "debug, info, warning, error"]),
+    ("LOG_FORMAT", "xml", ["'xml'", "auto, text, json"]),
+    ("LOG_FILE_MAX_BYTES", "100", ["out of range"]),
+    ("LOG_FILE_BACKUPS", "-1", ["out of range"]),
+    ("METRICS_ADDR", "9464", ["'9464'", "host:port", "off"]),
+    ("ALERT_WEBHOOK_URL", "http://hooks.slack.com/services/T0/B0/tok-Zq81", ["https"]),
+    ("ALERT_WEBHOOK_URL", "hooks.slack.com/services/T0/B0/tok-Zq81", ["URL"]),
+    ("ALERT_QUARANTINE_RATIO", "2", ["out of range", "between 0 and 1"]),
+    ("MAX_LINE_BYTES", "10", ["out of range"]),
+    ("MAX_ATTEMPTS", "0", ["out of range"]),
+    ("RETRY_MAX_DELAY_SECONDS", "0", ["out of range", "> 0"]),
+    ("POSTGRES_CONNECT_TIMEOUT", "0", ["out of range"]),
+    ("POSTGRES_STATEMENT_TIMEOUT", "-1", ["out of range"]),
+]
+# Settings where any text is a valid value (a path, a name), so no value can be refused on sight.
+FREE_TEXT = {"LOCAL_LAKE_DIR", "POSTGRES_DB", "POSTGRES_USER", "LOCAL_INBOX_DIR", "DATA_DIR", "SPARK_JARS", "LOG_FILE"}
+# What a variable needs beside it for its own check to run.
+COMPANIONS = {
+    "AWS_ACCESS_KEY_ID": {"AWS_SECRET_ACCESS_KEY": "aws-secret-Wv55"},
+    "AWS_SECRET_ACCESS_KEY": {"AWS_ACCESS_KEY_ID": "AKIA-ID-Xy12"},
+    "GOOGLE_CREDENTIALS_PATH": {"GDRIVE_FOLDER_ID": "folder123"},
+}
+SECRETS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "POSTGRES_PASSWORD", "ALERT_WEBHOOK_URL"}
+
+
+def test_every_variable_has_a_refused_value_or_is_free_text():
+    covered = {name for name, _, _ in BAD_VALUES}
+    assert sorted(set(Settings.env_names()) - covered - FREE_TEXT) == []
+    assert covered & FREE_TEXT == set() and FREE_TEXT <= set(Settings.env_names())
+
+
+@pytest.mark.parametrize("name, value, words", BAD_VALUES)
 def test_bad_value_is_one_line_naming_the_variable(name, value, words):
-    message = settings_error(**{name: value})
-    assert name in message
+    message = settings_error(**{name: value, **COMPANIONS.get(name, {})})
+    assert message.startswith(name), message
     for word in words:
         assert word in message, (message, word)
+    if name in SECRETS:
+        assert value not in message and "tok-Zq81" not in message
+
+
+def test_several_bad_values_are_named_on_the_one_line():
+    message = settings_error(BATCH_SIZE="abc", MAX_WORKERS="0", LOG_FORMAT="xml")
+    assert message.startswith("BATCH_SIZE='abc' is not a whole number")
+    assert "MAX_WORKERS" in message and "LOG_FORMAT" in message
 
 
 def test_missing_credentials_file_with_a_drive_folder(tmp_path):
@@ -136,13 +192,13 @@ def test_unreadable_credentials_file_with_a_drive_folder(tmp_path, monkeypatch):
     assert build(GDRIVE_FOLDER_ID="folder123", GOOGLE_CREDENTIALS_PATH=str(key)).gdrive_folder_id == "folder123"
 
 
-@pytest.mark.parametrize("name", ["POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY"])
-def test_placeholder_secret_is_refused(name):
-    env = {name: "changeme"}
-    if name == "AWS_SECRET_ACCESS_KEY":
-        env["AWS_ACCESS_KEY_ID"] = "AKIAEXAMPLE"
+@pytest.mark.parametrize("name", ["POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"])
+@pytest.mark.parametrize("value", ["changeme", " ChangeMe ", "<secret>", "your-secret-key", "your_password", "xxx"])
+def test_placeholder_secret_is_refused(name, value):
+    env = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value", name: value}
     message = settings_error(**env)
-    assert name in message and "changeme" not in message
+    assert message == f"{name} holds a placeholder value: set the real secret or leave it unset"
+    assert build(**{**env, name: "a-real-value-" + value.strip()}).to_env()[name].startswith("a-real-value-")
 
 
 def test_aws_keys_come_in_pairs():
@@ -150,30 +206,253 @@ def test_aws_keys_come_in_pairs():
     assert "AWS_ACCESS_KEY_ID" in message and "AWS_SECRET_ACCESS_KEY" in message
 
 
+SECRET_VALUES = {
+    "POSTGRES_PASSWORD": "pg-pass-Zq81",
+    "AWS_ACCESS_KEY_ID": "AKIA-ID-Xy12",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-Wv55",
+    "ALERT_WEBHOOK_URL": "https://hooks.slack.com/services/T0/B0/hook-Kp09",
+}
+SECRET_WORDS = ["Zq81", "Xy12", "Wv55", "hook-Kp09", "url-pw-Rt44"]
+
+
+def assert_no_secret(text: str) -> None:
+    for word in SECRET_WORDS:
+        assert word not in text, (word, text)
+
+
 def test_secrets_are_masked_when_printed_or_logged():
-    secrets = {
-        "POSTGRES_PASSWORD": "pg-pass-Zq81",
-        "AWS_ACCESS_KEY_ID": "AKIA-ID-Xy12",
-        "AWS_SECRET_ACCESS_KEY": "aws-secret-Wv55",
-    }
-    s = build(**secrets, POSTGRES_HOST="db")
-    shown = [repr(s), str(s), str(s.describe()), repr(s.describe()), f"{s}", f"{s.postgres_password}"]
-    for text in shown:
-        for value in secrets.values():
-            assert value not in text
+    s = build(**SECRET_VALUES, POSTGRES_HOST="db", S3_ENDPOINT_URL="https://lake:url-pw-Rt44@minio.internal:9000")
     described = s.describe()
+    shown = [repr(s), str(s), f"{s}", str(described), repr(described), f"{s.postgres_password}"]
+    for text in shown:
+        assert_no_secret(text)
+    for value in SECRET_VALUES.values():
+        assert value not in s.model_dump_json() and value not in str(s.model_dump())
     assert set(described) == set(Settings.env_names())
-    for name in secrets:
-        assert "*" in described[name]
+    assert SECRETS == {name for name in described if isinstance(getattr(s, name.lower()), SecretStr)}
+    for name in SECRETS:
+        assert described[name] == "**********"
     assert described["POSTGRES_HOST"] == "db"
+    assert described["S3_ENDPOINT_URL"] == "https://***@minio.internal:9000"
+    assert build().describe()["POSTGRES_PASSWORD"] == ""  # unset is shown as unset
     # the real values are still there for the code that needs them
-    assert s.postgres_password.get() == "pg-pass-Zq81"
+    assert s.postgres_password.get_secret_value() == "pg-pass-Zq81"
+    assert s.alert_webhook_url.get_secret_value() == SECRET_VALUES["ALERT_WEBHOOK_URL"]
     assert s.to_env()["AWS_SECRET_ACCESS_KEY"] == "aws-secret-Wv55"
 
 
-def test_to_env_reproduces_the_settings_in_a_child():
-    s = build(BATCH_SIZE="7", POSTGRES_PASSWORD="pw-123", SPARK_UI_ENABLED="true", S3_BUCKET_NAME="b")
-    assert Settings.from_env(s.to_env(), dotenv=NO_DOTENV) == s
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"BATCH_SIZE": "abc"},
+        {"ALERT_WEBHOOK_URL": "http://hooks.slack.com/services/T0/B0/hook-Kp09"},
+        {"ALERT_WEBHOOK_URL": "hook-Kp09"},
+        {"POSTGRES_PASSWORD": "your_secret_key"},
+        {"S3_ENDPOINT_URL": "http://lake:url-pw-Rt44@minio.internal:9000"},
+        {"AWS_SECRET_ACCESS_KEY": ""},
+    ],
+)
+def test_an_error_never_shows_a_secret(bad):
+    """Neither the one line nor the exception chain a traceback would print holds a secret."""
+    with pytest.raises(SettingsError) as info:
+        build(**{**SECRET_VALUES, **bad})
+    assert_no_secret(str(info.value))
+    assert_no_secret("".join(traceback.format_exception(info.value)))
+    if info.value.__context__ is not None:
+        assert_no_secret(str(info.value.__context__))
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("https://user:pw@host/x", "https://***@host/x"),
+        ("https://token@host:8443/x?y=1#z", "https://***@host:8443/x?y=1#z"),
+        ("http://u:p@ss@127.0.0.1:9000", "http://***@127.0.0.1:9000"),
+        ("http://u:pw@[::1]:9000/", "http://***@[::1]:9000/"),
+        ("https://host/path@not-userinfo", "https://host/path@not-userinfo"),
+        ("https://host:9000/x", "https://host:9000/x"),
+        ("not a url", "not a url"),
+        ("", ""),
+    ],
+)
+def test_redact_url_removes_userinfo_only(url, shown):
+    assert redact_url(url) == shown
+
+
+URL_SETTINGS = ["S3_ENDPOINT_URL", "GDRIVE_API_ENDPOINT", "ALERT_WEBHOOK_URL"]
+
+
+@pytest.mark.parametrize("name", URL_SETTINGS)
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9000",
+        "http://localhost:8080/drive/v3/",
+        "http://[::1]:9000",
+        "https://minio.internal:9000",
+        "https://www.googleapis.com/drive/v3/",
+        "HTTPS://Hooks.Slack.com/services/T0/B0/x",
+    ],
+)
+def test_url_accepted_when_https_or_local(name, url):
+    value = getattr(build(**{name: url}), name.lower())
+    assert (value.get_secret_value() if isinstance(value, SecretStr) else value) == url
+
+
+@pytest.mark.parametrize("name", URL_SETTINGS)
+@pytest.mark.parametrize(
+    "url, words",
+    [
+        ("http://minio.internal:9000", ["https"]),
+        ("http://10.0.0.5:9000", ["https"]),
+        ("http://127.0.0.2:9000", ["https"]),
+        ("http://localhost.example.com", ["https"]),
+        ("ftp://127.0.0.1/x", ["http(s) URL"]),
+        ("https:///path-only", ["http(s) URL"]),
+        ("https://host:port/", ["http(s) URL"]),
+        ("minio:9000", ["http(s) URL"]),
+    ],
+)
+def test_url_refused_when_plain_http_leaves_the_machine(name, url, words):
+    message = settings_error(**{name: url})
+    assert message.startswith(name)
+    for word in words:
+        assert word in message
+    if name == "ALERT_WEBHOOK_URL":  # a webhook URL is a credential: never echoed
+        assert url not in message
+
+
+@pytest.mark.parametrize(
+    "value, address",
+    [
+        ("127.0.0.1:9464", ("127.0.0.1", 9464)),
+        ("0.0.0.0:0", ("0.0.0.0", 0)),
+        ("[::1]:9464", ("::1", 9464)),
+        ("metrics.internal:65535", ("metrics.internal", 65535)),
+        ("off", None),
+        ("OFF", None),
+        ("", ("127.0.0.1", 9464)),
+    ],
+)
+def test_metrics_addr_is_host_port_or_off(value, address):
+    assert build(METRICS_ADDR=value).metrics_address == address
+
+
+@pytest.mark.parametrize(
+    "value", ["9464", "127.0.0.1", "127.0.0.1:99999", "host:port", ":9464", "[::zz]:1", "a b:1", "::1:9464", "no"]
+)
+def test_metrics_addr_refuses_anything_else(value):
+    message = settings_error(METRICS_ADDR=value)
+    assert message.startswith(f"METRICS_ADDR={value!r}") and "host:port" in message
+
+
+def test_log_format_and_level_take_any_case():
+    s = build(LOG_FORMAT=" JSON ", LOG_LEVEL="debug")
+    assert (s.log_format, s.log_level) == ("json", "DEBUG")
+    assert build().log_format == "auto"
+
+
+def test_numbers_have_bounds():
+    """Every number has a lower bound, and floats refuse nan and inf: a typo cannot pass as a setting."""
+    for name, field in Settings.model_fields.items():
+        if field.annotation in (int, float):
+            assert {type(m).__name__ for m in field.metadata} & {"Ge", "Gt"}, name
+        if field.annotation is float:
+            assert settings_error(**{name.upper(): "inf"}).startswith(name.upper())
+
+
+# A valid value of every variable, none of them the default.
+NON_DEFAULT = {
+    **SECRET_VALUES,
+    "AWS_REGION": "eu-west-1",
+    "S3_BUCKET_NAME": "lake-bucket",
+    "S3_ENDPOINT_URL": "https://minio.internal:9000",
+    "LOCAL_LAKE_DIR": "/srv/lake",
+    "POSTGRES_HOST": "db.internal",
+    "POSTGRES_PORT": "6543",
+    "POSTGRES_DB": "tx",
+    "POSTGRES_USER": "tp",
+    "GDRIVE_FOLDER_ID": "1AbC-d_E",
+    "GDRIVE_API_ENDPOINT": "http://127.0.0.1:8080/drive/v3/",
+    "LOCAL_INBOX_DIR": "inbox2",
+    "DATA_DIR": "~/tp-data",
+    "BATCH_SIZE": "7",
+    "CHUNK_INTERVAL_SECONDS": "0",
+    "PROCESSING_INTERVAL": "0.25",
+    "MAX_WORKERS": "2",
+    "DETECTIONS_PER_FILE": "3",
+    "DETECTIONS_FLUSH_SECONDS": "1.5",
+    "Y_MAX_BATCH_CHUNKS": "4",
+    "SPARK_MASTER": "spark://spark-master:7077",
+    "SPARK_DRIVER_MEMORY": "2G",
+    "SPARK_UI_ENABLED": "true",
+    "SPARK_JARS": "/opt/jars/*.jar",
+    "PATID1_MIN_MERCHANT_TXNS": "5",
+    "PATID1_COUNT_PERCENTILE": "0.5",
+    "PATID1_WEIGHT_PERCENTILE": "0.2",
+    "PATID2_MAX_AVG_AMOUNT": "12.5",
+    "PATID2_MIN_TXNS": "8",
+    "PATID3_MIN_FEMALE_CUSTOMERS": "10",
+    "LOG_LEVEL": "warning",
+    "LOG_FORMAT": "json",
+    "LOG_FILE": "logs/tp.log",
+    "LOG_FILE_MAX_BYTES": "2048",
+    "LOG_FILE_BACKUPS": "0",
+    "METRICS_ADDR": "off",
+    "ALERT_QUARANTINE_RATIO": "0.5",
+    "MAX_LINE_BYTES": "4096",
+    "MAX_ATTEMPTS": "3",
+    "RETRY_MAX_DELAY_SECONDS": "2.5",
+    "POSTGRES_CONNECT_TIMEOUT": "3",
+    "POSTGRES_STATEMENT_TIMEOUT": "0",
+}
+
+
+def test_to_env_reproduces_the_settings_in_a_child(tmp_path):
+    key = tmp_path / "key.json"
+    key.write_text("{}")
+    s = build(**NON_DEFAULT, GOOGLE_CREDENTIALS_PATH=str(key))
+    defaults = build()
+    assert sorted(set(Settings.env_names()) - set(s.to_env())) == []
+    differ = {name for name, value in s.to_env().items() if value != defaults.to_env()[name]}
+    assert differ == set(Settings.env_names()), "every variable takes a non-default value here"
+    again = Settings.from_env(s.to_env(), dotenv=NO_DOTENV)
+    assert again == s and again.to_env() == s.to_env()
+    assert Settings.from_env(defaults.to_env(), dotenv=NO_DOTENV) == defaults
+    assert (s.data_dir, s.local_inbox_dir) == (Path.home() / "tp-data", PROJECT_ROOT / "inbox2")
+    assert (s.spark_driver_memory, s.log_level, s.spark_ui_enabled) == ("2g", "WARNING", True)
+
+
+def test_settings_are_frozen():
+    s = build()
+    with pytest.raises(ValidationError):
+        s.batch_size = 5  # type: ignore[misc]
+    assert s.batch_size == 10_000 and hash(s) == hash(build())
+
+
+def test_an_explicit_environ_replaces_the_process_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("BATCH_SIZE", "77")
+    monkeypatch.setenv("POSTGRES_HOST", "from-process")
+    assert (build().batch_size, build().postgres_host) == (10_000, None)
+    from_process = Settings.from_env(dotenv=NO_DOTENV)
+    assert (from_process.batch_size, from_process.postgres_host) == (77, "from-process")
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("BATCH_SIZE=5\nMAX_WORKERS=3\n")
+    s = Settings.from_env(dotenv=dotenv)
+    assert (s.batch_size, s.max_workers) == (77, 3)  # the process environment wins over .env
+    monkeypatch.setenv("BATCH_SIZE", "")
+    assert Settings.from_env(dotenv=dotenv).batch_size == 10_000  # an empty value means the default, even over .env
+    assert Settings.from_env({}, dotenv=dotenv).batch_size == 5
+
+
+def test_config_imports_nothing_from_src_but_errors():
+    """`config` sits below the product: importing it must not pull in a worker or an adapter."""
+    tree = ast.parse((ROOT / "config" / "config.py").read_text(encoding="utf-8"))
+    imported = set()
+    for node in ast.walk(tree):
+        imported |= {a.name for a in node.names} if isinstance(node, ast.Import) else set()
+        imported |= {node.module or ""} if isinstance(node, ast.ImportFrom) else set()
+    assert {name for name in imported if name.split(".")[0] == "src"} == {"src.errors"}
 
 
 def test_dotenv_fills_in_what_the_environment_lacks(tmp_path):

@@ -56,8 +56,8 @@ def _admin(settings: Settings):
         "s3",
         endpoint_url=settings.s3_endpoint_url,
         region_name=settings.aws_region,
-        aws_access_key_id=settings.aws_access_key_id.get(),
-        aws_secret_access_key=settings.aws_secret_access_key.get(),
+        aws_access_key_id=settings.aws_access_key_id.get_secret_value(),
+        aws_secret_access_key=settings.aws_secret_access_key.get_secret_value(),
     )
 
 
@@ -302,7 +302,7 @@ rows = df.groupBy("day").agg({"amount": "sum", "*": "count"}).orderBy("day").col
 conf = spark.sparkContext.getConf().getAll()
 print("RESULT " + json.dumps({
     "days": {r["day"]: [r["count(1)"], str(r["sum(amount)"])] for r in rows},
-    "secret_in_conf": any(settings.aws_secret_access_key.get() in v for _, v in conf),
+    "secret_in_conf": any(settings.aws_secret_access_key.get_secret_value() in v for _, v in conf),
     "packages": dict(conf).get("spark.jars.packages"),
     "seconds": [round(t1 - t0, 1), round(time.monotonic() - t1, 1)],
 }))

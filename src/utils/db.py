@@ -79,7 +79,7 @@ def connection_kwargs(settings: Settings) -> dict[str, Any]:
         **common,
     }
     if settings.postgres_password:
-        kwargs["password"] = settings.postgres_password.get()
+        kwargs["password"] = settings.postgres_password.get_secret_value()
     return kwargs
 
 

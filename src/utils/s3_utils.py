@@ -136,8 +136,8 @@ class S3ObjectStore(ObjectStore):
         self.conditional_writes = True
 
         session = boto3.session.Session(
-            aws_access_key_id=settings.aws_access_key_id.get() or None,
-            aws_secret_access_key=settings.aws_secret_access_key.get() or None,
+            aws_access_key_id=settings.aws_access_key_id.get_secret_value() or None,
+            aws_secret_access_key=settings.aws_secret_access_key.get_secret_value() or None,
             region_name=settings.aws_region,
         )
         config = Config(

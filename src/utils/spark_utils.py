@@ -193,8 +193,8 @@ def s3a_env(settings: Settings) -> dict[str, str]:
     """
     env = {"AWS_REGION": settings.aws_region}
     if settings.aws_access_key_id:
-        env["AWS_ACCESS_KEY_ID"] = settings.aws_access_key_id.get()
-        env["AWS_SECRET_ACCESS_KEY"] = settings.aws_secret_access_key.get()
+        env["AWS_ACCESS_KEY_ID"] = settings.aws_access_key_id.get_secret_value()
+        env["AWS_SECRET_ACCESS_KEY"] = settings.aws_secret_access_key.get_secret_value()
     return env
 
 
