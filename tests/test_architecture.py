@@ -147,10 +147,14 @@ def _graph(edges: list[Edge]) -> dict[str, set[str]]:
 
 
 def package_of(module: str) -> str:
-    """A package stands for itself; a module for the package it sits in (main.py for itself)."""
-    if "." not in module or (ROOT / Path(*module.split("."))).is_dir():
-        return module
-    return module.rsplit(".", 1)[0]
+    """The home a module belongs to: `config`, a subpackage of `src` (`src.utils`, `src.mechanism_x`, ...), or,
+    for `main` and the modules directly in `src/` (`src.errors`, ...), the module itself."""
+    parts = module.split(".")
+    if parts[0] == "config":
+        return "config"
+    if parts[0] == "src" and len(parts) >= 3:
+        return ".".join(parts[:2])
+    return module
 
 
 def _describe(cycles: list[list[str]], lines: dict[tuple[str, str], str]) -> str:
