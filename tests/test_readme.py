@@ -164,3 +164,25 @@ def test_readme_command_runs_offline(command, project_copy):
     if RUNNABLE[command]:
         produced = project_copy / RUNNABLE[command]
         assert produced.is_file() and produced.stat().st_size > 0, f"{command!r} did not write {produced}"
+
+
+LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
+
+
+@pytest.mark.parametrize(
+    "page", ["README.md", "CONTRIBUTING.md", *sorted(p.name for p in (ROOT / "docs").glob("*.md"))]
+)
+def test_links_stay_inside_the_repository_and_resolve(page):
+    path = ROOT / page if (ROOT / page).exists() else ROOT / "docs" / page
+    broken = []
+    for m in LINK.finditer(path.read_text()):
+        target = m["target"].split("#", 1)[0]
+        if not target:
+            continue  # an anchor on the same page
+        if re.match(r"^[a-z]+:", target):
+            broken.append(f"{m['target']} (outside the repository)")
+            continue
+        resolved = (path.parent / target).resolve()
+        if not resolved.is_relative_to(ROOT) or not resolved.exists():
+            broken.append(f"{m['target']} (no such file in the repository)")
+    assert not broken, f"{path.relative_to(ROOT)}: " + "; ".join(broken)
