@@ -1,5 +1,5 @@
 -- Tables of SPEC §3. Idempotent: safe to apply on every start and by hand:
---   psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -f setup/postgres_setup.sql
+--   python main.py psql   (from the project root), then: \i setup/postgres_setup.sql
 
 CREATE TABLE IF NOT EXISTS transactions (
     source_file_id  TEXT          NOT NULL,

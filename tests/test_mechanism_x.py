@@ -357,13 +357,13 @@ def test_chunks_read_as_one_hive_dataset(make_settings, inbox, lake, pg_conn):
     write_csv(inbox / "a.csv", rows(7))
     write_csv(inbox / "b.csv", rows(5, start_step=100))
     ingest(make_settings(BATCH_SIZE="3"))
-    ingest(make_settings(BATCH_SIZE="3"))  # a second poll also writes _metadata/processing_log.json again
+    ingest(make_settings(BATCH_SIZE="3"))  # a second poll also writes _log/processing_log.json again
     dataset = ds.dataset(lake / "raw-transactions", format="parquet", partitioning="hive")
     table = dataset.to_table()
     assert table.num_rows == 12
     assert {"year", "month", "day"} <= set(table.column_names)
     assert len(chunk_records(pg_conn)) == len(dataset.files) == 3 + 2
-    log_doc = (lake / "raw-transactions/_metadata/processing_log.json").read_text()
+    log_doc = (lake / "raw-transactions/_log/processing_log.json").read_text()
     assert '"rows_ingested": 12' in log_doc
 
 

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import boto3
 import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
 from config.config import Settings
 from src.errors import LakeError, ObjectConflict, RetryableError
 from src.schemas.transaction_schemas import CHUNK_ARROW_SCHEMA
-from src.utils import s3_utils
+from src.utils import lake_paths, s3_utils
 from src.utils.object_store import LocalObjectStore, open_lake
 from src.utils.s3_utils import S3ObjectStore
 from src.utils.spark_utils import bundled_hadoop_version, s3a_conf, s3a_env
@@ -345,8 +347,23 @@ def _settings_env(settings: Settings, data_dir: Path) -> dict[str, str]:
 
 
 def test_spark_reads_store_objects_through_s3a(s3_settings, hadoop_aws_jars, tmp_path):
+    """The product's raw layout on S3, its processing log at the product's own key, reads at the root."""
     settings = s3_settings()
-    expected = _write_chunks(S3ObjectStore(settings))
+    store = S3ObjectStore(settings)
+    expected = _write_chunks(store)
+    assert lake_paths.PROCESSING_LOG_KEY == "raw-transactions/_log/processing_log.json"
+    store.put_bytes(lake_paths.PROCESSING_LOG_KEY, json.dumps({"files": []}).encode(), overwrite=True)
+    fs = pafs.S3FileSystem(
+        access_key=settings.aws_access_key_id.get(),
+        secret_key=settings.aws_secret_access_key.get(),
+        endpoint_override=settings.s3_endpoint_url,
+        region=settings.aws_region,
+    )
+    table = ds.dataset(
+        f"{settings.s3_bucket_name}/raw-transactions", filesystem=fs, format="parquet", partitioning="hive"
+    ).to_table()
+    by_day = table.group_by("day").aggregate([("amount", "sum"), ("amount", "count")]).to_pylist()
+    assert {f"{r['day']:02d}": [r["amount_count"], str(r["amount_sum"])] for r in by_day} == expected
     data_dir = use_shared_ivy(tmp_path / "data")
     result = _spark_read(
         _settings_env(settings, data_dir), tmp_path / ".env", f"s3a://{settings.s3_bucket_name}/raw-transactions/"

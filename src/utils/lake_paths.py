@@ -6,7 +6,7 @@ import re
 from datetime import date
 
 RAW_PREFIX = "raw-transactions/"
-PROCESSING_LOG_KEY = "raw-transactions/_metadata/processing_log.json"
+PROCESSING_LOG_KEY = "raw-transactions/_log/processing_log.json"
 DETECTIONS_PREFIX = "pattern-detections/"
 QUALITY_REPORT_KEY = "pattern-detections/validation/quality_reports.json"
 QUARANTINE_PREFIX = "quarantine/"
