@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from src.mechanism_y.detection_writer import DetectionWriter
-from src.utils.object_store import LocalObjectStore
 from src.utils.db import Database
+from src.utils.object_store import LocalObjectStore
 
 COLUMNS = ["YStartTime", "detectionTime", "patternId", "ActionType", "customerName", "MerchantId"]
 ACTIONS = {"PatId1": "UPGRADE", "PatId2": "CHILD", "PatId3": "DEI-NEEDED"}

@@ -745,8 +745,8 @@ def test_stop_between_chunks_resumes_in_process(make_settings, inbox, lake, pg_c
 
     from src.mechanism_x.data_ingestion import Ingestor
     from src.mechanism_x.sources import LocalInboxSource
-    from src.utils.object_store import LocalObjectStore
     from src.utils.db import Database
+    from src.utils.object_store import LocalObjectStore
 
     data = write_csv(inbox / "tx.csv", rows(20))
     settings = make_settings(BATCH_SIZE="3")
