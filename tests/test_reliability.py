@@ -175,6 +175,7 @@ def test_a_commit_redone_after_a_lost_acknowledgement_is_not_counted_twice(pg_co
             cur.connection.commit()
             with pg_conn.cursor() as admin:
                 admin.execute("SELECT pg_terminate_backend(%s)", (cur.connection.get_backend_pid(),))
+            cur.execute("SELECT 1")  # the client finds out: the connection is gone
 
     db.run(commit, what="test commit")
     db.close()
