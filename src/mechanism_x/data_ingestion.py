@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -313,35 +314,19 @@ class Ingestor:
         if rec is None or rec["kind"] != KIND_TRANSACTIONS or rec["status"] != "ingesting":
             self.monitor.start_file(f, KIND_TRANSACTIONS)
         chunk_seq = rec["chunks"] if rec is not None else 0
-        hasher = hashlib.md5()
-        with open(path, "rb") as fh:
-            _hash_range(fh, hasher, 0, start)
-            pos = start
-            # Parsing and Parquet encoding of the next chunk run in a helper thread (Arrow releases the GIL)
-            # while this thread records and writes the current one; chunks are still released in order.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="x-parse") as pool:
-                ahead: deque = deque()
-                for rows, seq in self._cut(path, start, first_line, chunk_seq):
-                    ahead.append((rows, seq, pool.submit(_prepare_chunk, rows, f.file_id, seq)))
-                    if len(ahead) < 2:
-                        continue
-                    rows, seq, job = ahead.popleft()
-                    if self.stop.is_set():
-                        return
-                    pos = self._emit_chunk(f, fh, hasher, pos, rows, seq, *job.result())
-                while ahead:
-                    rows, seq, job = ahead.popleft()
-                    if self.stop.is_set():
-                        return
-                    pos = self._emit_chunk(f, fh, hasher, pos, rows, seq, *job.result())
-            _hash_range(fh, hasher, pos, scan.size)  # trailing blank lines, if any
+        with _RunningMd5(path) as hashed:
+            hashed.advance(start)
+            for rows, seq, parsed, payload in self._prepared_chunks(path, start, first_line, chunk_seq, f.file_id):
+                if self.stop.is_set():
+                    return
+                self._emit_chunk(f, hashed, rows, seq, parsed, payload)
+            hashed.advance(scan.size)  # trailing blank lines, if any
+            checksum = hashed.hexdigest()
         if self.stop.is_set():
             return
 
         def finish(cur) -> tuple[int, int, int]:
-            done = ledger.finish_file(
-                cur, f.file_id, checksum=hasher.hexdigest(), size=scan.size, modified_time=f.modified_time
-            )
+            done = ledger.finish_file(cur, f.file_id, checksum=checksum, size=scan.size, modified_time=f.modified_time)
             self.db.log_event(
                 COMPONENT,
                 "INFO",
@@ -364,6 +349,19 @@ class Ingestor:
             extra={"event": "file_ingested", "file_id": f.file_id},
         )
 
+    def _prepared_chunks(self, path: Path, start: int, first_line: int, chunk_seq: int, file_id: str):
+        """(rows, chunk_seq, parsed, parquet payload) for each chunk in file order. Parsing and Parquet encoding
+        of the next chunk run in a helper thread (Arrow releases the GIL) while the caller records and writes
+        the current one."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="x-parse") as pool:
+            ahead: deque = deque()
+            for cut in itertools.chain(self._cut(path, start, first_line, chunk_seq), [None]):
+                if cut is not None:
+                    ahead.append((*cut, pool.submit(_prepare_chunk, cut[0], file_id, cut[1])))
+                while ahead and (cut is None or len(ahead) > 1):
+                    rows, seq, job = ahead.popleft()
+                    yield (rows, seq, *job.result())
+
     def _cut(self, path: Path, start: int, first_line: int, chunk_seq: int):
         """(rows, chunk_seq) for each chunk of BATCH_SIZE data rows from byte `start`, in file order."""
         pending = RowBlock.empty()
@@ -378,12 +376,12 @@ class Ingestor:
             yield pending, chunk_seq
 
     def _emit_chunk(
-        self, f: SourceFile, fh, hasher, pos: int, rows: RowBlock, chunk_seq: int, parsed: ParsedRows, payload: bytes
-    ) -> int:
-        """Record, write and release one chunk; returns the byte offset after it."""
+        self, f: SourceFile, hashed: _RunningMd5, rows: RowBlock, chunk_seq: int, parsed: ParsedRows, payload: bytes
+    ) -> None:
+        """Record, write and release one chunk."""
         t0 = time.perf_counter()
-        end = int(rows.end_offset[-1])
-        _hash_range(fh, hasher, pos, end)
+        pos, end = hashed.pos, int(rows.end_offset[-1])
+        prefix_md5 = hashed.advance(end)
         today = datetime.now(timezone.utc).date()
         chunk = ledger.NewChunk(
             file_id=f.file_id,
@@ -395,7 +393,7 @@ class Ingestor:
             rows_quarantined=len(parsed.bad_lines),
             bytes_start=pos,
             bytes_end=end,
-            prefix_md5=hasher.copy().hexdigest(),
+            prefix_md5=prefix_md5,
             object_key=lake_paths.chunk_key(today, f.file_id, chunk_seq),
             ingest_date=today,
         )
@@ -415,7 +413,6 @@ class Ingestor:
             (time.perf_counter() - t0) * 1000,
             extra={"event": "chunk_written", "file_id": f.file_id, "chunk_id": seq, "chunk_seq": chunk_seq},
         )
-        return end
 
     def _record_chunk(self, f: SourceFile, chunk: ledger.NewChunk, parsed: ParsedRows) -> int:
         """The chunk's ledger row, the file's progress and the chunk's quarantined rows, in one transaction."""
@@ -617,15 +614,34 @@ def _concat_blocks(blocks) -> RowBlock:
     return out
 
 
-def _hash_range(fh, hasher, start: int, end: int) -> None:
-    fh.seek(start)
-    remaining = end - start
-    while remaining > 0:
-        data = fh.read(min(remaining, 8 << 20))
-        if not data:
-            break
-        hasher.update(data)
-        remaining -= len(data)
+class _RunningMd5:
+    """The md5 of a file's bytes [0, pos), advanced chunk by chunk: each chunk's prefix md5 and, at the end,
+    the whole file's, in one read of the file."""
+
+    def __init__(self, path: Path) -> None:
+        self._fh = open(path, "rb")  # noqa: SIM115 - closed by __exit__
+        self._md5 = hashlib.md5()
+        self.pos = 0
+
+    def __enter__(self) -> _RunningMd5:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()
+
+    def advance(self, end: int) -> str:
+        """Hash up to byte `end`; returns the md5 of [0, end)."""
+        self._fh.seek(self.pos)
+        while self.pos < end:
+            data = self._fh.read(min(end - self.pos, 8 << 20))
+            if not data:
+                break
+            self._md5.update(data)
+            self.pos += len(data)
+        return self.hexdigest()
+
+    def hexdigest(self) -> str:
+        return self._md5.hexdigest()
 
 
 # -------------------------------------------------------------------- entry point
