@@ -51,7 +51,7 @@ from src.utils import lake_paths
 from src.utils.db import CHUNK_CHANNEL, Database, copy_csv, copy_rows
 from src.utils.object_store import ObjectStore, parquet_bytes
 from src.utils.retry import brief
-from src.utils.runtime import CONSUMER_READY_TIMEOUT, READY_FILE_ENV
+from src.utils.runtime import CONSUMER_READY_TIMEOUT, READY_FILE_ENV, drain_parser
 
 log = logging.getLogger(__name__)
 COMPONENT = "mechanism_x"
@@ -667,21 +667,16 @@ def run_worker(settings: Settings, *, drain: bool, stop: threading.Event | None 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m src.mechanism_x.data_ingestion",
-        description=(
+    return drain_parser(
+        "python -m src.mechanism_x.data_ingestion",
+        (
             "Mechanism X alone: watch the source (Google Drive folder when GDRIVE_FOLDER_ID is set, else "
             "LOCAL_INBOX_DIR) every PROCESSING_INTERVAL seconds, validate each CSV, cut transaction files into "
             "chunks of BATCH_SIZE rows released one per CHUNK_INTERVAL_SECONDS, write each chunk as Parquet to "
             "the lake and record files and chunks in PostgreSQL. Settings come from the environment and .env."
         ),
+        drain_help="ingest everything now in the source, then exit 0 (instead of polling forever)",
     )
-    parser.add_argument(
-        "--drain",
-        action="store_true",
-        help="ingest everything now in the source, then exit 0 (instead of polling forever)",
-    )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

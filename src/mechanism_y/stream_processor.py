@@ -44,6 +44,8 @@ from src.mechanism_y.detection_writer import DetectionWriter, ist
 from src.schemas.transaction_schemas import (
     QUARANTINE_SCHEMA,
     QUARANTINE_TABLE_COLUMNS,
+    STATE_ARROW_SCHEMA,
+    WEIGHTS_ARROW_SCHEMA,
     batch_rows_spark_schema,
     chunk_spark_schema,
     state_spark_schema,
@@ -53,7 +55,7 @@ from src.utils import lake_paths
 from src.utils.db import CHUNK_CHANNEL, Database, Listener, copy_csv, copy_rows
 from src.utils.object_store import ObjectStore, parquet_bytes
 from src.utils.retry import brief
-from src.utils.runtime import READY_FILE_ENV
+from src.utils.runtime import READY_FILE_ENV, drain_parser
 
 log = logging.getLogger(__name__)
 COMPONENT = "mechanism_y"
@@ -156,17 +158,9 @@ class StreamProcessor:
         return table.cast(schema)
 
     def _load_state(self) -> None:
-        schema = pa.schema(
-            [
-                ("merchant", pa.string()),
-                ("customer", pa.string()),
-                ("n", pa.int64()),
-                ("amount_sum", pa.decimal128(38, 2)),
-                ("has_f", pa.bool_()),
-                ("has_m", pa.bool_()),
-            ]
+        table = self._copy_out(
+            "SELECT merchant, customer, n, amount_sum, has_f, has_m FROM y_state", STATE_ARROW_SCHEMA
         )
-        table = self._copy_out("SELECT merchant, customer, n, amount_sum, has_f, has_m FROM y_state", schema)
         state = self.spark.createDataFrame(table, schema=state_spark_schema())
         self.state = patterns.by_merchant(state).localCheckpoint(eager=True)
         self.state_rows = table.num_rows
@@ -181,16 +175,9 @@ class StreamProcessor:
             return True
         # Aggregated to (customer, merchant) where the rows live: the file repeats keys, so joining raw
         # rows would multiply counts; and it ships a few thousand rows to Spark instead of the whole file.
-        schema = pa.schema(
-            [
-                ("customer", pa.string()),
-                ("merchant", pa.string()),
-                ("weight_sum", pa.decimal128(38, 2)),
-                ("weight_count", pa.int64()),
-            ]
-        )
         table = self._copy_out(
-            "SELECT source, target, sum(weight), count(*) FROM customer_importance GROUP BY source, target", schema
+            "SELECT source, target, sum(weight), count(*) FROM customer_importance GROUP BY source, target",
+            WEIGHTS_ARROW_SCHEMA,
         )
         if self.weights is not None:
             self.weights.unpersist()
@@ -327,21 +314,7 @@ class StreamProcessor:
         self._isolate = False
 
         def record(cur) -> None:
-            copy_rows(
-                cur,
-                "quarantine",
-                QUARANTINE_TABLE_COLUMNS,
-                [
-                    (
-                        c.file_id,
-                        c.first_line,
-                        c.chunk_seq,
-                        "detect",
-                        f"whole chunk (lines {c.first_line}-{c.last_line}) rejected after {attempts} attempts: {error}",
-                        None,
-                    )
-                ],
-            )
+            _quarantine_whole_chunk(cur, c, f"rejected after {attempts} attempts: {error}")
             self.db.log_event(
                 COMPONENT,
                 "ERROR",
@@ -579,21 +552,7 @@ class StreamProcessor:
 
             def fail(cur, c: ChunkRef = c, reason: str = reason, message: str = message) -> None:
                 ledger.fail_unreadable_chunk(cur, c.seq, message)
-                copy_rows(
-                    cur,
-                    "quarantine",
-                    QUARANTINE_TABLE_COLUMNS,
-                    [
-                        (
-                            c.file_id,
-                            c.first_line,
-                            c.chunk_seq,
-                            "detect",
-                            f"whole chunk (lines {c.first_line}-{c.last_line}) rejected: {reason}",
-                            None,
-                        )
-                    ],
-                )
+                _quarantine_whole_chunk(cur, c, f"rejected: {reason}")
                 self.db.log_event(
                     COMPONENT, "ERROR", "chunk_failed", message, file_id=c.file_id, chunk_id=c.seq, cur=cur
                 )
@@ -693,6 +652,14 @@ class StreamProcessor:
         self.store.put_bytes(lake_paths.QUALITY_REPORT_KEY, data, overwrite=True)
 
 
+def _quarantine_whole_chunk(cur, c: ChunkRef, why: str) -> None:
+    """One quarantine record standing for every row of a chunk that never entered the state."""
+    reason = f"whole chunk (lines {c.first_line}-{c.last_line}) {why}"
+    copy_rows(
+        cur, "quarantine", QUARANTINE_TABLE_COLUMNS, [(c.file_id, c.first_line, c.chunk_seq, "detect", reason, None)]
+    )
+
+
 def _transactions_csv(clean: pa.Table) -> bytes:
     """The clean rows as the CSV payload of the `transactions` COPY (PostgreSQL's column names)."""
     out = clean.select(list(TRANSACTION_COLUMNS)).rename_columns(list(TRANSACTION_COLUMNS.values()))
@@ -771,20 +738,15 @@ def run_worker(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m src.mechanism_y.stream_processor",
-        description=(
+    return drain_parser(
+        "python -m src.mechanism_y.stream_processor",
+        (
             "Mechanism Y alone: process each chunk Mechanism X records, in order, with PySpark; keep the running "
             "state, evaluate PatId1 (UPGRADE), PatId2 (CHILD) and PatId3 (DEI-NEEDED) after every chunk, and "
             "write each new detection once to PostgreSQL and the lake. Settings come from the environment and .env."
         ),
+        drain_help="exit 0 once every chunk in the ledger is processed and no file is mid-ingest",
     )
-    parser.add_argument(
-        "--drain",
-        action="store_true",
-        help="exit 0 once every chunk in the ledger is processed and no file is mid-ingest",
-    )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,77 +74,57 @@ DETECTION_COLUMNS = ("YStartTime", "detectionTime", "patternId", "ActionType", "
 DETECTION_ARROW_SCHEMA = pa.schema([pa.field(c, pa.string(), nullable=False) for c in DETECTION_COLUMNS])
 
 
+# Mechanism Y's running state per (merchant, customer), as Spark holds it and PostgreSQL's y_state stores it.
+STATE_ARROW_SCHEMA = pa.schema(
+    [
+        pa.field("merchant", pa.string(), nullable=False),
+        pa.field("customer", pa.string(), nullable=False),
+        pa.field("n", pa.int64(), nullable=False),
+        pa.field("amount_sum", pa.decimal128(38, AMOUNT_SCALE), nullable=False),
+        pa.field("has_f", pa.bool_(), nullable=False),
+        pa.field("has_m", pa.bool_(), nullable=False),
+    ]
+)
+# Importance weights aggregated to (customer, merchant): sum and count, so w = sum / count.
+WEIGHTS_ARROW_SCHEMA = pa.schema(
+    [
+        pa.field("customer", pa.string(), nullable=False),
+        pa.field("merchant", pa.string(), nullable=False),
+        pa.field("weight_sum", pa.decimal128(38, AMOUNT_SCALE), nullable=False),
+        pa.field("weight_count", pa.int64(), nullable=False),
+    ]
+)
+# What Mechanism Y folds into its state: the clean rows of a batch, each tagged with its chunk's cut.
+BATCH_ROWS_ARROW_SCHEMA = pa.schema(
+    [
+        pa.field("cut", pa.int32(), nullable=False),
+        pa.field("merchant", pa.string(), nullable=False),
+        pa.field("customer", pa.string(), nullable=False),
+        pa.field("gender", pa.string(), nullable=False),
+        pa.field("amount", pa.decimal128(AMOUNT_PRECISION, AMOUNT_SCALE), nullable=False),
+    ]
+)
+
+
+def spark_schema(schema: pa.Schema) -> "StructType":
+    """The Spark twin of an Arrow schema (types and nullability), so each schema is written once."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return from_arrow_schema(schema)
+
+
 def chunk_spark_schema() -> "StructType":
     """The Spark schema of a chunk object (the partition columns year/month/day are not in the files)."""
-    from pyspark.sql.types import (
-        ByteType,
-        DecimalType,
-        IntegerType,
-        LongType,
-        StringType,
-        StructField,
-        StructType,
-    )
-
-    return StructType(
-        [
-            StructField("step", IntegerType(), False),
-            StructField("customer", StringType(), False),
-            StructField("age", StringType(), True),
-            StructField("gender", StringType(), False),
-            StructField("zipcodeOri", StringType(), True),
-            StructField("merchant", StringType(), False),
-            StructField("zipMerchant", StringType(), True),
-            StructField("category", StringType(), True),
-            StructField("amount", DecimalType(AMOUNT_PRECISION, AMOUNT_SCALE), False),
-            StructField("fraud", ByteType(), False),
-            StructField("source_file_id", StringType(), False),
-            StructField("chunk_seq", IntegerType(), False),
-            StructField("source_line", LongType(), False),
-        ]
-    )
+    return spark_schema(CHUNK_ARROW_SCHEMA)
 
 
 def state_spark_schema() -> "StructType":
-    """Mechanism Y's running state per (merchant, customer)."""
-    from pyspark.sql.types import BooleanType, DecimalType, LongType, StringType, StructField, StructType
-
-    return StructType(
-        [
-            StructField("merchant", StringType(), False),
-            StructField("customer", StringType(), False),
-            StructField("n", LongType(), False),
-            StructField("amount_sum", DecimalType(38, AMOUNT_SCALE), False),
-            StructField("has_f", BooleanType(), False),
-            StructField("has_m", BooleanType(), False),
-        ]
-    )
+    return spark_schema(STATE_ARROW_SCHEMA)
 
 
 def weights_spark_schema() -> "StructType":
-    """Importance weights aggregated to (customer, merchant): sum and count, so w = sum / count."""
-    from pyspark.sql.types import DecimalType, LongType, StringType, StructField, StructType
-
-    return StructType(
-        [
-            StructField("customer", StringType(), False),
-            StructField("merchant", StringType(), False),
-            StructField("weight_sum", DecimalType(38, AMOUNT_SCALE), False),
-            StructField("weight_count", LongType(), False),
-        ]
-    )
+    return spark_schema(WEIGHTS_ARROW_SCHEMA)
 
 
 def batch_rows_spark_schema() -> "StructType":
-    """What Mechanism Y folds into its state: the clean rows of a batch, each tagged with its chunk's cut."""
-    from pyspark.sql.types import DecimalType, IntegerType, StringType, StructField, StructType
-
-    return StructType(
-        [
-            StructField("cut", IntegerType(), False),
-            StructField("merchant", StringType(), False),
-            StructField("customer", StringType(), False),
-            StructField("gender", StringType(), False),
-            StructField("amount", DecimalType(AMOUNT_PRECISION, AMOUNT_SCALE), False),
-        ]
-    )
+    return spark_schema(BATCH_ROWS_ARROW_SCHEMA)

@@ -153,11 +153,7 @@ class Database:
 
     def reset(self) -> None:
         """Drop the connection (after a fault); the next use reconnects."""
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except psycopg2.Error:
-                pass
+        _close_quietly(self._conn)
         self._conn = None
 
     def close(self) -> None:
@@ -320,12 +316,16 @@ class Listener:
             return True
 
     def close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except psycopg2.Error:
-                pass
+        _close_quietly(self._conn)
         self._conn = None
+
+
+def _close_quietly(conn: psycopg2.extensions.connection | None) -> None:
+    if conn is not None:
+        try:
+            conn.close()
+        except psycopg2.Error:
+            pass
 
 
 def copy_rows(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import signal
@@ -132,3 +133,10 @@ def worker_main(name: str, parser, argv: list[str] | None, run: Callable[..., in
     except ProcessorError as exc:
         log.error("%s stopped: %s", name, exc)
         return 1
+
+
+def drain_parser(prog: str, description: str, *, drain_help: str) -> argparse.ArgumentParser:
+    """The command line every entry point shares: a description and `--drain`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--drain", action="store_true", help=drain_help)
+    return parser
