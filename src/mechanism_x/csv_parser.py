@@ -131,6 +131,7 @@ def scan_file(path: Path, start: int, *, whole: bool = True) -> FileScan:
 _CONTROL_PATTERN = r"[\x00-\x08\x0a-\x1f\x7f]"
 _CONTROL_RE = re.compile(_CONTROL_PATTERN)
 _ESCAPE_RE = re.compile(r"[\\\x00-\x08\x0a-\x1f\x7f\udc80-\udcff]")
+_NOT_CONTROL = bytes(b for b in range(256) if not (b < 0x20 and b not in (0x09, 0x0A) or b == 0x7F))
 _CONTROL_NAMES = {0x00: "NUL", 0x07: "BEL", 0x08: "BS", 0x0B: "VT", 0x0C: "FF", 0x0D: "CR", 0x1B: "ESC", 0x7F: "DEL"}
 
 
@@ -207,13 +208,16 @@ class RowBlock:
     line_no: np.ndarray  # int64, 1-based line numbers in the file
     end_offset: np.ndarray  # int64, byte offset just after each line's terminator
     flaw: pa.Array | None = None  # string or null per line; None when no line has a flaw
+    maybe_control: bool = True  # False when the bytes were seen to hold no control character
 
     def __len__(self) -> int:
         return len(self.lines)
 
     def slice(self, start: int, stop: int) -> "RowBlock":
         flaw = self.flaw[start:stop] if self.flaw is not None else None
-        return RowBlock(self.lines[start:stop], self.line_no[start:stop], self.end_offset[start:stop], flaw)
+        return RowBlock(
+            self.lines[start:stop], self.line_no[start:stop], self.end_offset[start:stop], flaw, self.maybe_control
+        )
 
     def flaws(self) -> pa.Array:
         return self.flaw if self.flaw is not None else pa.nulls(len(self), pa.string())
@@ -236,6 +240,7 @@ class RowBlock:
             np.concatenate([a.line_no, b.line_no]),
             np.concatenate([a.end_offset, b.end_offset]),
             flaw,
+            a.maybe_control or b.maybe_control,
         )
 
 
@@ -310,7 +315,15 @@ def _split_lines(body: bytes, pos: int, line: int, max_line_bytes: int = MAX_LIN
         mask = keep.to_numpy(zero_copy_only=False)
         text, numbers, ends = text.filter(keep), numbers[mask], ends[mask]
         flaw = flaw.filter(keep) if flaw is not None else None
-    return RowBlock(text, numbers, ends, flaw)
+    return RowBlock(text, numbers, ends, flaw, _maybe_control(body))
+
+
+def _maybe_control(body: bytes) -> bool:
+    """Whether `body` may hold a control character other than a CR of a CRLF (a fast byte-level pre-check)."""
+    controls = body.translate(None, _NOT_CONTROL)
+    if not controls:
+        return False
+    return bool(controls.strip(b"\r")) or body.count(b"\r\n") != len(controls)
 
 
 def _content_lengths(raw: np.ndarray, starts: np.ndarray, stops: np.ndarray, terminated: bool) -> np.ndarray:
@@ -473,6 +486,8 @@ def _rejected_before_split(block: RowBlock, header: tuple[str, ...]) -> dict[int
     if block.flaw is not None:
         for p in np.flatnonzero(pc.is_valid(block.flaw).to_numpy(zero_copy_only=False)).tolist():
             out[p] = (block.flaw[p].as_py(), block.lines[p].as_py())
+    if not block.maybe_control:
+        return out
     control = pc.match_substring_regex(block.lines, _CONTROL_PATTERN).to_numpy(zero_copy_only=False)
     for p in np.flatnonzero(control).tolist():
         if p not in out:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import logging
 import os
@@ -26,7 +25,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 
 from config.config import Settings
 from src.errors import FileRejected, ObjectConflict, ProcessorError, RetryableError
@@ -37,16 +35,16 @@ from src.mechanism_x.csv_parser import (
     ParsedRows,
     RowBlock,
     iter_row_blocks,
-    parse_importance,
     parse_transactions,
     read_header,
     scan_file,
 )
 from src.mechanism_x.file_monitor import FileMonitor, FileWork
+from src.mechanism_x.importance import copy_importance
 from src.mechanism_x.sources import Source, SourceFile, md5_file
 from src.utils import lake_paths
 from src.utils.object_store import ObjectStore, parquet_bytes
-from src.utils.postgres_utils import Database, copy_csv, copy_rows, is_transient
+from src.utils.postgres_utils import Database, copy_rows, is_transient
 from src.utils.runtime import CONSUMER_READY_TIMEOUT, READY_FILE_ENV, retry_call
 
 log = logging.getLogger(__name__)
@@ -107,7 +105,11 @@ class Ingestor:
                         if scan_file(path, b1).prefix_md5 != prefix_md5:
                             reason = "source file changed before the chunk could be rebuilt"
                         else:
-                            block = _concat_blocks(iter_row_blocks(path, b0, start_line, end=b1))
+                            block = _concat_blocks(
+                                iter_row_blocks(
+                                    path, b0, start_line, end=b1, max_line_bytes=self.settings.max_line_bytes
+                                )
+                            )
                             parsed = parse_transactions(block, file_id=file_id, chunk_seq=chunk_seq)
                             self._mark_written(seq, self._write_chunk_objects(key, file_id, chunk_seq, parsed))
                             log.info("chunk %s-%06d recovered at %s", file_id, chunk_seq, key)
@@ -251,7 +253,7 @@ class Ingestor:
         """(rows, chunk_seq) for each chunk of BATCH_SIZE data rows from byte `start`, in file order."""
         pending = RowBlock.empty()
         batch = self.settings.batch_size
-        for block in iter_row_blocks(path, start, first_line):
+        for block in iter_row_blocks(path, start, first_line, max_line_bytes=self.settings.max_line_bytes):
             pending = RowBlock.concat(pending, block)
             while len(pending) >= batch:
                 yield pending.slice(0, batch), chunk_seq
@@ -397,50 +399,35 @@ class Ingestor:
         self._last_release = time.monotonic()
 
     def _load_importance(self, f: SourceFile, path: Path, data_offset: int) -> None:
-        """Replace customer_importance with this file's rows in one transaction."""
-        scan = scan_file(path, data_offset)
-        parsed_parts = [parse_importance(b) for b in iter_row_blocks(path, data_offset, 2)]
-        good = pa.concat_tables([p.good for p in parsed_parts]) if parsed_parts else None
-        bad = [(ln, r, raw) for p in parsed_parts for ln, r, raw in zip(p.bad_lines, p.bad_reasons, p.bad_raw)]
-        buf = io.BytesIO()
-        if good is not None and good.num_rows:
-            pacsv.write_csv(good, buf, pacsv.WriteOptions(include_header=True))
-        n_good = good.num_rows if good is not None else 0
+        """Replace customer_importance with this file's rows in one transaction (streamed: see importance.py)."""
         self.monitor.start_file(f, KIND_IMPORTANCE)
         with self.db.transaction() as cur:
             cur.execute("LOCK TABLE customer_importance IN ACCESS EXCLUSIVE MODE")
             cur.execute("TRUNCATE customer_importance")
-            if n_good:
-                buf.seek(0)
-                copy_csv(cur, "customer_importance", ("source", "target", "weight", "type_trans", "fraud"), buf)
             cur.execute("DELETE FROM quarantine WHERE file_id = %s AND stage = 'ingest'", (f.file_id,))
-            if bad:
-                copy_rows(
-                    cur,
-                    "quarantine",
-                    ("file_id", "line_no", "chunk_seq", "stage", "reason", "raw_line"),
-                    ((f.file_id, ln, None, "ingest", r, raw) for ln, r, raw in bad),
-                )
+            load = copy_importance(cur, path, data_offset, f.file_id, max_line_bytes=self.settings.max_line_bytes)
+            n_good, n_bad = load.rows_loaded, load.rows_quarantined
+            if load.first_bad is not None:
                 self.db.log_event(
                     COMPONENT,
                     "WARNING",
                     "rows_quarantined",
-                    f"{f.name}: {len(bad)} bad importance row(s), first at line {bad[0][0]}: {bad[0][1]}",
+                    f"{f.name}: {n_bad} bad importance row(s), first at line {load.first_bad[0]}: {load.first_bad[1]}",
                     file_id=f.file_id,
-                    row_count=len(bad),
+                    row_count=n_bad,
                     cur=cur,
                 )
             cur.execute(
                 "INSERT INTO importance_state (id, file_id, checksum, rows_loaded, version) VALUES (1, %s, %s, %s, 1) "
                 "ON CONFLICT (id) DO UPDATE SET file_id = EXCLUDED.file_id, checksum = EXCLUDED.checksum, "
                 "rows_loaded = EXCLUDED.rows_loaded, version = importance_state.version + 1, loaded_at = now()",
-                (f.file_id, scan.md5, n_good),
+                (f.file_id, load.md5, n_good),
             )
             cur.execute(
                 "UPDATE source_files SET status = 'done', checksum = %s, size_bytes = %s, modified_time = %s, "
                 "rows_ingested = %s, rows_quarantined = %s, lines_done = %s, reason = NULL, finished_at = now(), "
                 "updated_at = now() WHERE file_id = %s",
-                (scan.md5, scan.size, f.modified_time, n_good, len(bad), n_good + len(bad), f.file_id),
+                (load.md5, load.size, f.modified_time, n_good, n_bad, n_good + n_bad, f.file_id),
             )
             self.db.log_event(
                 COMPONENT,
@@ -452,7 +439,7 @@ class Ingestor:
                 cur=cur,
             )
             cur.execute("SELECT pg_notify(%s, %s)", (CHUNK_CHANNEL, "importance"))
-        log.info("importance file %s (%s) loaded: %d rows, %d quarantined", f.file_id, f.name, n_good, len(bad))
+        log.info("importance file %s (%s) loaded: %d rows, %d quarantined", f.file_id, f.name, n_good, n_bad)
 
     def _write_processing_log(self) -> None:
         files = self.db.query(
