@@ -45,6 +45,7 @@ from src.mechanism_x.sources import Source, SourceFile, md5_file
 from src.utils import lake_paths
 from src.utils.object_store import ObjectStore, parquet_bytes
 from src.utils.postgres_utils import Database, copy_rows, is_transient
+from src.utils.quality_report import reject_counts, write_quality_report
 from src.utils.runtime import CONSUMER_READY_TIMEOUT, READY_FILE_ENV, retry_call
 
 log = logging.getLogger(__name__)
@@ -132,12 +133,15 @@ class Ingestor:
     def poll_once(self) -> int:
         """One pass over the source; returns how many files needed work."""
         work = self.monitor.poll()
+        rejects_before = reject_counts(self.db) if work else None
         for item in work:
             if self.stop.is_set():
                 break
             self._handle(item)
         if work:
             self._write_processing_log()
+            if reject_counts(self.db) != rejects_before:  # rows quarantined or a file failed: report it
+                write_quality_report(self.db, self.store)
         return len(work)
 
     def run(self, *, drain: bool) -> int:
