@@ -209,11 +209,23 @@ def test_poison_rows_are_quarantined_and_everything_else_goes_on(product_env, in
         "CustomerImportance.csv": len(ibad),
     }
 
-    # --- a later file is ingested: nothing is wedged, nothing is redone
+    # --- a later file is ingested: nothing is wedged, nothing is redone; a chunk holding the 5 MiB line
+    # and left pending (as by a crash) is rebuilt from its byte range to the same object
+    long_line = next(n for n in bad if len(split[n - 1]) > DEFAULT_MAX_LINE)
+    seq, key = rows(
+        pg_conn,
+        "UPDATE chunks SET status = 'pending' WHERE file_id = %s AND %s BETWEEN first_line AND last_line "
+        "RETURNING seq, object_key",
+        (fid, long_line),
+    )[0]
+    original = (lake / key).read_bytes()
+    (lake / key).unlink()
     later = [tx(step=b"%d" % i, customer=b"C_LATER%d" % i) for i in range(4)]
     (inbox / "d_later.csv").write_bytes(b"\n".join([HEADER, *later]) + b"\n")
     second = run_x(env)
     assert second.returncode == 0, second.stderr[-3000:]
+    assert (lake / key).read_bytes() == original
+    assert rows(pg_conn, "SELECT status FROM chunks WHERE seq = %s", (seq,)) == [("written",)]
     lfid = file_id(pg_conn, "d_later.csv")
     assert rows(pg_conn, "SELECT status, rows_ingested FROM source_files WHERE file_id = %s", (lfid,)) == [("done", 4)]
     assert rows(pg_conn, "SELECT count(*) FROM quarantine WHERE stage = 'ingest'") == [(len(bad) + len(ibad),)]
