@@ -264,6 +264,29 @@ def _invalid_utf8_lines(body: bytes, starts: np.ndarray, stops: np.ndarray) -> l
     return found
 
 
+def _line_flaws(
+    body: bytes, binary: pa.Array, starts: np.ndarray, stops: np.ndarray, content: np.ndarray, max_line_bytes: int
+) -> tuple[pa.Array | None, dict[int, tuple[str, str]]]:
+    """Lines that are too long or not UTF-8: {index: (reason, quarantine text)}, and the lines as text if all are UTF-8."""
+    flaws: dict[int, tuple[str, str]] = {}
+    for i in np.flatnonzero(content > max_line_bytes).tolist():
+        size = int(content[i])
+        head = body[int(starts[i]) : int(starts[i]) + min(size, RAW_LINE_CAP)]
+        flaws[i] = (f"line longer than {max_line_bytes} bytes ({size} bytes)", quarantine_text(head, size))
+    try:
+        return binary.cast(pa.string()), flaws
+    except pa.ArrowInvalid:
+        pass
+    for i, offset in _invalid_utf8_lines(body, starts, stops):
+        if i not in flaws:
+            line_bytes = body[int(starts[i]) : int(starts[i]) + int(content[i])]
+            flaws[i] = (
+                f"not UTF-8: byte 0x{line_bytes[offset]:02X} at byte {offset + 1} of the line",
+                quarantine_text(line_bytes),
+            )
+    return None, flaws
+
+
 def _split_lines(body: bytes, pos: int, line: int, max_line_bytes: int = MAX_LINE_BYTES) -> RowBlock:
     """Vectorised line split of `body` (which starts at file offset `pos`, line number `line`).
 
@@ -279,22 +302,7 @@ def _split_lines(body: bytes, pos: int, line: int, max_line_bytes: int = MAX_LIN
     content = _content_lengths(raw, starts, stops, terminated)
     offsets = np.concatenate((starts, [len(body)])).astype(np.int32)
     binary = pa.Array.from_buffers(pa.binary(), nlines, [None, pa.py_buffer(offsets), pa.py_buffer(body)])
-    flaws: dict[int, tuple[str, str]] = {}
-    for i in np.flatnonzero(content > max_line_bytes).tolist():
-        size = int(content[i])
-        head = body[int(starts[i]) : int(starts[i]) + min(size, RAW_LINE_CAP)]
-        flaws[i] = (f"line longer than {max_line_bytes} bytes ({size} bytes)", quarantine_text(head, size))
-    try:
-        text = binary.cast(pa.string())
-    except pa.ArrowInvalid:
-        text = None
-        for i, offset in _invalid_utf8_lines(body, starts, stops):
-            if i not in flaws:
-                line_bytes = body[int(starts[i]) : int(starts[i]) + int(content[i])]
-                flaws[i] = (
-                    f"not UTF-8: byte 0x{line_bytes[offset]:02X} at byte {offset + 1} of the line",
-                    quarantine_text(line_bytes),
-                )
+    text, flaws = _line_flaws(body, binary, starts, stops, content, max_line_bytes)
     flaw = None
     if flaws:
         idx = sorted(flaws)
