@@ -245,3 +245,22 @@ def test_max_line_bytes_setting_is_honoured(product_env, inbox, lake, pg_conn):
     assert q == [(3, f"line longer than 2048 bytes ({len(lines[1])} bytes)")]
     chunks = lake_table(lake, "raw-transactions").to_pylist()
     assert sorted((r["source_line"], r["customer"]) for r in chunks) == [(2, "C_SHORT"), (4, "C_END")]
+
+
+def test_quality_report_keeps_the_top_reasons_and_sums_the_rest(make_settings, inbox, lake, pg_conn):
+    from src.mechanism_x.data_ingestion import run_worker
+    from src.utils.quality_report import OTHER_REASONS, TOP_REASONS
+
+    distinct = TOP_REASONS + 10
+    lines = [tx(step=b"x%d" % i) for i in range(distinct)] + [tx(step=b"-1")] * 3 + [tx(customer=b"C_OK")]
+    (inbox / "many.csv").write_bytes(b"\n".join([HEADER, *lines]) + b"\n")
+    assert run_worker(make_settings(BATCH_SIZE="7"), drain=True) == 0
+
+    report = json.loads((lake / "pattern-detections/validation/quality_reports.json").read_text())
+    reasons = report["stages"]["ingest"]["rejected_by_reason"]
+    assert report["rows_rejected"] == sum(reasons.values()) == distinct + 3
+    assert reasons["step '-1' is not a non-negative integer"] == 3  # the most frequent comes first
+    assert next(iter(reasons)) == "step '-1' is not a non-negative integer"
+    assert len(reasons) == TOP_REASONS + 1 and reasons[OTHER_REASONS] == distinct + 1 - TOP_REASONS
+    assert report["rejected_by_reason"] == reasons  # Y has rejected nothing: the totals are X's
+    assert report["stages"]["detect"]["rows_rejected"] == 0
