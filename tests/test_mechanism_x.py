@@ -383,14 +383,17 @@ def test_unreadable_files_fail_with_a_reason_and_nothing_else_stops(make_setting
     ingest(make_settings(BATCH_SIZE="2"))
 
     reasons = {}
-    for name in ("latin1.csv", "binary.csv", "png.csv", "wrong_header.csv", "short_header.csv"):
+    for name in ("binary.csv", "png.csv", "wrong_header.csv", "short_header.csv"):
         rec = file_record(pg_conn, name)
         assert rec["status"] == "failed", (name, rec)
         assert rec["chunks"] == 0
         reasons[name] = rec["reason"]
         ev = events(pg_conn, "file_failed", rec["file_id"])
         assert len(ev) == 1 and ev[0][0] == "ERROR" and name in ev[0][4] and rec["reason"] in ev[0][4]
-    assert "UTF-8" in reasons["latin1.csv"] and "line 3" in reasons["latin1.csv"]
+    # a row that is not UTF-8 under a UTF-8 header is quarantined; the file goes on (issue 9, poison input)
+    latin = file_record(pg_conn, "latin1.csv")
+    assert (latin["status"], latin["rows_ingested"], latin["rows_quarantined"]) == ("done", 2, 1)
+    assert [(n, "UTF-8" in r) for n, r in query(pg_conn, "SELECT line_no, reason FROM quarantine")] == [(3, True)]
     assert "binary" in reasons["binary.csv"] or "not a CSV" in reasons["binary.csv"]
     assert "UTF-8" in reasons["png.csv"] or "binary" in reasons["png.csv"]
     assert "header" in reasons["wrong_header.csv"] and "zipcodeOri" in reasons["wrong_header.csv"]
@@ -400,7 +403,10 @@ def test_unreadable_files_fail_with_a_reason_and_nothing_else_stops(make_setting
     assert people["status"] == "ignored" and "name,email" in people["reason"] and people["chunks"] == 0
 
     assert_chunks_match(pg_conn, lake, "good.csv", good, 2)
-    assert {KEY_RE.match(k)["file"] for k in lake_keys(lake)} == {file_record(pg_conn, "good.csv")["file_id"]}
+    assert {KEY_RE.match(k)["file"] for k in lake_keys(lake)} == {
+        file_record(pg_conn, "good.csv")["file_id"],
+        latin["file_id"],
+    }
 
     # failed and ignored files are not retried on every poll
     before = query(pg_conn, "SELECT count(*) FROM processing_logs")

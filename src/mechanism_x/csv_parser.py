@@ -13,7 +13,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +32,8 @@ from src.schemas.transaction_schemas import (
 BOM = b"\xef\xbb\xbf"
 READ_BLOCK = 8 << 20
 MAX_HEADER_BYTES = 64 << 10
+MAX_LINE_BYTES = 1 << 20  # default of the MAX_LINE_BYTES setting
+RAW_LINE_CAP = 4096  # characters of a bad line kept in the quarantine
 
 KIND_TRANSACTIONS = "transactions"
 KIND_IMPORTANCE = "importance"
@@ -99,10 +101,13 @@ class FileScan:
 
 
 def scan_file(path: Path, start: int, *, whole: bool = True) -> FileScan:
-    """MD5 of the whole file (unless `whole` is False) and of its first `start` bytes; checks the rest is UTF-8."""
+    """MD5 of the whole file (unless `whole` is False) and of its first `start` bytes.
+
+    Encoding is checked per row when the rows are split (a row that is not UTF-8 is quarantined),
+    so one bad row no longer rejects a whole file: only a header that is not UTF-8 does.
+    """
     whole_md5 = hashlib.md5() if whole else None
     prefix = hashlib.md5()
-    decoder = codecs.getincrementaldecoder("utf-8")()
     pos = 0
     with open(path, "rb") as fh:
         while True:
@@ -113,37 +118,109 @@ def scan_file(path: Path, start: int, *, whole: bool = True) -> FileScan:
                 whole_md5.update(block)
             if pos < start:
                 prefix.update(block[: start - pos])
-            tail_from = max(0, start - pos)
-            if tail_from < len(block):
-                tail = block[tail_from:]
-                try:
-                    decoder.decode(tail)
-                except UnicodeDecodeError as exc:
-                    bad = pos + tail_from + exc.start
-                    with open(path, "rb") as again:
-                        line_no = again.read(bad).count(b"\n") + 1
-                    raise FileRejected(f"not UTF-8: invalid byte at offset {bad} (line {line_no})") from None
             pos += len(block)
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        raise FileRejected("not UTF-8: the file ends inside a multi-byte character") from None
     return FileScan(size=pos, md5=whole_md5.hexdigest() if whole_md5 else "", prefix_md5=prefix.hexdigest())
+
+
+# ----------------------------------------------------------------------------- poison-proof text
+
+# Control characters a data row may not carry: C0 except TAB (a field separator some tools emit and
+# whitespace we trim), plus DEL. LF ends a line; CR is allowed only in a CRLF line break (and as
+# trailing CRs, which are trimmed). C1 controls (U+0080-U+009F) are valid UTF-8 that PostgreSQL and
+# Parquet store, so they pass.
+_CONTROL_PATTERN = r"[\x00-\x08\x0a-\x1f\x7f]"
+_CONTROL_RE = re.compile(_CONTROL_PATTERN)
+_ESCAPE_RE = re.compile(r"[\\\x00-\x08\x0a-\x1f\x7f\udc80-\udcff]")
+_NOT_CONTROL = bytes(b for b in range(256) if not (b < 0x20 and b not in (0x09, 0x0A) or b == 0x7F))
+_CONTROL_NAMES = {0x00: "NUL", 0x07: "BEL", 0x08: "BS", 0x0B: "VT", 0x0C: "FF", 0x0D: "CR", 0x1B: "ESC", 0x7F: "DEL"}
+
+
+def _escape_char(ch: str) -> str:
+    code = ord(ch)
+    if ch == "\\":
+        return "\\\\"
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, kept by surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x20 and ch != "\t" or code == 0x7F:
+        return f"\\x{code:02x}"
+    return ch
+
+
+def quarantine_text(raw: bytes | str, size: int | None = None) -> str:
+    """A bad line as PostgreSQL and Parquet accept it: valid UTF-8, no NUL, at most RAW_LINE_CAP characters.
+
+    Control characters and undecodable bytes are written `\\xNN` and a backslash `\\\\`, so the
+    original bytes can be told from the text; a line longer than the cap (or known only by its first
+    bytes, `size` giving its full length) ends with a marker saying how long it was.
+    """
+    text = raw if isinstance(raw, str) else raw.decode("utf-8", "surrogateescape")
+    if size is None:
+        size = len(raw) if isinstance(raw, bytes) else len(text.encode("utf-8", "surrogateescape"))
+    shown_bytes = len(raw) if isinstance(raw, bytes) else size
+    if len(text) <= RAW_LINE_CAP and shown_bytes >= size and not _ESCAPE_RE.search(text):
+        return text
+    out: list[str] = []
+    used = 0
+    cut = shown_bytes < size
+    for ch in text:
+        piece = _escape_char(ch)
+        if used + len(piece) > RAW_LINE_CAP:
+            cut = True
+            break
+        out.append(piece)
+        used += len(piece)
+    if cut:
+        out.append(f" ...[cut at {RAW_LINE_CAP} characters: the line has {size} bytes]")
+    return "".join(out)
+
+
+def _control_reason(text: str, header: tuple[str, ...]) -> str:
+    """Name the first control character of a row and the column it sits in."""
+    for i, value in enumerate(text.split(",")):
+        m = _CONTROL_RE.search(value)
+        if m:
+            code = ord(m.group())
+            name = f"{_CONTROL_NAMES[code]} (0x{code:02X})" if code in _CONTROL_NAMES else f"0x{code:02X}"
+            column = header[i] if i < len(header) else f"field {i + 1} (beyond the {len(header)} columns)"
+            return f"control character {name} in column {column}"
+    return "control character in the row"
+
+
+def _show(value: str | None, limit: int = 60) -> str:
+    """A field value for a reason: repr'd (so control characters show) and cut when long."""
+    if value is None or len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+# ----------------------------------------------------------------------------- lines
 
 
 @dataclass
 class RowBlock:
-    """Non-blank data lines of a file region, with line numbers and end offsets."""
+    """Non-blank data lines of a file region, with line numbers and end offsets.
+
+    `flaw` is null for a line that is text, and the reason for one that is not (longer than the
+    line limit, not UTF-8): such a line's entry in `lines` is already its quarantine text.
+    """
 
     lines: pa.Array  # string, without terminators
     line_no: np.ndarray  # int64, 1-based line numbers in the file
     end_offset: np.ndarray  # int64, byte offset just after each line's terminator
+    flaw: pa.Array | None = None  # string or null per line; None when no line has a flaw
+    maybe_control: bool = True  # False when the bytes were seen to hold no control character
 
     def __len__(self) -> int:
         return len(self.lines)
 
     def slice(self, start: int, stop: int) -> "RowBlock":
-        return RowBlock(self.lines[start:stop], self.line_no[start:stop], self.end_offset[start:stop])
+        flaw = self.flaw[start:stop] if self.flaw is not None else None
+        return RowBlock(
+            self.lines[start:stop], self.line_no[start:stop], self.end_offset[start:stop], flaw, self.maybe_control
+        )
+
+    def flaws(self) -> pa.Array:
+        return self.flaw if self.flaw is not None else pa.nulls(len(self), pa.string())
 
     @staticmethod
     def empty() -> "RowBlock":
@@ -155,77 +232,221 @@ class RowBlock:
             return b
         if not len(b):
             return a
+        flaw = None
+        if a.flaw is not None or b.flaw is not None:
+            flaw = pa.concat_arrays([a.flaws(), b.flaws()])
         return RowBlock(
             pa.concat_arrays([a.lines, b.lines]),
             np.concatenate([a.line_no, b.line_no]),
             np.concatenate([a.end_offset, b.end_offset]),
+            flaw,
+            a.maybe_control or b.maybe_control,
         )
 
 
-def _split_lines(body: bytes, pos: int, line: int) -> RowBlock:
-    """Vectorised line split of `body` (which starts at file offset `pos`, line number `line`)."""
+def _invalid_utf8_lines(body: bytes, starts: np.ndarray, stops: np.ndarray) -> list[tuple[int, int]]:
+    """(line index, offset in the line) of the first undecodable byte of each line that is not UTF-8.
+
+    Decodes from one bad line to the next over a memoryview, so the cost stays linear in the body.
+    """
+    found = []
+    view = memoryview(body)
+    pos = 0
+    while pos < len(body):
+        try:
+            codecs.utf_8_decode(view[pos:], "strict", True)
+            break
+        except UnicodeDecodeError as exc:
+            bad = pos + exc.start
+        i = int(np.searchsorted(stops, bad, side="right"))
+        found.append((i, bad - int(starts[i])))
+        pos = int(stops[i])
+    return found
+
+
+def _line_flaws(
+    body: bytes, binary: pa.Array, starts: np.ndarray, stops: np.ndarray, content: np.ndarray, max_line_bytes: int
+) -> tuple[pa.Array | None, dict[int, tuple[str, str]]]:
+    """Lines that are too long or not UTF-8: {index: (reason, quarantine text)}, and the lines as text if all are UTF-8."""
+    flaws: dict[int, tuple[str, str]] = {}
+    for i in np.flatnonzero(content > max_line_bytes).tolist():
+        size = int(content[i])
+        head = body[int(starts[i]) : int(starts[i]) + min(size, RAW_LINE_CAP)]
+        flaws[i] = (f"line longer than {max_line_bytes} bytes ({size} bytes)", quarantine_text(head, size))
+    try:
+        return binary.cast(pa.string()), flaws
+    except pa.ArrowInvalid:
+        pass
+    for i, offset in _invalid_utf8_lines(body, starts, stops):
+        if i not in flaws:
+            line_bytes = body[int(starts[i]) : int(starts[i]) + int(content[i])]
+            flaws[i] = (
+                f"not UTF-8: byte 0x{line_bytes[offset]:02X} at byte {offset + 1} of the line",
+                quarantine_text(line_bytes),
+            )
+    return None, flaws
+
+
+def _split_lines(body: bytes, pos: int, line: int, max_line_bytes: int = MAX_LINE_BYTES) -> RowBlock:
+    """Vectorised line split of `body` (which starts at file offset `pos`, line number `line`).
+
+    Lines longer than `max_line_bytes` (without their line break) and lines that are not UTF-8 are
+    kept as rows with a flaw, so they are quarantined with their line number instead of stopping the file.
+    """
     raw = np.frombuffer(body, dtype=np.uint8)
     nl = np.flatnonzero(raw == 10)
     terminated = body.endswith(b"\n")
     starts = np.concatenate(([0], nl + 1)) if not terminated else np.concatenate(([0], nl[:-1] + 1))
     stops = np.concatenate((nl + 1, [len(body)])) if not terminated else nl + 1  # exclusive, incl. terminator
     nlines = len(starts)
+    content = _content_lengths(raw, starts, stops, terminated)
     offsets = np.concatenate((starts, [len(body)])).astype(np.int32)
-    lines = pa.Array.from_buffers(pa.binary(), nlines, [None, pa.py_buffer(offsets), pa.py_buffer(body)])
-    text = pc.utf8_rtrim(lines.cast(pa.string()), "\r\n")
+    binary = pa.Array.from_buffers(pa.binary(), nlines, [None, pa.py_buffer(offsets), pa.py_buffer(body)])
+    text, flaws = _line_flaws(body, binary, starts, stops, content, max_line_bytes)
+    flaw = None
+    if flaws:
+        idx = sorted(flaws)
+        mask = np.zeros(nlines, dtype=bool)
+        mask[idx] = True
+        binary = pc.replace_with_mask(binary, pa.array(mask), pa.array([flaws[i][1].encode() for i in idx]))
+        text = binary.cast(pa.string())
+        flaw = pa.array([flaws[i][0] if m else None for i, m in enumerate(mask)], pa.string())
+    text = pc.utf8_rtrim(text, "\r\n")
     numbers = np.arange(line, line + nlines, dtype=np.int64)
     ends = pos + stops.astype(np.int64)
-    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0)
+    # Blank: only spaces and tabs. Other whitespace (VT, FF, ...) is a control character and quarantined.
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim(text, " \t")), 0)
+    if flaw is not None:
+        blank = pc.and_(blank, pc.is_null(flaw))
     if pc.any(blank).as_py():
         keep = pc.invert(blank)
         mask = keep.to_numpy(zero_copy_only=False)
         text, numbers, ends = text.filter(keep), numbers[mask], ends[mask]
-    return RowBlock(text, numbers, ends)
+        flaw = flaw.filter(keep) if flaw is not None else None
+    return RowBlock(text, numbers, ends, flaw, _maybe_control(body))
 
 
-def iter_row_blocks(path: Path, start: int, first_line: int, end: int | None = None) -> Iterator[RowBlock]:
+def _maybe_control(body: bytes) -> bool:
+    """Whether `body` may hold a control character other than a CR of a CRLF (a fast byte-level pre-check)."""
+    controls = body.translate(None, _NOT_CONTROL)
+    if not controls:
+        return False
+    return bool(controls.strip(b"\r")) or body.count(b"\r\n") != len(controls)
+
+
+def _content_lengths(raw: np.ndarray, starts: np.ndarray, stops: np.ndarray, terminated: bool) -> np.ndarray:
+    """Bytes of each line without its line break (LF, or CR LF)."""
+    content = (stops - starts).astype(np.int64)
+    has_lf = np.ones(len(starts), dtype=bool)
+    if not terminated:
+        has_lf[-1] = False
+    content -= has_lf
+    before_lf = np.maximum(stops - 2, 0)
+    has_cr = has_lf & (content > 0) & (raw[before_lf] == 13) if len(raw) else has_lf & False
+    return content - has_cr
+
+
+def _long_line(
+    fh: BinaryIO, parts: list[bytes], carried: int, pos: int, line: int, end: int | None, max_line_bytes: int
+) -> tuple[RowBlock, int, bytes]:
+    """Stream through a line that outgrew `max_line_bytes` without holding it: keep its head, find its end.
+
+    Returns a one-row block (flawed) for it, the offset after it, and the bytes read past it.
+    """
+    head = b"".join(parts)[:RAW_LINE_CAP]
+    last = parts[-1][-1:]
+    total = carried
+    rest = b""
+    while True:
+        want = READ_BLOCK if end is None else min(READ_BLOCK, end - pos - total)
+        data = fh.read(want) if want > 0 else b""
+        if not data:  # the line runs to the end of the file (or of the range)
+            size, after = total, pos + total
+            break
+        nl = data.find(b"\n")
+        if len(head) < RAW_LINE_CAP:
+            head += data[: nl if nl >= 0 else RAW_LINE_CAP][: RAW_LINE_CAP - len(head)]
+        if nl < 0:
+            total += len(data)
+            last = data[-1:]
+            continue
+        before = data[nl - 1 : nl] if nl > 0 else last
+        size = total + nl - (1 if before == b"\r" else 0)
+        after, rest = pos + total + nl + 1, data[nl + 1 :]
+        break
+    head = head[: min(size, RAW_LINE_CAP)]  # same text as when the whole line fits in a read block
+    block = RowBlock(
+        pa.array([quarantine_text(head, size)], pa.string()),
+        np.array([line], np.int64),
+        np.array([after], np.int64),
+        pa.array([f"line longer than {max_line_bytes} bytes ({size} bytes)"], pa.string()),
+    )
+    return block, after, rest
+
+
+def _skip_glued_break(fh: BinaryIO, start: int) -> int:
+    """If the byte before `start` ends an unterminated row, the line break now after it belongs to that row."""
+    if start > 0:
+        fh.seek(start - 1)
+        prev = fh.read(1)
+        if prev not in (b"\n", b""):
+            nxt = fh.read(2)
+            if nxt.startswith(b"\r\n"):
+                return start + 2
+            if nxt.startswith(b"\n"):
+                return start + 1
+    return start
+
+
+def iter_row_blocks(
+    path: Path, start: int, first_line: int, end: int | None = None, *, max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[RowBlock]:
     """Split bytes [start, end) of the file into non-blank lines; `first_line` is the line number at `start`.
 
     A final line without a line break is a row too. Blank lines keep their line numbers but yield no row.
     If the byte before `start` ends an unterminated row (a file that grew after its last line),
-    the line break that now follows it belongs to that row and is skipped.
+    the line break that now follows it belongs to that row and is skipped. A line longer than
+    `max_line_bytes` is streamed past (at most about `max_line_bytes` + READ_BLOCK bytes held) and
+    yielded as one flawed row; the pieces of a line cut by read blocks are joined once, never re-copied.
     """
     with open(path, "rb") as fh:
-        if start > 0:
-            fh.seek(start - 1)
-            prev = fh.read(1)
-            if prev not in (b"\n", b""):
-                nxt = fh.read(2)
-                if nxt.startswith(b"\r\n"):
-                    start += 2
-                elif nxt.startswith(b"\n"):
-                    start += 1
+        start = _skip_glued_break(fh, start)
         fh.seek(start)
-        pos = start
-        line = first_line
-        carry = b""
+        pos, line = start, first_line
+        parts: list[bytes] = []  # the start of a line cut by the read block (no line break in them)
+        carried = 0
+        pending = b""  # bytes read past a long line, handled before reading more
         while True:
-            want = READ_BLOCK if end is None else min(READ_BLOCK, end - pos - len(carry))
-            data = fh.read(want) if want > 0 else b""
-            buf = carry + data if carry else data
-            if not buf:
-                return
-            if not data:
-                cut = len(buf)
+            if pending:
+                data, pending = pending, b""
             else:
-                last_nl = buf.rfind(b"\n")
-                if last_nl < 0:
-                    carry = buf
-                    continue
-                cut = last_nl + 1
-            body, carry = buf[:cut], buf[cut:]
-            block = _split_lines(body, pos, line)
+                want = READ_BLOCK if end is None else min(READ_BLOCK, end - pos - carried)
+                data = fh.read(want) if want > 0 else b""
+            if not data:
+                if carried:
+                    block = _split_lines(b"".join(parts), pos, line, max_line_bytes)
+                    if len(block):
+                        yield block
+                return
+            last_nl = data.rfind(b"\n")
+            if last_nl < 0:
+                parts.append(data)
+                carried += len(data)
+                if carried > max_line_bytes + 1:  # cannot fit even with a CR before its LF
+                    block, pos, pending = _long_line(fh, parts, carried, pos, line, end, max_line_bytes)
+                    yield block
+                    line += 1
+                    parts, carried = [], 0
+                continue
+            cut = last_nl + 1
+            body = b"".join([*parts, data[:cut]]) if parts else data[:cut]
+            rest = data[cut:]
+            block = _split_lines(body, pos, line, max_line_bytes)
             if len(block):
                 yield block
             pos += len(body)
-            line += body.count(b"\n") + (0 if body.endswith(b"\n") else 1)
-            if not data:
-                return
+            line += body.count(b"\n")
+            parts, carried = ([rest], len(rest)) if rest else ([], 0)
 
 
 @dataclass
@@ -243,33 +464,59 @@ _DECIMAL = r"^-?[0-9]{1,16}(\.[0-9]+)?$"
 _DECIMAL_OK = r"^[0-9]{1,16}(\.[0-9]{1," + str(AMOUNT_SCALE) + r"})?$"
 
 
-def _fields(text: pa.Array, ncols: int) -> tuple[pa.Array, list[pa.Array], np.ndarray]:
-    """Split lines into `ncols` unquoted string columns; returns (text, columns, field counts)."""
+def _fields(text: pa.Array, ncols: int, exclude: np.ndarray) -> tuple[list[pa.Array], np.ndarray, np.ndarray]:
+    """Split lines into `ncols` unquoted string columns, leaving out `exclude`d lines.
+
+    Returns (columns of the split rows, field count per line, which lines were split).
+    """
     parts = pc.split_pattern(text, ",")
     counts = pc.list_value_length(parts).to_numpy(zero_copy_only=False)
-    ok = counts == ncols
+    ok = (counts == ncols) & ~exclude
     if not ok.all():
         parts = parts.filter(pa.array(ok))
     if not len(parts):
-        return text, [pa.array([], pa.string()) for _ in range(ncols)], counts
+        return [pa.array([], pa.string()) for _ in range(ncols)], counts, ok
     # One kernel per column: surrounding blanks and quotes ('C123', "x") go in the same trim.
     cols = [pc.utf8_trim(pc.list_element(parts, i), " \t'\"") for i in range(ncols)]
-    return text, cols, counts
+    return cols, counts, ok
 
 
 def _bad_reason_count(count: int, ncols: int) -> str:
     return f"expected {ncols} fields, found {count}"
 
 
+def _rejected_before_split(block: RowBlock, header: tuple[str, ...]) -> dict[int, tuple[str, str]]:
+    """Lines refused whatever their fields say: flawed (too long, not UTF-8) or carrying control characters.
+
+    Returns {position in the block: (reason, quarantine text)}.
+    """
+    out: dict[int, tuple[str, str]] = {}
+    if block.flaw is not None:
+        for p in np.flatnonzero(pc.is_valid(block.flaw).to_numpy(zero_copy_only=False)).tolist():
+            out[p] = (block.flaw[p].as_py(), block.lines[p].as_py())
+    if not block.maybe_control:
+        return out
+    control = pc.match_substring_regex(block.lines, _CONTROL_PATTERN).to_numpy(zero_copy_only=False)
+    for p in np.flatnonzero(control).tolist():
+        if p not in out:
+            text = block.lines[p].as_py()
+            out[p] = (_control_reason(text, header), quarantine_text(text))
+    return out
+
+
 Check = tuple[pa.Array, Callable[[list], str]]
 
 
 def _validate(
-    block: RowBlock, ncols: int, make_checks: Callable[[list[pa.Array]], list[Check]]
+    block: RowBlock, header: tuple[str, ...], make_checks: Callable[[list[pa.Array]], list[Check]]
 ) -> tuple[list[pa.Array], pa.Array, np.ndarray, ParsedRows]:
     """Split, unquote and check; returns (columns, indices of good split rows, their line numbers, bad rows)."""
-    text, cols, counts = _fields(block.lines, ncols)
-    ok_cols = counts == ncols
+    ncols = len(header)
+    text = block.lines
+    early = _rejected_before_split(block, header)
+    exclude = np.zeros(len(block), dtype=bool)
+    exclude[list(early)] = True
+    cols, counts, ok_cols = _fields(text, ncols, exclude)
     checks = make_checks(cols)
     valid = np.ones(int(ok_cols.sum()), dtype=bool)
     for mask, _ in checks:
@@ -279,15 +526,18 @@ def _validate(
     bad_positions = sorted(set(np.flatnonzero(~ok_cols).tolist()) | set(rows_idx[~valid].tolist()))
     split_pos = {int(p): i for i, p in enumerate(rows_idx)} if bad_positions else {}
     for p in bad_positions:
-        if not ok_cols[p]:
-            reason = _bad_reason_count(int(counts[p]), ncols)
+        if p in early:
+            reason, raw = early[p]
+        elif not ok_cols[p]:
+            reason, raw = _bad_reason_count(int(counts[p]), ncols), quarantine_text(text[p].as_py())
         else:
             i = split_pos[p]
             values = [c[i].as_py() for c in cols]
             reason = next(r(values) for m, r in checks if not m[i].as_py())
+            raw = quarantine_text(text[p].as_py())
         out.bad_lines.append(int(block.line_no[p]))
         out.bad_reasons.append(reason)
-        out.bad_raw.append(text[p].as_py())
+        out.bad_raw.append(raw)
     return cols, pa.array(np.flatnonzero(valid)), block.line_no[rows_idx[valid]], out
 
 
@@ -299,18 +549,21 @@ def parse_transactions(block: RowBlock, *, file_id: str, chunk_seq: int) -> Pars
     def checks(cols: list[pa.Array]) -> list[Check]:
         step, customer, _age, gender, _zo, merchant, _zm, _cat, amount, fraud = cols
         return [
-            (pc.match_substring_regex(step, _NONNEG_INT), lambda v: f"step {v[0]!r} is not a non-negative integer"),
+            (
+                pc.match_substring_regex(step, _NONNEG_INT),
+                lambda v: f"step {_show(v[0])} is not a non-negative integer",
+            ),
             (pc.greater(pc.utf8_length(customer), 0), lambda v: "empty customer id"),
             (
                 pc.is_in(gender, value_set=pa.array(GENDERS)),
-                lambda v: f"unknown gender {v[3]!r} (expected M, F, E or U)",
+                lambda v: f"unknown gender {_show(v[3])} (expected M, F, E or U)",
             ),
             (pc.greater(pc.utf8_length(merchant), 0), lambda v: "empty merchant id"),
             (pc.match_substring_regex(amount, _DECIMAL_OK), lambda v: _amount_reason("amount", v[8])),
-            (pc.is_in(fraud, value_set=pa.array(["0", "1"])), lambda v: f"fraud {v[9]!r} is not 0 or 1"),
+            (pc.is_in(fraud, value_set=pa.array(["0", "1"])), lambda v: f"fraud {_show(v[9])} is not 0 or 1"),
         ]
 
-    cols, good_idx, good_lines, out = _validate(block, len(TRANSACTION_HEADER), checks)
+    cols, good_idx, good_lines, out = _validate(block, TRANSACTION_HEADER, checks)
     step, customer, age, gender, zip_ori, merchant, zip_m, category, amount, fraud = (c.take(good_idx) for c in cols)
     n_good = len(good_idx)
     out.good = pa.table(
@@ -337,9 +590,9 @@ def parse_transactions(block: RowBlock, *, file_id: str, chunk_seq: int) -> Pars
 def _amount_reason(name: str, value: str) -> str:
     if re.fullmatch(_DECIMAL, value or ""):
         if value.startswith("-"):
-            return f"negative {name} {value}"
-        return f"{name} {value!r} has more than {AMOUNT_SCALE} decimal places"
-    return f"{name} {value!r} is not a number"
+            return f"negative {name} {value if len(value) <= 60 else _show(value)}"
+        return f"{name} {_show(value)} has more than {AMOUNT_SCALE} decimal places"
+    return f"{name} {_show(value)} is not a number"
 
 
 def parse_importance(block: RowBlock) -> ParsedRows:
@@ -353,10 +606,10 @@ def parse_importance(block: RowBlock) -> ParsedRows:
             (pc.greater(pc.utf8_length(source), 0), lambda v: "empty Source (customer) id"),
             (pc.greater(pc.utf8_length(target), 0), lambda v: "empty Target (merchant) id"),
             (pc.match_substring_regex(weight, _DECIMAL_OK), lambda v: _amount_reason("Weight", v[2])),
-            (pc.is_in(fraud, value_set=pa.array(["0", "1"])), lambda v: f"fraud {v[4]!r} is not 0 or 1"),
+            (pc.is_in(fraud, value_set=pa.array(["0", "1"])), lambda v: f"fraud {_show(v[4])} is not 0 or 1"),
         ]
 
-    cols, good_idx, _lines, out = _validate(block, len(IMPORTANCE_HEADER), checks)
+    cols, good_idx, _lines, out = _validate(block, IMPORTANCE_HEADER, checks)
     source, target, weight, type_trans, fraud = (c.take(good_idx) for c in cols)
     out.good = pa.table(
         {

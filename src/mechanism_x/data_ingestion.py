@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -27,7 +26,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 
 from config.config import Settings
 from src import ledger
@@ -39,17 +37,18 @@ from src.mechanism_x.csv_parser import (
     ParsedRows,
     RowBlock,
     iter_row_blocks,
-    parse_importance,
     parse_transactions,
     read_header,
     scan_file,
 )
 from src.mechanism_x.file_monitor import FileMonitor, FileWork
+from src.mechanism_x.importance import copy_importance
 from src.mechanism_x.sources import Source, SourceFile, md5_file
 from src.schemas.transaction_schemas import QUARANTINE_SCHEMA, QUARANTINE_TABLE_COLUMNS
 from src.utils import lake_paths
-from src.utils.db import CHUNK_CHANNEL, Database, copy_csv, copy_rows
+from src.utils.db import CHUNK_CHANNEL, Database, copy_rows
 from src.utils.object_store import ObjectStore, parquet_bytes
+from src.utils.quality_report import reject_counts, write_quality_report
 from src.utils.retry import brief
 from src.utils.runtime import CONSUMER_READY_TIMEOUT, READY_FILE_ENV, drain_parser
 
@@ -115,7 +114,10 @@ class Ingestor:
             if md5_file(path, limit=c.bytes_end) != c.prefix_md5:
                 self._give_up_chunk(c, "the source file changed before the chunk could be rebuilt")
                 return
-            block = _concat_blocks(iter_row_blocks(path, c.bytes_start, c.start_line, end=c.bytes_end))
+            blocks = iter_row_blocks(
+                path, c.bytes_start, c.start_line, end=c.bytes_end, max_line_bytes=self.settings.max_line_bytes
+            )
+            block = _concat_blocks(blocks)
             parsed = parse_transactions(block, file_id=c.file_id, chunk_seq=c.chunk_seq)
             ledger.mark_chunk_written(
                 self.db, c.seq, self._write_chunk_objects(c.object_key, c.file_id, c.chunk_seq, parsed)
@@ -192,12 +194,15 @@ class Ingestor:
     def poll_once(self) -> int:
         """One pass over the source; returns how many files needed work."""
         work = self.monitor.poll()
+        rejects_before = reject_counts(self.db) if work else None
         for item in work:
             if self.stop.is_set():
                 break
             self._handle(item)
         if work:
             self._write_processing_log()
+            if reject_counts(self.db) != rejects_before:  # rows quarantined or a file failed: report it
+                write_quality_report(self.db, self.store)
         return len(work)
 
     def run(self, *, drain: bool) -> int:
@@ -366,7 +371,7 @@ class Ingestor:
         """(rows, chunk_seq) for each chunk of BATCH_SIZE data rows from byte `start`, in file order."""
         pending = RowBlock.empty()
         batch = self.settings.batch_size
-        for block in iter_row_blocks(path, start, first_line):
+        for block in iter_row_blocks(path, start, first_line, max_line_bytes=self.settings.max_line_bytes):
             pending = RowBlock.concat(pending, block)
             while len(pending) >= batch:
                 yield pending.slice(0, batch), chunk_seq
@@ -495,70 +500,61 @@ class Ingestor:
         self._last_release = time.monotonic()
 
     def _load_importance(self, f: SourceFile, path: Path, data_offset: int) -> None:
-        """Replace customer_importance with this file's rows in one transaction."""
-        scan = scan_file(path, data_offset)
-        parsed_parts = [parse_importance(b) for b in iter_row_blocks(path, data_offset, 2)]
-        good = pa.concat_tables([p.good for p in parsed_parts]) if parsed_parts else None
-        bad = [(ln, r, raw) for p in parsed_parts for ln, r, raw in zip(p.bad_lines, p.bad_reasons, p.bad_raw)]
-        buf = io.BytesIO()
-        if good is not None and good.num_rows:
-            pacsv.write_csv(good, buf, pacsv.WriteOptions(include_header=True))
-        n_good = good.num_rows if good is not None else 0
+        """Replace customer_importance with this file's rows in one transaction (streamed: see importance.py)."""
         self.monitor.start_file(f, KIND_IMPORTANCE)
 
-        def load(cur) -> None:
+        def load(cur):
             cur.execute("LOCK TABLE customer_importance IN ACCESS EXCLUSIVE MODE")
             cur.execute("TRUNCATE customer_importance")
-            if n_good:
-                buf.seek(0)  # seek again: a redo reads the payload from the start
-                copy_csv(cur, "customer_importance", ("source", "target", "weight", "type_trans", "fraud"), buf)
             cur.execute("DELETE FROM quarantine WHERE file_id = %s AND stage = 'ingest'", (f.file_id,))
-            if bad:
-                copy_rows(
-                    cur,
-                    "quarantine",
-                    QUARANTINE_TABLE_COLUMNS,
-                    ((f.file_id, ln, None, "ingest", r, raw) for ln, r, raw in bad),
-                )
+            done = copy_importance(cur, path, data_offset, f.file_id, max_line_bytes=self.settings.max_line_bytes)
+            if done.first_bad is not None:
                 self.db.log_event(
                     COMPONENT,
                     "WARNING",
                     "rows_quarantined",
-                    f"{f.name}: {len(bad)} bad importance row(s), first at line {bad[0][0]}: {bad[0][1]}",
+                    f"{f.name}: {done.rows_quarantined} bad importance row(s), first at line {done.first_bad[0]}: "
+                    f"{done.first_bad[1]}",
                     file_id=f.file_id,
-                    row_count=len(bad),
+                    row_count=done.rows_quarantined,
                     cur=cur,
                 )
             cur.execute(
                 "INSERT INTO importance_state (id, file_id, checksum, rows_loaded, version) VALUES (1, %s, %s, %s, 1) "
                 "ON CONFLICT (id) DO UPDATE SET file_id = EXCLUDED.file_id, checksum = EXCLUDED.checksum, "
                 "rows_loaded = EXCLUDED.rows_loaded, version = importance_state.version + 1, loaded_at = now()",
-                (f.file_id, scan.md5, n_good),
+                (f.file_id, done.md5, done.rows_loaded),
             )
             ledger.finish_importance_file(
                 cur,
                 f.file_id,
-                checksum=scan.md5,
-                size=scan.size,
+                checksum=done.md5,
+                size=done.size,
                 modified_time=f.modified_time,
-                good=n_good,
-                bad=len(bad),
+                good=done.rows_loaded,
+                bad=done.rows_quarantined,
             )
             self.db.log_event(
                 COMPONENT,
                 "INFO",
                 "importance_loaded",
-                f"{f.name}: {n_good} rows loaded",
+                f"{f.name}: {done.rows_loaded} rows loaded",
                 file_id=f.file_id,
-                row_count=n_good,
+                row_count=done.rows_loaded,
                 cur=cur,
             )
             cur.execute("SELECT pg_notify(%s, %s)", (CHUNK_CHANNEL, "importance"))
+            return done
 
-        if n_good:
-            buf.seek(0)
-        self.db.run(load, what=f"load importance file {f.file_id}")
-        log.info("importance file %s (%s) loaded: %d rows, %d quarantined", f.file_id, f.name, n_good, len(bad))
+        done = self.db.run(load, what=f"load importance file {f.file_id}")  # streamed again from the file on a redo
+        log.info(
+            "importance file %s (%s) loaded: %d rows, %d quarantined",
+            f.file_id,
+            f.name,
+            done.rows_loaded,
+            done.rows_quarantined,
+            extra={"event": "importance_loaded", "file_id": f.file_id},
+        )
 
     def _write_processing_log(self) -> None:
         files = self.db.query(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import os
 import signal
@@ -54,6 +53,7 @@ from src.schemas.transaction_schemas import (
 from src.utils import lake_paths
 from src.utils.db import CHUNK_CHANNEL, Database, Listener, copy_csv, copy_rows
 from src.utils.object_store import ObjectStore, parquet_bytes
+from src.utils.quality_report import write_quality_report
 from src.utils.retry import brief
 from src.utils.runtime import READY_FILE_ENV, drain_parser
 
@@ -626,30 +626,7 @@ class StreamProcessor:
             )
 
     def write_quality_report(self) -> None:
-        totals = self.db.query(
-            "SELECT count(*) FILTER (WHERE processed_at IS NOT NULL), coalesce(sum(y_rows_clean), 0), "
-            "coalesce(sum(y_rows_rejected), 0) FROM chunks"
-        )[0]
-        by_reason = self.db.query(
-            "SELECT reason, count(*) FROM quarantine WHERE stage = 'detect' GROUP BY reason ORDER BY 2 DESC"
-        )
-        recent = self.db.query(
-            "SELECT seq, file_id, chunk_seq, y_rows_clean, y_rows_rejected FROM chunks "
-            "WHERE y_rows_rejected > 0 ORDER BY seq DESC LIMIT 100"
-        )
-        doc = {
-            "updated_at": ist(datetime.now(timezone.utc)),
-            "chunks_checked": totals[0],
-            "rows_clean": int(totals[1]),
-            "rows_rejected": int(totals[2]),
-            "rejected_by_reason": {r: n for r, n in by_reason},
-            "chunks_with_problems": [
-                {"chunk_id": s, "file_id": f, "chunk_seq": c, "rows_clean": rc, "rows_rejected": rr}
-                for s, f, c, rc, rr in recent
-            ],
-        }
-        data = json.dumps(doc, indent=2).encode()
-        self.store.put_bytes(lake_paths.QUALITY_REPORT_KEY, data, overwrite=True)
+        write_quality_report(self.db, self.store)  # X's and Y's rejects, one report (src/utils/quality_report.py)
 
 
 def _quarantine_whole_chunk(cur, c: ChunkRef, why: str) -> None:
