@@ -18,8 +18,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from src.utils import lake_paths
-from src.utils.object_store import ObjectStore
 from src.utils.db import Database
+from src.utils.object_store import ObjectStore
 
 log = logging.getLogger(__name__)
 
