@@ -844,3 +844,51 @@ def test_batch_is_the_written_prefix_within_the_row_bound():
     half = MAX_BATCH_ROWS // 2
     assert seqs(ledger(("written", half), ("written", half), ("written", 1))) == [1, 2]
     assert seqs([]) == []
+
+
+def test_a_chunk_postgresql_refuses_is_failed_after_max_attempts_and_later_chunks_go_on(small_clean_run, spark):
+    """Rows PostgreSQL refuses (here: a chunk repeating row ids an earlier chunk stored, a primary-key
+    violation) fail the commit every time: the failure is pinned on that chunk, counted, and after
+    MAX_ATTEMPTS the chunk is failed and quarantined while the chunks after it are processed."""
+    from config.config import Settings
+    from src.schemas.transaction_schemas import CHUNK_ARROW_SCHEMA
+
+    run = small_clean_run
+    settings = Settings.from_env({**run.env, "MAX_ATTEMPTS": "2"}, dotenv=Path("/nonexistent"))
+    file_id = "handmade-dup"
+    with run.conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO source_files (file_id, source, name, kind, status) VALUES (%s, 'local', 'd.csv', "
+            "'transactions', 'done')",
+            (file_id,),
+        )
+    seqs = []
+    for chunk_seq, lines in enumerate(([2, 3], [2, 3], [4, 5])):  # the second repeats the first's rows
+        rows = [dict(_row(ln, file_id=file_id), chunk_seq=chunk_seq) for ln in lines]
+        key = f"raw-transactions/year=2026/month=01/day=02/{file_id}-{chunk_seq:06d}.parquet"
+        (run.lake / key).parent.mkdir(parents=True, exist_ok=True)
+        schema = pa.schema([f.with_nullable(True) for f in CHUNK_ARROW_SCHEMA])
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), run.lake / key)
+        with run.conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO chunks (file_id, chunk_seq, first_line, last_line, rows_total, rows_valid, "
+                "rows_quarantined, bytes_start, bytes_end, prefix_md5, object_key, ingest_date, status, written_at) "
+                "VALUES (%s, %s, %s, %s, 2, 2, 0, 0, 1, 'x', %s, '2026-01-02', 'written', now()) RETURNING seq",
+                (file_id, chunk_seq, lines[0], lines[-1], key),
+            )
+            seqs.append(cur.fetchone()[0])
+
+    run_y(settings, spark)
+
+    state = dict(run.rows("SELECT seq, status FROM chunks WHERE file_id = %s", (file_id,)))
+    processed = {s for (s,) in run.rows("SELECT seq FROM chunks WHERE processed_at IS NOT NULL")}
+    assert state == {seqs[0]: "written", seqs[1]: "failed", seqs[2]: "written"}
+    assert seqs[0] in processed and seqs[2] in processed and seqs[1] not in processed
+    attempts, error = run.rows("SELECT attempts, last_error FROM chunks WHERE seq = %s", (seqs[1],))[0]
+    assert attempts == 2 and "UniqueViolation" in error, error
+    stored = sorted(
+        ln for (ln,) in run.rows("SELECT source_line FROM transactions WHERE source_file_id = %s", (file_id,))
+    )
+    assert stored == [2, 3, 4, 5]
+    quarantined = run.rows("SELECT reason FROM quarantine WHERE file_id = %s AND chunk_seq = 1", (file_id,))
+    assert len(quarantined) == 1 and "rejected after 2 attempts" in quarantined[0][0]
