@@ -675,9 +675,15 @@ def test_restart_resumes_from_saved_state(small_clean_run, spark):
     settings = Settings.from_env(dict(run.env, **env), dotenv=Path("/nonexistent"))
     run_y(settings, spark)
     assert run.rows("SELECT count(*) FROM y_state") == [(1,)]
-    # More rows arrive while Y is down: C_V1 reaches 8 cheap transactions at M_V, and M_V gets 2 women, 1 man.
+    # More rows arrive while Y is down: C_V1 reaches 8 cheap transactions at M_V; M_V gets men, then its second
+    # woman, in chunk 2 of u.csv: PatId3 (1 < F < M) holds from there. The quarantined row (gender X) still takes
+    # its place in chunk 1; were chunks cut from valid rows only, C_W would land in chunk 1.
     header = "step,customer,age,gender,zipcodeOri,merchant,zipMerchant,category,amount,fraud"
     more = [txn("C_V1", "M_V", "F", "12.00", 9)] * 2 + [
+        txn("C_M1", "M_V", "M", "50.00"),
+        txn("C_M2", "M_V", "M", "50.00"),
+        txn("C_BAD", "M_V", "X", "50.00"),
+        txn("C_M3", "M_V", "M", "50.00"),
         txn("C_W", "M_V", "F", "5.00", 9),
         txn("C_X", "M_V", "M", "50.00"),
     ]
@@ -688,6 +694,10 @@ def test_restart_resumes_from_saved_state(small_clean_run, spark):
     assert_state_matches_transactions(run)
     got = assert_detections_match_replay(run, settings)
     assert ("PatId2", "C_V1", "M_V") in got
+    assert got[("PatId3", "", "M_V")].chunk == Chunk(4, "u.csv", 2)
+    assert run.rows(
+        "SELECT count(*) FROM quarantine WHERE file_id = (SELECT file_id FROM source_files WHERE name = 'u.csv')"
+    ) == [(1,)]
 
 
 KILL_ROWS = 3200
