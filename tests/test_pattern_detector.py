@@ -296,7 +296,7 @@ def _random_data(seed: int, rows: int, chunks: int) -> tuple[list[Txn], list[tup
 
 CASES = [
     # seed, batch (chunks folded per pass), PATID* settings
-    (1, 1, {"PATID1_MIN_MERCHANT_TXNS": 300, "PATID2_MIN_TXNS": 4, "PATID3_MIN_FEMALE_CUSTOMERS": 20}),
+    (1, 2, {"PATID1_MIN_MERCHANT_TXNS": 300, "PATID2_MIN_TXNS": 4, "PATID3_MIN_FEMALE_CUSTOMERS": 20}),
     (2, 3, {"PATID1_MIN_MERCHANT_TXNS": 200, "PATID2_MIN_TXNS": 3, "PATID3_MIN_FEMALE_CUSTOMERS": 30}),
     # q whose positions q * (N - 1) land a few ulps off an integer (0.7 * 90, 0.55 * 100, ...)
     (3, 6, {"PATID1_MIN_MERCHANT_TXNS": 100, "PATID1_COUNT_PERCENTILE": 0.7, "PATID1_WEIGHT_PERCENTILE": 0.55,
@@ -334,4 +334,4 @@ def test_batches_credit_the_same_first_chunk_as_the_reference(spark, pg_conn, se
     assert got == want
     # The data must exercise every pattern, and detections after a batch's first chunk prove per-cut judgement.
     assert {p for p, _, _ in want} == set(pd.ACTION_TYPES)
-    assert batch == 1 or any(k % batch for k in want.values())
+    assert any(k % batch for k in want.values())
