@@ -13,14 +13,17 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import psycopg2.errors
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from psycopg2 import sql
 
 from src.mechanism_y.detection_writer import DetectionWriter
 from src.utils.db import Database
 from src.utils.object_store import LocalObjectStore
 
+FLUSH_SECONDS = 4.0  # long enough that a loaded machine still ticks twice inside it
 COLUMNS = ["YStartTime", "detectionTime", "patternId", "ActionType", "customerName", "MerchantId"]
 ACTIONS = {"PatId1": "UPGRADE", "PatId2": "CHILD", "PatId3": "DEI-NEEDED"}
 Y_START = datetime(2026, 1, 31, 10, 0, tzinfo=timezone.utc)
@@ -28,7 +31,7 @@ Y_START = datetime(2026, 1, 31, 10, 0, tzinfo=timezone.utc)
 
 @pytest.fixture
 def env(make_settings):
-    settings = make_settings(DETECTIONS_PER_FILE="3", DETECTIONS_FLUSH_SECONDS="0.4")
+    settings = make_settings(DETECTIONS_PER_FILE="3", DETECTIONS_FLUSH_SECONDS=str(FLUSH_SECONDS))
     db = Database(settings)
     db.apply_schema()
     store = LocalObjectStore(settings.local_lake_dir)
@@ -61,16 +64,23 @@ def test_full_files_at_once_partial_after_idle_or_shutdown(env):
     writer = DetectionWriter(settings, db, store)
     now = datetime.now(timezone.utc)
     insert(db, "PatId2", [f"C{i}" for i in range(7)], now)
+    noted = time.monotonic()
     writer.note_new(7)
     writer.tick()
     written = files(lake, "PatId2")
     assert sorted(len(rows) for rows in written.values()) == [3, 3], "full files are written at once"
     writer.tick()
+    assert time.monotonic() - noted < FLUSH_SECONDS, "the machine is too slow for this test's flush window"
     assert len(files(lake, "PatId2")) == 2, "a partial file waits while detections may still come"
-    time.sleep(0.5)
-    writer.tick()
+    # Idle: the partial file is flushed once the window has passed, not before.
+    deadline = noted + FLUSH_SECONDS + 60
+    while len(files(lake, "PatId2")) == 2:
+        assert time.monotonic() < deadline, "the partial file was never flushed"
+        time.sleep(0.1)
+        writer.tick()
+    assert time.monotonic() - noted >= FLUSH_SECONDS, "flushed before the idle window ended"
     written = files(lake, "PatId2")
-    assert sorted(len(rows) for rows in written.values()) == [1, 3, 3], "idle: the partial file is flushed"
+    assert sorted(len(rows) for rows in written.values()) == [1, 3, 3]
 
     insert(db, "PatId3", [""], now, merchant="M9")
     writer.note_new(1)
@@ -138,3 +148,27 @@ def test_restart_after_assignment_or_after_write_rewrites_the_same_object(env):
     assert db.query("SELECT count(*) FROM detection_files WHERE NOT written") == [(0,)]
     names = Counter(r["customerName"] for rows in files(lake, "PatId2").values() for r in rows)
     assert names == Counter("ABCDEF")
+
+
+def test_pattern_detections_unique_key_refuses_a_second_row(env):
+    """SPEC §3: one row per (pattern, customer, merchant), whoever tries to insert it again."""
+    _, db, _ = env
+    insert(db, "PatId1", ["C1"], Y_START)
+    insert(db, "PatId1", ["C1"], Y_START, merchant="M2")  # another merchant: another detection
+    with pytest.raises(psycopg2.errors.UniqueViolation, match="pattern_detections_key"):
+        insert(db, "PatId1", ["C1"], Y_START + timedelta(hours=1))
+    assert db.query("SELECT count(*) FROM pattern_detections") == [(2,)]
+
+
+@pytest.mark.parametrize(
+    "column, index", [("merchant", "transactions_merchant_idx"), ("customer", "transactions_customer_idx")]
+)
+def test_transactions_lookups_use_their_index(env, column, index):
+    """SPEC §3: `transactions` is indexed by merchant and by customer, and a lookup can use the index."""
+    _, db, _ = env
+    with db.transaction() as cur:
+        cur.execute("SET LOCAL enable_seqscan = off")
+        query = sql.SQL("EXPLAIN SELECT * FROM transactions WHERE {} = %s").format(sql.Identifier(column))
+        cur.execute(query, ("X1",))
+        plan = "\n".join(r[0] for r in cur.fetchall())
+    assert index in plan, plan

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from config.config import Settings
 from src.utils.object_store import ObjectStore, open_lake
 from tests.fake_drive import FakeDrive
-from tests.reference import reference_detections
+from tests.reference import Chunk, expected_detections, limits_of, read_importance, read_transactions
 from tests.s3_fixtures import *  # noqa: F403
 from tests.s3_fixtures import TEST_ACCESS_KEY, TEST_SECRET_KEY, use_shared_ivy
 
@@ -46,7 +46,6 @@ THRESHOLDS = {
     "PATID2_MIN_TXNS": "40",
     "PATID3_MIN_FEMALE_CUSTOMERS": "5",
 }
-REFERENCE_THRESHOLDS = {"min_merchant_txns": 3000, "min_txns": 40, "min_female_customers": 5}
 DATE_PART = re.compile(r"year=\d{4}/month=\d{2}/day=\d{2}/")
 DRIVE_EMAIL = "ingest@tp-e2e.iam.gserviceaccount.com"
 
@@ -204,16 +203,25 @@ def local_run(pg_server, new_db, sample_dir, tmp_path_factory) -> Run:
     run = _collect(pg_server, db, _lake(env), output, seconds)
     _assert_complete(run)
     assert len(run.chunks) == ROWS // BATCH
-    # The detections are the contract's, not just the product's own opinion: each condition held after some
-    # chunk (a detection is never withdrawn, so the union over chunk boundaries).
+    # The detections are the contract's, not just the product's own opinion: the reference parses the CSVs
+    # itself and gives the first chunk after which each condition holds; the product must credit the same one.
+    settings = Settings.from_env(env, dotenv=Path("/nonexistent"))
+    chunks, txns = read_transactions([sample_dir / "transactions.csv"], settings.batch_size)
+    importance = read_importance(sample_dir / "CustomerImportance.csv")
     conn = psycopg2.connect(pg_server.dsn_for(db))
     try:
-        expected = set().union(
-            *(reference_detections(conn, upto_chunk_id=c["seq"], **REFERENCE_THRESHOLDS) for c in run.chunks)
-        )
+        expected = expected_detections(conn, chunks, txns, importance, limits_of(settings))
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT d.pattern_id, d.customer_name, d.merchant_id, f.name, c.chunk_seq, "
+                "(SELECT count(*) FROM chunks e WHERE e.seq < c.seq) FROM pattern_detections d "
+                "JOIN chunks c ON c.seq = d.chunk_id JOIN source_files f ON f.file_id = c.file_id"
+            )
+            credited = {(p, c, m): Chunk(pos, name, seq) for p, c, m, name, seq, pos in cur.fetchall()}
     finally:
         conn.close()
-    assert run.detections == expected
+    assert credited == {d: e.chunk for d, e in expected.items()}
+    assert run.detections == set(expected)
     sys.stderr.write(f"\nlocal drain: {seconds:.1f} s, {len(run.chunks)} chunks, {len(run.detections)} detections\n")
     return run
 

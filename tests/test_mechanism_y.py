@@ -1,8 +1,9 @@
 """Acceptance tests of Mechanism Y (issue 3) against real PostgreSQL, a local lake and Spark.
 
-The detections Y emits are compared with `tests.reference` (plain PostgreSQL over `transactions` and
-`customer_importance`, no running state) replayed chunk by chunk: what holds after chunk k is the
-reference over the chunks with seq <= k, a detection is expected once, at the first k where it holds.
+The detections Y emits are compared with `tests.reference`, which parses the inbox's CSV files itself,
+cuts them into chunks as the contract says and finds, in plain PostgreSQL, the first chunk after which
+each detection holds: every detection must be emitted once, credited to that chunk (its file, its
+index in the file and its position in the ledger).
 """
 
 from __future__ import annotations
@@ -33,23 +34,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import run_env
-from tests.reference import reference_detections
+from tests.reference import Chunk, expected_detections, inbox_files, limits_of, read_importance, read_transactions
 
 ROOT = Path(__file__).resolve().parent.parent
 PATTERNS = ("PatId1", "PatId2", "PatId3")
 ACTIONS = {"PatId1": "UPGRADE", "PatId2": "CHILD", "PatId3": "DEI-NEEDED"}
 DETECTION_FILE_COLUMNS = ["YStartTime", "detectionTime", "patternId", "ActionType", "customerName", "MerchantId"]
 IST_ISO = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?\+05:30$")
-
-# Thresholds as settings (SPEC §6) and as the reference's keyword arguments, kept side by side.
-_THRESHOLD_KW = {
-    "PATID1_MIN_MERCHANT_TXNS": ("min_merchant_txns", int),
-    "PATID1_COUNT_PERCENTILE": ("count_percentile", float),
-    "PATID1_WEIGHT_PERCENTILE": ("weight_percentile", float),
-    "PATID2_MAX_AVG_AMOUNT": ("max_avg_amount", float),
-    "PATID2_MIN_TXNS": ("min_txns", int),
-    "PATID3_MIN_FEMALE_CUSTOMERS": ("min_female_customers", int),
-}
 
 # Generated sample: 3,000 rows in 12 chunks; the big merchants (~1,500 and ~1,000 rows) cross T mid-stream.
 GENERATED_ENV = {
@@ -61,10 +52,6 @@ GENERATED_ENV = {
     "PATID3_MIN_FEMALE_CUSTOMERS": "5",
 }
 GENERATED_ROWS, GENERATED_SEED = 3000, 7
-
-
-def thresholds(env: dict[str, str]) -> dict:
-    return {kw: cast(env[name]) for name, (kw, cast) in _THRESHOLD_KW.items() if name in env}
 
 
 # ---------------------------------------------------------------- running the product in-process
@@ -136,16 +123,13 @@ def run_y(settings, spark) -> None:
 # ---------------------------------------------------------------- expectations
 
 
-def replay_reference(conn, thr: dict) -> dict[tuple[str, str, str], int]:
-    """{detection: first chunk seq where it holds}, replaying the reference over every processed chunk."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT seq FROM chunks WHERE processed_at IS NOT NULL ORDER BY seq")
-        seqs = [r[0] for r in cur.fetchall()]
-    first: dict[tuple[str, str, str], int] = {}
-    for k in seqs:
-        for det in reference_detections(conn, upto_chunk_id=k, **thr):
-            first.setdefault(det, k)
-    return first
+def expected_from_sources(run: Run, settings=None) -> dict:
+    """{detection: Expected(first chunk, holds at end)} computed by the reference from the inbox's CSVs."""
+    settings = settings or run.settings
+    files, importance = inbox_files(run.inbox)
+    chunks, txns = read_transactions(files, settings.batch_size)
+    assert len(chunks) == run.rows("SELECT count(*) FROM chunks")[0][0], "the ledger has other chunks than the CSVs"
+    return expected_detections(run.conn, chunks, txns, read_importance(importance), limits_of(settings))
 
 
 def emitted(run: Run) -> dict[tuple[str, str, str], int]:
@@ -155,14 +139,27 @@ def emitted(run: Run) -> dict[tuple[str, str, str], int]:
     return out
 
 
-def assert_detections_match_replay(run: Run, thr: dict) -> dict[tuple[str, str, str], int]:
-    expected = replay_reference(run.conn, thr)
-    got = emitted(run)
+def emitted_chunks(run: Run) -> dict[tuple[str, str, str], Chunk]:
+    """Each detection's chunk as the product recorded it: ledger position (rank of its seq), file name, index."""
+    rows = run.rows(
+        "SELECT d.pattern_id, d.customer_name, d.merchant_id, f.name, c.chunk_seq, "
+        "(SELECT count(*) FROM chunks e WHERE e.seq < c.seq) "
+        "FROM pattern_detections d JOIN chunks c ON c.seq = d.chunk_id JOIN source_files f ON f.file_id = c.file_id"
+    )
+    out = {(p, c, m): Chunk(position, name, seq) for p, c, m, name, seq, position in rows}
+    assert len(out) == len(rows)
+    return out
+
+
+def assert_detections_match_replay(run: Run, settings=None) -> dict:
+    """The product's detections are the reference's, each credited to the same chunk; returns the reference's."""
+    expected = expected_from_sources(run, settings)
+    got = emitted_chunks(run)
     for pattern in PATTERNS:
         exp_p = {d for d in expected if d[0] == pattern}
         got_p = {d for d in got if d[0] == pattern}
         assert got_p == exp_p, f"{pattern}: missing {sorted(exp_p - got_p)}, unexpected {sorted(got_p - exp_p)}"
-    wrong_chunk = {d: (got[d], expected[d]) for d in got if got[d] != expected[d]}
+    wrong_chunk = {d: (got[d], expected[d].chunk) for d in got if got[d] != expected[d].chunk}
     assert not wrong_chunk, f"detections emitted at the wrong chunk (got, first chunk where it holds): {wrong_chunk}"
     actions = run.rows("SELECT DISTINCT pattern_id, action_type FROM pattern_detections")
     assert all(ACTIONS[p] == a for p, a in actions), actions
@@ -330,7 +327,7 @@ def test_generated_detections_match_reference_replay(generated_run):
     run = generated_run
     n_chunks = run.rows("SELECT count(*), count(processed_at) FROM chunks")[0]
     assert n_chunks[0] == n_chunks[1] >= 10, n_chunks
-    expected = assert_detections_match_replay(run, thresholds(GENERATED_ENV))
+    expected = {d: e.chunk.position for d, e in assert_detections_match_replay(run).items()}
     # The scenario is only worth its name if every pattern fires, and not all at the first chunk.
     for pattern in PATTERNS:
         chunks = {k for d, k in expected.items() if d[0] == pattern}
@@ -344,8 +341,7 @@ def test_generated_detections_match_reference_replay(generated_run):
 
 def test_handcrafted_detections_match_reference_replay(handcrafted_run):
     run = handcrafted_run
-    thr = thresholds(HAND_ENV)
-    expected = assert_detections_match_replay(run, thr)
+    expected = assert_detections_match_replay(run)
     got = emitted(run)
 
     def chunk_of(customer: str, merchant: str, nth: int) -> int:
@@ -372,14 +368,14 @@ def test_handcrafted_detections_match_reference_replay(handcrafted_run):
     patid2 = {d: k for d, k in got.items() if d[0] == "PatId2"}
     assert set(patid2) == {("PatId2", "C_CHILD", "M_K"), ("PatId2", "C_E2", "M_K")}
     assert patid2[("PatId2", "C_CHILD", "M_K")] == chunk_of("C_CHILD", "M_K", 3)
-    final = reference_detections(run.conn, **thr)
-    assert ("PatId2", "C_CHILD", "M_K") not in final
+    assert not expected[("PatId2", "C_CHILD", "M_K")].holds_at_end
 
     # PatId3: M_F crosses F > 2 with FF3 and stops holding when F reaches M; M_G (F = M) and M_H (F = 2) never.
     patid3 = {d: k for d, k in got.items() if d[0] == "PatId3"}
     assert patid3 == {("PatId3", "", "M_F"): chunk_of("FF3", "M_F", 1)}
-    assert ("PatId3", "", "M_F") not in final
-    assert expected[("PatId3", "", "M_F")] == patid3[("PatId3", "", "M_F")]
+    assert not expected[("PatId3", "", "M_F")].holds_at_end
+    # FF3, the third woman at M_F, is in the third chunk of the second file: the ledger order runs across files.
+    assert expected[("PatId3", "", "M_F")].chunk == Chunk(12, "a_transactions.csv", 2)
 
     # The chunks were cut from two files and processed in the ledger's global order.
     files = run.rows("SELECT DISTINCT file_id FROM chunks")
@@ -670,7 +666,6 @@ def test_unreadable_chunk_is_failed_and_quarantined_while_its_batch_goes_on(smal
 def test_restart_resumes_from_saved_state(small_clean_run, spark):
     """A second Y (a restart) loads the state the first one committed and carries on from it."""
     run = small_clean_run
-    thr = {"min_merchant_txns": 50_000, "min_txns": 4, "max_avg_amount": 23, "min_female_customers": 1}
     env = {
         "PATID2_MIN_TXNS": "4",
         "PATID3_MIN_FEMALE_CUSTOMERS": "1",
@@ -680,9 +675,15 @@ def test_restart_resumes_from_saved_state(small_clean_run, spark):
     settings = Settings.from_env(dict(run.env, **env), dotenv=Path("/nonexistent"))
     run_y(settings, spark)
     assert run.rows("SELECT count(*) FROM y_state") == [(1,)]
-    # More rows arrive while Y is down: C_V1 reaches 8 cheap transactions at M_V, and M_V gets 2 women, 1 man.
+    # More rows arrive while Y is down: C_V1 reaches 8 cheap transactions at M_V; M_V gets men, then its second
+    # woman, in chunk 2 of u.csv: PatId3 (1 < F < M) holds from there. The quarantined row (gender X) still takes
+    # its place in chunk 1; were chunks cut from valid rows only, C_W would land in chunk 1.
     header = "step,customer,age,gender,zipcodeOri,merchant,zipMerchant,category,amount,fraud"
     more = [txn("C_V1", "M_V", "F", "12.00", 9)] * 2 + [
+        txn("C_M1", "M_V", "M", "50.00"),
+        txn("C_M2", "M_V", "M", "50.00"),
+        txn("C_BAD", "M_V", "X", "50.00"),
+        txn("C_M3", "M_V", "M", "50.00"),
         txn("C_W", "M_V", "F", "5.00", 9),
         txn("C_X", "M_V", "M", "50.00"),
     ]
@@ -691,8 +692,12 @@ def test_restart_resumes_from_saved_state(small_clean_run, spark):
     run_y(settings, spark)
     assert run.rows("SELECT count(*) FROM chunks WHERE processed_at IS NULL") == [(0,)]
     assert_state_matches_transactions(run)
-    got = assert_detections_match_replay(run, thr)
+    got = assert_detections_match_replay(run, settings)
     assert ("PatId2", "C_V1", "M_V") in got
+    assert got[("PatId3", "", "M_V")].chunk == Chunk(4, "u.csv", 2)
+    assert run.rows(
+        "SELECT count(*) FROM quarantine WHERE file_id = (SELECT file_id FROM source_files WHERE name = 'u.csv')"
+    ) == [(1,)]
 
 
 KILL_ROWS = 3200
@@ -769,7 +774,7 @@ def test_sigkill_y_mid_run_then_restart(make_settings, product_env, pg_conn, tmp
 
     run = Run(settings, env, pg_conn, settings.local_inbox_dir, settings.local_lake_dir)
     assert _processed(pg_conn) == total
-    assert_detections_match_replay(run, thresholds(KILL_ENV))
+    assert_detections_match_replay(run)
     assert_state_matches_transactions(run)
     (txns, distinct_ids), (valid,) = (
         run.rows("SELECT count(*), count(DISTINCT (source_file_id, source_line)) FROM transactions")[0],

@@ -5,21 +5,26 @@ need n(c,m), the amount sum and whether c ever paid m as gender F or M, so chunk
 with `fold_batch` (one or several chunks at once, each keeping its own boundary) and the whole history is
 never re-read. Nothing here reads, writes, collects or talks to a database: the caller owns I/O and
 decides what is new.
+
+Reading guide: `_DETECT_SQL` names the contract's quantities as columns (n, a, w, T, F, M, P_n, P_w) in
+CTEs that say where each is computed, and its `conditions` CTE holds one boolean column per pattern,
+written like §4's table. Every statement is one `spark.sql` call: frames are passed as DataFrame
+arguments (`{versions}`), thresholds as named parameters (`:min_t`), never pasted into the text.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from pyspark.sql import functions as F
-
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from pyspark.sql import DataFrame
 
 PATID1, PATID2, PATID3 = "PatId1", "PatId2", "PatId3"
 ACTION_TYPES = {PATID1: "UPGRADE", PATID2: "CHILD", PATID3: "DEI-NEEDED"}
-DETECTION_COLUMNS = ("pattern_id", "action_type", "customer_name", "merchant_id")
 
 # Floating-point noise allowance when comparing with a percentile. Both Spark and PostgreSQL place the
 # percentile at position q * (N - 1) computed in doubles; for some q (0.7, 0.55, ...; never 0.9 or 0.1 below
@@ -29,93 +34,48 @@ DETECTION_COLUMNS = ("pattern_id", "action_type", "customer_name", "merchant_id"
 PERCENTILE_REL_TOL = 1e-13
 
 
-def thresholds_from_settings(settings: Any) -> dict[str, Any]:
-    """The keyword arguments of `detect_all` taken from `config.config.Settings`."""
-    return {
-        "min_merchant_txns": settings.patid1_min_merchant_txns,
-        "count_percentile": settings.patid1_count_percentile,
-        "weight_percentile": settings.patid1_weight_percentile,
-        "max_avg_amount": settings.patid2_max_avg_amount,
-        "min_txns": settings.patid2_min_txns,
-        "min_female_customers": settings.patid3_min_female_customers,
-    }
+@dataclass(frozen=True)
+class Thresholds:
+    """The numbers of SPEC §4's table. Their defaults live in `config.config.Settings` alone."""
 
+    min_merchant_txns: int  # PatId1: T(m) > this
+    count_percentile: float  # PatId1: n(c,m) >= P_q(n over m)
+    weight_percentile: float  # PatId1: w(c,m) <= P_q(w over m)
+    max_avg_amount: Decimal  # PatId2: a(c,m) < this (compared exactly, in decimal)
+    min_txns: int  # PatId2: n(c,m) >= this
+    min_female_customers: int  # PatId3: F(m) > this
 
-# Each transform is one Spark SQL statement over its input DataFrames (`spark.sql(query, state=df)`): the
-# plan is parsed and analysed once, where a chain of DataFrame calls re-analyses the growing plan at every
-# step. Per chunk that is the difference between ~50 ms and ~300 ms of planning. Thresholds are bound as
-# literals through `_lit`, never pasted from untrusted text.
+    def __post_init__(self) -> None:
+        for name in ("count_percentile", "weight_percentile"):
+            q = getattr(self, name)
+            if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q <= 1:
+                raise ValueError(f"Thresholds.{name} must be a number in [0, 1], got {q!r}")
+        if not isinstance(self.max_avg_amount, Decimal):
+            raise TypeError(f"Thresholds.max_avg_amount must be a Decimal, got {self.max_avg_amount!r}")
 
-# w(c,m) as a double via a 20-decimal exact quotient: dividing doubles would give two customers with the
-# same mean (0.90/3 and 0.30/1) values one ulp apart, and a tie at the percentile would then split.
-_MEAN_WEIGHT = "CAST(CAST(w.weight_sum AS DECIMAL(20,2)) / CAST(w.weight_count AS DECIMAL(20,0)) AS DOUBLE)"
+    @classmethod
+    def from_settings(cls, settings: Any) -> Thresholds:
+        """The thresholds of `config.config.Settings` (SPEC §6), the amount limit as an exact decimal."""
+        return cls(
+            min_merchant_txns=settings.patid1_min_merchant_txns,
+            count_percentile=settings.patid1_count_percentile,
+            weight_percentile=settings.patid1_weight_percentile,
+            max_avg_amount=Decimal(str(settings.patid2_max_avg_amount)),
+            min_txns=settings.patid2_min_txns,
+            min_female_customers=settings.patid3_min_female_customers,
+        )
 
-_PATID1_WHERE = "n >= p_n - {tol} * abs(p_n) AND w <= p_w + {tol} * abs(p_w)"
-_PATID2_WHERE = "n >= {min_n} AND amount_sum < {max_avg} * CAST(n AS DECIMAL(20,0))"
-_PATID3_WHERE = "f < m AND f > {min_f}"
-
-
-def _lit(value: Any) -> str:
-    """A numeric threshold as a SQL literal (decimals stay exact)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
-        raise TypeError(f"threshold {value!r} is not a number")
-    if isinstance(value, int):
-        return str(value)
-    return f"CAST('{Decimal(str(value))}' AS DECIMAL(38,18))" if isinstance(value, Decimal) else repr(float(value))
-
-
-def _sql(df: DataFrame, query: str, **frames: DataFrame) -> DataFrame:
-    return df.sparkSession.sql(query, **frames)
-
-
-def _params(**kw: Any) -> dict[str, str]:
-    return {k: _lit(v) for k, v in kw.items()}
-
-
-def _one_pattern(found: DataFrame, pattern_id: str) -> DataFrame:
-    return found.where(F.col("pattern_id") == pattern_id).select("customer_name", "merchant_id")
-
-
-def patid1_upgrade(
-    state: DataFrame,
-    weights: DataFrame,
-    *,
-    min_merchant_txns: int = 50_000,
-    count_percentile: float = 0.9,
-    weight_percentile: float = 0.1,
-) -> DataFrame:
-    """PatId1: at merchants with T(m) > min, customers in the top decile by count and bottom decile by weight.
-
-    Percentiles are Spark's exact, linearly interpolated `percentile` over a window partitioned by merchant
-    (and cut); a customer without an importance row has a null w, which the weight percentile ignores and
-    which never satisfies `w <= P`.
-    """
-    found = detect_all(
-        state,
-        weights,
-        min_merchant_txns=min_merchant_txns,
-        count_percentile=count_percentile,
-        weight_percentile=weight_percentile,
-    )
-    return _one_pattern(found, PATID1)
-
-
-def patid2_child(state: DataFrame, *, max_avg_amount: float = 23, min_txns: int = 80) -> DataFrame:
-    """PatId2: mean amount below the limit with at least `min_txns` transactions, compared exactly in decimal."""
-    found = detect_all(state, _no_weights(state), max_avg_amount=max_avg_amount, min_txns=min_txns)
-    return _one_pattern(found, PATID2)
-
-
-def patid3_dei_needed(state: DataFrame, *, min_female_customers: int = 100) -> DataFrame:
-    """PatId3: merchants with more than `min_female_customers` female customers, yet fewer female than male."""
-    found = detect_all(state, _no_weights(state), min_female_customers=min_female_customers)
-    return _one_pattern(found, PATID3)
-
-
-def _no_weights(state: DataFrame) -> DataFrame:
-    from src.schemas.transaction_schemas import weights_spark_schema
-
-    return state.sparkSession.createDataFrame([], schema=weights_spark_schema())
+    def sql_args(self) -> dict[str, Any]:
+        """The named parameters of `_DETECT_SQL`."""
+        return {
+            "min_t": int(self.min_merchant_txns),
+            "q_n": float(self.count_percentile),
+            "q_w": float(self.weight_percentile),
+            "tol": PERCENTILE_REL_TOL,
+            "max_avg": self.max_avg_amount,
+            "min_n": int(self.min_txns),
+            "min_f": int(self.min_female_customers),
+        }
 
 
 # A batch of K chunks (cuts 0..K-1, in ledger order) is folded and judged as if the chunks had come one
@@ -133,20 +93,14 @@ def _no_weights(state: DataFrame) -> DataFrame:
 # checkpoint then records its partitioning under ids its output does not have (so it is lost).
 _VERSIONS_SQL = """
 SELECT merchant, customer, cut,
-       lead(cut, 1, {k}) OVER (PARTITION BY merchant, customer ORDER BY cut) AS cut_to,
+       lead(cut, 1, :k) OVER pair_in_order AS cut_to,
        n AS dn,
-       sum(n) OVER (PARTITION BY merchant, customer ORDER BY cut
-                    ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS n,
-       CAST(sum(amount_sum) OVER (PARTITION BY merchant, customer ORDER BY cut
-                    ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS DECIMAL(38,2)) AS amount_sum,
-       bool_or(has_f) OVER (PARTITION BY merchant, customer ORDER BY cut
-                    ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS has_f,
-       bool_or(has_m) OVER (PARTITION BY merchant, customer ORDER BY cut
-                    ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS has_m,
-       coalesce(bool_or(has_f) OVER (PARTITION BY merchant, customer ORDER BY cut
-                    ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), false) AS had_f,
-       coalesce(bool_or(has_m) OVER (PARTITION BY merchant, customer ORDER BY cut
-                    ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), false) AS had_m
+       sum(n) OVER pair_so_far AS n,
+       CAST(sum(amount_sum) OVER pair_so_far AS DECIMAL(38,2)) AS amount_sum,
+       bool_or(has_f) OVER pair_so_far AS has_f,
+       bool_or(has_m) OVER pair_so_far AS has_m,
+       coalesce(bool_or(has_f) OVER pair_before, false) AS had_f,
+       coalesce(bool_or(has_m) OVER pair_before, false) AS had_m
 FROM (
   SELECT cut, merchant, customer, sum(n) AS n, CAST(sum(amount_sum) AS DECIMAL(38,2)) AS amount_sum,
          bool_or(has_f) AS has_f, bool_or(has_m) AS has_m
@@ -158,79 +112,85 @@ FROM (
     ) DISTRIBUTE BY merchant
   ) GROUP BY cut, merchant, customer
 )
+WINDOW pair_in_order AS (PARTITION BY merchant, customer ORDER BY cut),
+       pair_so_far AS (PARTITION BY merchant, customer ORDER BY cut
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW),
+       pair_before AS (PARTITION BY merchant, customer ORDER BY cut
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
 """
 
-# One pass over the versions, without a shuffle: windows by merchant give T at the end of the batch and
-# F, M at each step of the merchant; busy merchants' versions are expanded to the cuts they are valid at
-# (j); the weights join is co-partitioned; a window by (merchant, j) gives T and the percentiles at j.
-# Each row then yields the hits it proves: PatId1 at j, PatId2 for its own version, PatId3 once per
-# merchant step (on the step's last row in (cut, customer) order, where the running F and M count the
-# whole step and the next row's cut is the step's end); `j <= greatest(cut, 0)` picks one copy of an
-# expanded row. The merchant windows share one ordering, so they cost one sort; their frames grow from
-# the partition start (Spark re-aggregates a frame that ends at UNBOUNDED FOLLOWING for every row).
-_BATCH_DETECT_SQL = f"""
-WITH marked AS (
+# One pass over the versions, without a shuffle (the versions are read once: a checkpoint referenced
+# twice loses its partitioning). A version row is a pair (c, m) with its cumulative n(c,m) from `cut`
+# until `cut_to`.
+#   F_M    windows by merchant in (cut, customer) order: F(m), M(m) after each row (a step's last row,
+#          `last_of_step`, holds the step's F and M), and T_end, T(m) after the batch.
+#   at_cut j, the cuts a row is judged at: every cut it is valid at for a merchant with T_end > min
+#          (PatId1 judges whole merchants per cut), else once (j = -1).
+#   a_w    a(c,m), exact in decimal (sum has 2 decimals and n < 10^18, so 20 decimals decide `a < x`);
+#          w(c,m) through a co-partitioned join, a 20-decimal exact quotient (0.90/3 and 0.30/1 must tie).
+#   T_P    windows by (merchant, j): T(m), P_n = P_q(n over m), P_w = P_q(w over m) at cut j.
+#   conditions  SPEC §4's table, one column per pattern.
+# Each row then yields the hits it proves: PatId1 at j, PatId2 and PatId3 at the row's own cut
+# (`j <= greatest(cut, 0)` picks one copy of an expanded row); conditions already holding on the base
+# state count at cut 0. The merchant windows share one ordering, so they cost one sort; their frames grow
+# from the partition start (Spark re-aggregates a frame that ends at UNBOUNDED FOLLOWING for every row).
+_DETECT_SQL = """
+WITH F_M AS (
   SELECT merchant, customer, cut, cut_to, n, amount_sum,
-         sum(CASE WHEN cut_to = {{k}} THEN n ELSE 0 END) OVER (PARTITION BY merchant ORDER BY cut, customer
-             ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING) AS t_end,
-         sum(CASE WHEN has_f AND NOT had_f THEN 1 ELSE 0 END) OVER (PARTITION BY merchant ORDER BY cut, customer
-             ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS f,
-         sum(CASE WHEN has_m AND NOT had_m THEN 1 ELSE 0 END) OVER (PARTITION BY merchant ORDER BY cut, customer
-             ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS m,
-         lead(cut, 1) OVER (PARTITION BY merchant ORDER BY cut, customer) AS next_cut
-  FROM {{versions}}
+         sum(CASE WHEN cut_to = :k THEN n ELSE 0 END) OVER merchant_whole AS T_end,
+         sum(CASE WHEN has_f AND NOT had_f THEN 1 ELSE 0 END) OVER merchant_so_far AS F,
+         sum(CASE WHEN has_m AND NOT had_m THEN 1 ELSE 0 END) OVER merchant_so_far AS M,
+         coalesce(lead(cut, 1) OVER merchant_in_order, :k) > greatest(cut, 0) AS last_of_step
+  FROM {versions}
+  WINDOW merchant_in_order AS (PARTITION BY merchant ORDER BY cut, customer),
+         merchant_so_far AS (PARTITION BY merchant ORDER BY cut, customer
+                             ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW),
+         merchant_whole AS (PARTITION BY merchant ORDER BY cut, customer
+                            ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
 ),
-expanded AS (
-  SELECT *, explode(CASE WHEN t_end > {{min_t}} THEN sequence(greatest(cut, 0), cut_to - 1) ELSE array(-1) END) AS j
-  FROM marked WHERE cut_to > 0
+at_cut AS (
+  SELECT *, explode(CASE WHEN T_end > :min_t THEN sequence(greatest(cut, 0), cut_to - 1) ELSE array(-1) END) AS j
+  FROM F_M WHERE cut_to > 0
 ),
-pairs AS (
-  SELECT /*+ MERGE(w) */ v.*, {_MEAN_WEIGHT} AS w
-  FROM expanded v LEFT JOIN {{weights}} w ON w.merchant = v.merchant AND w.customer = v.customer
+a_w AS (
+  SELECT /*+ MERGE(importance) */ v.*,
+         CAST(v.amount_sum AS DECIMAL(20,2)) / CAST(v.n AS DECIMAL(20,0)) AS a,
+         CAST(CAST(importance.weight_sum AS DECIMAL(20,2)) / CAST(importance.weight_count AS DECIMAL(20,0))
+              AS DOUBLE) AS w
+  FROM at_cut v LEFT JOIN {weights} importance
+    ON importance.merchant = v.merchant AND importance.customer = v.customer
 ),
-scored AS (
+T_P AS (
   SELECT *,
-         sum(CASE WHEN j >= 0 THEN n END) OVER (PARTITION BY merchant, j) AS t,
-         percentile(CASE WHEN j >= 0 THEN CAST(n AS DOUBLE) END, {{q_n}}) OVER (PARTITION BY merchant, j) AS p_n,
-         percentile(CASE WHEN j >= 0 THEN w END, {{q_w}}) OVER (PARTITION BY merchant, j) AS p_w
-  FROM pairs
+         sum(CASE WHEN j >= 0 THEN n END) OVER merchant_at_j AS T,
+         percentile(CASE WHEN j >= 0 THEN CAST(n AS DOUBLE) END, :q_n) OVER merchant_at_j AS P_n,
+         percentile(CASE WHEN j >= 0 THEN w END, :q_w) OVER merchant_at_j AS P_w
+  FROM a_w
+  WINDOW merchant_at_j AS (PARTITION BY merchant, j)
+),
+conditions AS (
+  SELECT merchant, customer, cut, j, last_of_step,
+         T > :min_t AND n >= P_n - :tol * abs(P_n) AND w <= P_w + :tol * abs(P_w) AS PatId1,
+         a < :max_avg AND n >= :min_n AS PatId2,
+         F < M AND F > :min_f AS PatId3
+  FROM T_P
 ),
 hits AS (
   SELECT merchant, explode(filter(array(
-           named_struct('p', '{PATID1}', 'c', customer, 'cut', j,
-                        'ok', j >= 0 AND t > {{min_t}} AND {_PATID1_WHERE}),
-           named_struct('p', '{PATID2}', 'c', customer, 'cut', greatest(cut, 0),
-                        'ok', j <= greatest(cut, 0) AND {_PATID2_WHERE}),
-           named_struct('p', '{PATID3}', 'c', '', 'cut', greatest(cut, 0),
-                        'ok', j <= greatest(cut, 0) AND coalesce(next_cut, {{k}}) > greatest(cut, 0)
-                              AND {_PATID3_WHERE})
+           named_struct('p', 'PatId1', 'c', customer, 'cut', j, 'ok', j >= 0 AND PatId1),
+           named_struct('p', 'PatId2', 'c', customer, 'cut', greatest(cut, 0), 'ok',
+                        j <= greatest(cut, 0) AND PatId2),
+           named_struct('p', 'PatId3', 'c', '', 'cut', greatest(cut, 0), 'ok',
+                        j <= greatest(cut, 0) AND last_of_step AND PatId3)
          ), x -> x.ok)) AS h
-  FROM scored
+  FROM conditions
 )
 SELECT h.p AS pattern_id, h.c AS customer_name, merchant AS merchant_id, h.cut AS cut FROM hits
 """
 
-_LATEST_SQL = "SELECT merchant, customer, n, amount_sum, has_f, has_m FROM {versions} WHERE cut_to = {k}"
+_LATEST_SQL = "SELECT merchant, customer, n, amount_sum, has_f, has_m FROM {versions} WHERE cut_to = :k"
 
-
-def _thresholds(
-    *,
-    min_merchant_txns: int = 50_000,
-    count_percentile: float = 0.9,
-    weight_percentile: float = 0.1,
-    max_avg_amount: float = 23,
-    min_txns: int = 80,
-    min_female_customers: int = 100,
-) -> dict[str, str]:
-    return _params(
-        min_t=min_merchant_txns,
-        q_n=float(count_percentile),
-        q_w=float(weight_percentile),
-        tol=PERCENTILE_REL_TOL,
-        min_n=min_txns,
-        max_avg=Decimal(str(max_avg_amount)),
-        min_f=min_female_customers,
-    )
+_BY_MERCHANT_SQL = "SELECT * FROM {frame} DISTRIBUTE BY merchant SORT BY merchant, customer"
 
 
 def fold_batch(state: DataFrame, rows: DataFrame, cuts: int) -> DataFrame:
@@ -242,47 +202,33 @@ def fold_batch(state: DataFrame, rows: DataFrame, cuts: int) -> DataFrame:
     """
     if cuts < 1:
         raise ValueError(f"a batch has at least one cut, got {cuts}")
-    return _sql(state, _VERSIONS_SQL.format(rows="{rows}", state="{state}", k=_lit(cuts)), state=state, rows=rows)
+    return state.sparkSession.sql(_VERSIONS_SQL, args={"k": int(cuts)}, state=state, rows=rows)
 
 
 def latest_state(versions: DataFrame, cuts: int) -> DataFrame:
     """The state after the last cut of the batch (one row per pair, `state_spark_schema` columns)."""
-    return _sql(versions, _LATEST_SQL.format(versions="{versions}", k=_lit(cuts)), versions=versions)
+    return versions.sparkSession.sql(_LATEST_SQL, args={"k": int(cuts)}, versions=versions)
 
 
-def detect_batch(versions: DataFrame, weights: DataFrame, cuts: int, **thresholds: Any) -> DataFrame:
+def detect_batch(versions: DataFrame, weights: DataFrame, cuts: int, thresholds: Thresholds) -> DataFrame:
     """Every (pattern, customer, merchant, cut) where a condition holds at a cut at which it may have changed.
 
-    Columns: pattern_id, customer_name, merchant_id, cut. A key's first detection is its smallest cut
-    (`first_hits`); conditions already holding on the base state are reported at cut 0. Which detections
-    are new is the caller's decision.
+    `weights` are (customer, merchant, weight_sum, weight_count), partitioned by `by_merchant` so the join
+    needs no shuffle. Columns: pattern_id, customer_name, merchant_id, cut. A key's first detection is its
+    smallest cut (`first_hits`); conditions already holding on the base state are reported at cut 0. Which
+    detections are new is the caller's decision.
     """
-    p = _thresholds(**thresholds)
-    query = _BATCH_DETECT_SQL.format(**p, k=_lit(cuts), versions="{versions}", weights="{weights}")
-    return _sql(versions, query, versions=versions, weights=weights)
-
-
-def detect_all(state: DataFrame, weights: DataFrame, **thresholds: Any) -> DataFrame:
-    """Every (pattern, customer, merchant) whose condition holds on this state; deciding what is new is the caller's.
-
-    The same statement as a batch, with no new rows and one cut: the state is judged as it stands.
-    """
-    from src.schemas.transaction_schemas import batch_rows_spark_schema
-
-    spark = state.sparkSession
-    no_rows = spark.createDataFrame([], schema=batch_rows_spark_schema())
-    found = detect_batch(fold_batch(state, no_rows, 1), weights, 1, **thresholds)
-    action = F.create_map(*[F.lit(x) for pair in ACTION_TYPES.items() for x in pair])[F.col("pattern_id")]
-    return found.select("pattern_id", action.alias("action_type"), "customer_name", "merchant_id")
+    args = {**thresholds.sql_args(), "k": int(cuts)}
+    return versions.sparkSession.sql(_DETECT_SQL, args=args, versions=versions, weights=weights)
 
 
 def by_merchant(df: DataFrame) -> DataFrame:
     """`df` hash-partitioned by merchant, as the fold leaves the versions: checkpoint the weights through this
     so that joining them to the versions needs no shuffle."""
-    return _sql(df, "SELECT * FROM {frame} DISTRIBUTE BY merchant SORT BY merchant, customer", frame=df)
+    return df.sparkSession.sql(_BY_MERCHANT_SQL, frame=df)
 
 
-def first_hits(found: Any) -> dict[tuple[str, str, str], int]:
+def first_hits(found: Iterable[Any]) -> dict[tuple[str, str, str], int]:
     """Collected `detect_batch` rows -> {(pattern_id, customer_name, merchant_id): first cut}."""
     first: dict[tuple[str, str, str], int] = {}
     for row in found:

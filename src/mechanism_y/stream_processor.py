@@ -91,7 +91,7 @@ class StreamProcessor:
         self.stop = stop
         self.drain_requested = threading.Event()
         self.y_start = datetime.now(timezone.utc)
-        self.thresholds = patterns.thresholds_from_settings(settings)
+        self.thresholds = patterns.Thresholds.from_settings(settings)
         self.writer = DetectionWriter(settings, db, store)
         self.state = None
         self._versions = None  # the checkpoint the state is a view of, released once the next one exists
@@ -358,7 +358,7 @@ class StreamProcessor:
             for _ in range(WARM_UP_ROUNDS):
                 rows = self._read([path.as_uri()], [path.name])
                 versions = patterns.fold_batch(state, self._fold_input(rows), 1).localCheckpoint(eager=True)
-                patterns.detect_batch(versions, weights, 1, **self.thresholds).collect()
+                patterns.detect_batch(versions, weights, 1, self.thresholds).collect()
                 if previous is not None:
                     previous.unpersist()
                 previous, state = versions, patterns.latest_state(versions, 1)
@@ -418,7 +418,7 @@ class StreamProcessor:
         # history, and it keeps the merchant partitioning, so the detection reads it without a shuffle.
         versions = patterns.fold_batch(self.state, self._fold_input(clean), k).localCheckpoint(eager=True)
         t_fold = time.perf_counter()
-        found = patterns.first_hits(patterns.detect_batch(versions, self.weights, k, **self.thresholds).collect())
+        found = patterns.first_hits(patterns.detect_batch(versions, self.weights, k, self.thresholds).collect())
         t_spark = time.perf_counter()
         new = sorted((cut, key) for key, cut in found.items() if key not in self.emitted)
 
