@@ -210,3 +210,14 @@ def expected_detections(
         found = {(p, c, m): Expected(chunks[k], end) for p, c, m, k, end in cur.fetchall()}
         cur.execute("DROP TABLE ref_transactions, ref_importance")
     return found
+
+
+def credited_chunks(conn: Any) -> dict[tuple[str, str, str], Chunk]:
+    """What the product credited each of its detections to, in the reference's terms (read from its ledger)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT d.pattern_id, d.customer_name, d.merchant_id, f.name, c.chunk_seq, "
+            "(SELECT count(*) FROM chunks e WHERE e.seq < c.seq) FROM pattern_detections d "
+            "JOIN chunks c ON c.seq = d.chunk_id JOIN source_files f ON f.file_id = c.file_id"
+        )
+        return {(p, c, m): Chunk(pos, name, seq) for p, c, m, name, seq, pos in cur.fetchall()}

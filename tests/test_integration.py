@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from config.config import Settings
 from src.utils.object_store import ObjectStore, open_lake
 from tests.fake_drive import FakeDrive
-from tests.reference import Chunk, expected_detections, limits_of, read_importance, read_transactions
+from tests.reference import credited_chunks, expected_detections, limits_of, read_importance, read_transactions
 from tests.s3_fixtures import *  # noqa: F403
 from tests.s3_fixtures import TEST_ACCESS_KEY, TEST_SECRET_KEY, use_shared_ivy
 
@@ -211,13 +211,7 @@ def local_run(pg_server, new_db, sample_dir, tmp_path_factory) -> Run:
     conn = psycopg2.connect(pg_server.dsn_for(db))
     try:
         expected = expected_detections(conn, chunks, txns, importance, limits_of(settings))
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT d.pattern_id, d.customer_name, d.merchant_id, f.name, c.chunk_seq, "
-                "(SELECT count(*) FROM chunks e WHERE e.seq < c.seq) FROM pattern_detections d "
-                "JOIN chunks c ON c.seq = d.chunk_id JOIN source_files f ON f.file_id = c.file_id"
-            )
-            credited = {(p, c, m): Chunk(pos, name, seq) for p, c, m, name, seq, pos in cur.fetchall()}
+        credited = credited_chunks(conn)
     finally:
         conn.close()
     assert credited == {d: e.chunk for d, e in expected.items()}

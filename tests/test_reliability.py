@@ -15,12 +15,11 @@ import psycopg2
 import pytest
 
 from tests.pg_cluster import PgCluster, pg_bindir
-from tests.reference import reference_detections
+from tests.reference import credited_chunks, expected_detections, limits_of, read_importance, read_transactions
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS, SEED, BATCH = 60_000, 11, 5_000
 THRESHOLDS = {"PATID1_MIN_MERCHANT_TXNS": "3000", "PATID2_MIN_TXNS": "40", "PATID3_MIN_FEMALE_CUSTOMERS": "5"}
-REFERENCE_THRESHOLDS = {"min_merchant_txns": 3000, "min_txns": 40, "min_female_customers": 5}
 
 
 @pytest.fixture
@@ -121,6 +120,10 @@ def test_postgres_restarts_during_a_paced_drain_are_ridden_out_in_place(own_pg, 
     assert "waiting for PostgreSQL" in output, "the restarts were not noticed: the test proved nothing"
     assert "exited with" not in output, "a worker died and was restarted by the supervisor:\n" + output[-5000:]
 
+    from config.config import Settings
+
+    settings = Settings.from_env(env, dotenv=Path("/nonexistent"))
+    ref_chunks, txns = read_transactions([inbox / "transactions.csv"], settings.batch_size)
     conn = psycopg2.connect(f"host=127.0.0.1 port={own_pg.port} dbname=tp user=postgres")
     try:
         with conn.cursor() as cur:
@@ -128,18 +131,16 @@ def test_postgres_restarts_during_a_paced_drain_are_ridden_out_in_place(own_pg, 
             ledger = cur.fetchall()
             cur.execute("SELECT count(*) FROM transactions")
             stored = cur.fetchone()[0]
-            cur.execute("SELECT pattern_id, customer_name, merchant_id, chunk_id FROM pattern_detections")
-            found = {(p, c, m): chunk for p, c, m, chunk in cur.fetchall()}
-        assert len(ledger) == chunks and all(status == "written" and done for _, status, done, _ in ledger)
-        assert stored == sum(r[3] for r in ledger), "rows were stored twice or lost"
-        expected: dict[tuple[str, str, str], int] = {}
-        for seq, *_ in ledger:
-            for key in reference_detections(conn, upto_chunk_id=seq, **REFERENCE_THRESHOLDS):
-                expected.setdefault(key, seq)
+        expected = expected_detections(
+            conn, ref_chunks, txns, read_importance(inbox / "CustomerImportance.csv"), limits_of(settings)
+        )
+        credited = credited_chunks(conn)
     finally:
         conn.close()
-    assert found == expected
-    assert {p for p, _, _ in found} == {"PatId1", "PatId2", "PatId3"}
+    assert len(ledger) == chunks and all(status == "written" and done for _, status, done, _ in ledger)
+    assert stored == sum(r[3] for r in ledger) == len(txns), "rows were stored twice or lost"
+    assert credited == {d: e.chunk for d, e in expected.items()}
+    assert {p for p, _, _ in credited} == {"PatId1", "PatId2", "PatId3"}
 
 
 def test_a_commit_redone_after_a_lost_acknowledgement_is_not_counted_twice(pg_conn, make_settings):
