@@ -2,6 +2,8 @@
 
     python main.py            run until SIGINT/SIGTERM
     python main.py --drain    exit 0 once everything now in the source is ingested and processed
+    python main.py status     the pipeline's summary from PostgreSQL (exit 1 when something is failing)
+    python main.py psql       psql on the daemon's database (--print-url: its URL, password masked)
 
 Settings come from the environment and `.env` (see `.env.template`). With none of S3_BUCKET_NAME,
 POSTGRES_HOST and GDRIVE_FOLDER_ID set, everything is embedded: a local inbox (filled with a generated
@@ -237,13 +239,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 0 once everything now in the source is ingested and every chunk processed",
     )
+    from src.observability.cli import add_commands
+
+    add_commands(parser)  # `status` and `psql`
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from src.utils.runtime import configure_logging
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command:
+        from src.observability.cli import run_command
+
+        return run_command(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         settings = Settings.from_env()
     except ProcessorError as exc:
