@@ -87,9 +87,14 @@ class Supervisor:
         return [w for w in (self.x, self.y) if w is not None]
 
     def run(self) -> int:
+        from src.observability.alerts import start_alerts
+
+        alerts = start_alerts(self.settings, self.workers)  # webhook alerts; None without ALERT_WEBHOOK_URL
         try:
             return self._run()
         finally:
+            if alerts is not None:
+                alerts.stop()
             self.ready_file.unlink(missing_ok=True)
 
     def _run(self) -> int:
@@ -261,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     except ProcessorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, "supervisor", settings)
     describe_setup(settings)
     try:
         prepare(settings)
