@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 WINDOW_MINUTES = 60  # charts cover the last hour, one point per minute
 LATENCY_CHUNKS = 200  # latency percentiles over the most recently processed chunks
 RECENT_ERRORS_MINUTES = 15  # ERROR lines this recent make `status` exit non-zero
+QUARANTINE_MINUTES = 15  # the quarantine ratio the alert watches is over chunks written this recently
 TABLE_LIMIT = 20
 STATEMENT_TIMEOUT_MS = 10_000
 
@@ -184,6 +185,12 @@ def _collect(cur: Any) -> dict[str, Any]:
             "failed_chunks": _rows(cur, _FAILED_CHUNKS_SQL, _FAILED_CHUNK_KEYS),
         },
     }
+    rows, bad = _one(
+        cur,
+        f"SELECT coalesce(sum(rows_total), 0), coalesce(sum(rows_quarantined), 0) FROM chunks "
+        f"WHERE written_at >= now() - interval '{QUARANTINE_MINUTES} minutes'",
+    )
+    status["quarantine_recent"] = {"minutes": QUARANTINE_MINUTES, "rows": int(rows), "quarantined": int(bad)}
     status["waiting_for"] = _waiting_for(cur, status)
     status["problems"] = problems(status)
     return status
@@ -217,8 +224,8 @@ def _waiting_for(cur: Any, status: dict[str, Any]) -> list[str]:
     if pending:
         seq, name, chunk_seq, age = pending
         out.append(
-            f"chunk {seq} ({name} #{chunk_seq}) is pending for {age:.0f}s: mechanism X has not finished writing "
-            "its object, and mechanism Y processes chunks strictly in order"
+            f"chunk {seq} ({name} #{chunk_seq}) is pending for {age:.0f}s: mechanism X has not released its "
+            "object yet (writing it, or holding the first chunk until mechanism Y is warm); Y goes strictly in order"
         )
     backlog = totals["backlog_chunks"]
     if backlog:

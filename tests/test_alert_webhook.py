@@ -1,0 +1,253 @@
+"""Webhook alerts against real parts: a local HTTP receiver, the supervisor running a real Mechanism X on
+a failing file, and a PostgreSQL server of the test's own that is stopped and started again."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import _free_port, _pg_bindir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1 that keeps every JSON message it is sent."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+        self.changed = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with receiver.changed:
+                    receiver.messages.append(json.loads(body))
+                    receiver.changed.notify_all()
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/T0KEN"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def of(self, alert: str) -> list[tuple[str, dict]]:
+        return [(m["status"], m) for m in list(self.messages) if m["alert"] == alert]
+
+    def wait_for(self, alert: str, status: str, deadline: float) -> dict:
+        end = time.monotonic() + deadline
+        with self.changed:
+            while True:
+                for s, m in self.of(alert):
+                    if s == status:
+                        return m
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {status} {alert} within {deadline:.0f}s; got {self.messages}")
+                self.changed.wait(left)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def _check_message(m: dict, alert: str, status: str) -> None:
+    assert m["alert"] == alert and m["status"] == status
+    assert m["text"].startswith(f"[{status.upper()}] {alert}: ")
+    assert m["started_at"].endswith("Z")
+    assert isinstance(m["labels"], dict)
+
+
+def test_a_failed_file_fires_once_and_resolves_once_when_it_is_removed(make_settings, base_env, receiver):
+    """The supervisor (main.py) with ALERT_WEBHOOK_URL, running the real Mechanism X on a broken file."""
+    import main
+    from src.observability import alerts
+
+    inbox = Path(base_env["LOCAL_INBOX_DIR"])
+    (inbox / "good.csv").write_text(
+        '"step","customer","age","gender","zipcodeOri","merchant","zipMerchant","category","amount","fraud"\n'
+        "0,'C1','4','M','28007','M1','28007','es_transportation',4.55,0\n"
+    )
+    broken = inbox / "broken.csv"
+    broken.write_bytes(b"step,customer\x00,age\n1,2,3\n")
+    settings = make_settings(ALERT_WEBHOOK_URL=receiver.url)
+    supervisor = main.Supervisor(settings, drain=False, run_y=False)
+    runner = threading.Thread(target=supervisor.run, daemon=True)
+    runner.start()
+    try:
+        fired = receiver.wait_for(alerts.FILE_FAILED, "firing", 180)
+        _check_message(fired, alerts.FILE_FAILED, "firing")
+        assert fired["labels"]["file"] == "broken.csv" and fired["labels"]["file_status"] == "failed"
+        assert "binary content (NUL bytes)" in fired["text"]
+
+        broken.unlink()  # the operator removes the bad file: X marks it deleted, the incident is over
+        resolved = receiver.wait_for(alerts.FILE_FAILED, "resolved", 120)
+        _check_message(resolved, alerts.FILE_FAILED, "resolved")
+        assert resolved["labels"] == fired["labels"] and resolved["started_at"] == fired["started_at"]
+
+        time.sleep(3 * 5.0)  # three more evaluations (every 5 s): nothing is sent again
+        assert [s for s, _ in receiver.of(alerts.FILE_FAILED)] == ["firing", "resolved"]
+    finally:
+        supervisor.stop.set()
+        runner.join(60)
+    assert not runner.is_alive()
+
+
+class OwnPostgres:
+    """A PostgreSQL server for one test (initdb + pg_ctl as in conftest), so stopping it disturbs nobody."""
+
+    def __init__(self) -> None:
+        self.bindir = _pg_bindir()
+        self.tmp = Path(tempfile.mkdtemp(prefix="tp-pg-alerts-"))
+        self.pgdata = self.tmp / "data"
+        self.port = _free_port()
+        self.prefix: list[str] = []
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.tmp, pw.pw_uid, pw.pw_gid)
+            self.prefix = ["runuser", "-u", "postgres", "--"]
+        subprocess.run(
+            self.prefix + [str(self.bindir / "initdb"), "-D", str(self.pgdata), "-U", "postgres", "--auth=trust"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def ctl(self, *args: str) -> None:
+        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.tmp} -c fsync=off"
+        subprocess.run(
+            self.prefix
+            + [str(self.bindir / "pg_ctl"), "-D", str(self.pgdata), "-o", opts, "-l", str(self.tmp / "log"), *args],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def remove(self) -> None:
+        subprocess.run(
+            self.prefix + [str(self.bindir / "pg_ctl"), "-D", str(self.pgdata), "-m", "immediate", "stop"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres():
+    if _pg_bindir() is None:
+        pytest.fail("this test needs PostgreSQL's initdb/pg_ctl (apt-get install postgresql)")
+    server = OwnPostgres()
+    server.ctl("-w", "start")
+    yield server
+    server.remove()
+
+
+def test_a_postgresql_outage_fires_once_and_resolves_once(make_settings, own_postgres, receiver):
+    from src.observability import alerts
+    from src.observability.status import Database
+
+    settings = make_settings(
+        POSTGRES_HOST="127.0.0.1",
+        POSTGRES_PORT=str(own_postgres.port),
+        POSTGRES_DB="postgres",
+        POSTGRES_USER="postgres",
+    )
+    db = Database(settings)
+    db.apply_schema()
+    db.close()
+    manager = alerts.AlertManager(
+        settings,
+        snapshot=alerts.LedgerProbe(settings, lake_every=0.5),
+        interval=0.2,
+        thresholds=alerts.Thresholds(dependency_down_seconds=2.0),
+        url=receiver.url,
+    ).start()
+    try:
+        time.sleep(1.0)
+        assert receiver.messages == []  # all is well: nothing to say
+
+        own_postgres.ctl("-m", "fast", "-w", "stop")
+        fired = receiver.wait_for(alerts.DEPENDENCY_DOWN, "firing", 60)
+        _check_message(fired, alerts.DEPENDENCY_DOWN, "firing")
+        assert fired["labels"] == {"dependency": "PostgreSQL"}
+
+        own_postgres.ctl("-w", "start")
+        resolved = receiver.wait_for(alerts.DEPENDENCY_DOWN, "resolved", 60)
+        _check_message(resolved, alerts.DEPENDENCY_DOWN, "resolved")
+        time.sleep(2.0)  # ten more evaluations: nothing else is sent
+    finally:
+        manager.stop()
+    assert [(m["alert"], m["status"]) for m in receiver.messages] == [
+        (alerts.DEPENDENCY_DOWN, "firing"),
+        (alerts.DEPENDENCY_DOWN, "resolved"),
+    ]
+
+
+def _failed_files_snapshot(status: dict, n: int) -> dict:
+    """A real ledger summary with `n` failed files in its files table."""
+    files = [
+        {"file_id": f"f{i}", "name": f"bad-{i}.csv", "status": "failed", "reason": "not a CSV file"} for i in range(n)
+    ]
+    return {"time": time.time(), "status": {**status, "files": files}, "workers": []}
+
+
+@pytest.mark.parametrize("kind", ["refusing", "silent"])
+def test_a_receiver_that_is_down_does_not_slow_evaluation(make_settings, pg_conn, kind):
+    """`evaluate` (called on the supervisor's side) returns at once while the sender is stuck on the receiver."""
+    from src.observability import alerts
+    from src.observability.status import collect_from
+
+    with pg_conn.cursor() as cur:
+        for name in ("postgres_setup.sql", "create_missing_tables.sql"):
+            cur.execute((ROOT / "setup" / name).read_text())
+    status = collect_from(pg_conn)
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    if kind == "refusing":
+        listener.close()  # nothing listens: every POST is refused
+    else:
+        listener.listen(0)  # accepts connections into the backlog and never answers
+    settings = make_settings(RETRY_MAX_DELAY_SECONDS="30")
+    manager = alerts.AlertManager(settings, url=f"http://127.0.0.1:{port}/hook", post_timeout=30.0).start()
+    try:
+        t0 = time.perf_counter()
+        messages = manager.evaluate(_failed_files_snapshot(status, 50))
+        elapsed = time.perf_counter() - t0
+        assert len(messages) == 50 and all(m["status"] == "firing" for m in messages)
+        # A POST that would have to wait for this receiver takes up to 30 s (silent) or retries for minutes
+        # (refusing); evaluation did not wait for either.
+        assert elapsed < 2.0, elapsed
+        t0 = time.perf_counter()
+        manager.evaluate(_failed_files_snapshot(status, 0))  # all 50 resolve
+        assert time.perf_counter() - t0 < 2.0
+        assert manager.open == {}
+    finally:
+        t0 = time.perf_counter()
+        manager.stop(timeout=1.0)
+        stop_took = time.perf_counter() - t0
+        if kind == "silent":
+            listener.close()
+    assert stop_took < 5.0, stop_took  # shutdown is not held hostage by the receiver either
