@@ -90,11 +90,9 @@ class Supervisor:
         from src.observability.alerts import start_alerts
 
         alerts = start_alerts(self.settings, self.workers)  # webhook alerts; None without ALERT_WEBHOOK_URL
-        self.metrics.start()
         try:
             return self._run()
         finally:
-            self.metrics.stop()
             if alerts is not None:
                 alerts.stop()
             self.ready_file.unlink(missing_ok=True)
