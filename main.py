@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 
 from config.config import Settings  # noqa: E402
 from src.errors import ProcessorError  # noqa: E402
+from src.observability.server import MetricsServer  # noqa: E402
 from src.utils.runtime import READY_FILE_ENV  # noqa: E402
 
 log = logging.getLogger("supervisor")
@@ -49,11 +50,13 @@ class Worker:
     restarts: int = 0
     restart_at: float | None = None
     done: bool = False
+    starts: int = 0  # for tp_worker_restarts_total (restarts resets once a worker is healthy)
 
     def start(self, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.args], env=env, cwd=str(ROOT))
         self.started_at = time.monotonic()
         self.restart_at = None
+        self.starts += 1
         log.info("%s started (pid %d)", self.name, self.proc.pid)
 
     def alive(self) -> bool:
@@ -74,6 +77,8 @@ class Supervisor:
         self.ready_file = settings.data_dir / "run" / f"mechanism-y-ready-{os.getpid()}"
         if self.y is not None:
             self.env[READY_FILE_ENV] = str(self.ready_file)
+        self.metrics = MetricsServer(settings, self)  # /metrics, /healthz, /readyz on METRICS_ADDR
+        self.env.update(self.metrics.child_env())
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -90,9 +95,11 @@ class Supervisor:
         from src.observability.alerts import start_alerts
 
         alerts = start_alerts(self.settings, self.workers)  # webhook alerts; None without ALERT_WEBHOOK_URL
+        self.metrics.start()
         try:
             return self._run()
         finally:
+            self.metrics.stop()
             if alerts is not None:
                 alerts.stop()
             self.ready_file.unlink(missing_ok=True)
@@ -103,6 +110,7 @@ class Supervisor:
         for w in self.workers():
             w.start(self.env)
         while not self.stop.wait(0.2):
+            self.beat = time.monotonic()  # /healthz: the loop turns
             for w in self.workers():
                 if w.done or w.alive():
                     continue
@@ -273,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     except ProcessorError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_CONFIG
-    supervisor = Supervisor(settings, drain=args.drain)
+    try:
+        supervisor = Supervisor(settings, drain=args.drain)
+    except ProcessorError as exc:  # METRICS_ADDR not host:port
+        log.error("cannot start: %s", exc)
+        return EXIT_CONFIG
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("%s received: stopping the workers", signal.Signals(signum).name)

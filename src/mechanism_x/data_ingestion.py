@@ -332,6 +332,7 @@ class Ingestor:
             n_bad,
             key,
             (time.perf_counter() - t0) * 1000,
+            extra={"event": "chunk_written", "chunk_id": seq, "file_id": f.file_id, "chunk_seq": chunk_seq},
         )
         return end
 

@@ -94,6 +94,9 @@ def worker_main(name: str, parser, argv: list[str] | None, run: Callable[..., in
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format, worker_id(name), settings)
+    from src.observability.metrics import install_worker_metrics
+
+    install_worker_metrics()
     stop = threading.Event()
     install_stop_handlers(stop, name)
     try:
