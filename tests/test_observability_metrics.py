@@ -237,3 +237,16 @@ def test_reason_buckets_drop_values():
     assert reason_bucket("unknown gender 'Q' (expected M, F, E or U)") == "unknown_gender"
     assert reason_bucket("negative amount -4.50") == "negative_amount"
     assert reason_bucket("whole chunk (lines 2-10001) rejected: bad schema") == "whole_chunk_rejected"
+
+
+def test_retry_listener_counts_by_dependency_and_outcome():
+    from prometheus_client import REGISTRY
+
+    from src.observability.metrics import install_worker_metrics, record_retry
+
+    install_worker_metrics()
+    labels = {"dependency": "postgresql", "outcome": "gave_up"}
+    before = REGISTRY.get_sample_value("tp_retries_total", labels)
+    assert before is not None  # created at 0 by install_worker_metrics, so it is scraped before any retry
+    record_retry("PostgreSQL", "gave_up")
+    assert REGISTRY.get_sample_value("tp_retries_total", labels) == before + 1

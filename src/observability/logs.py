@@ -321,6 +321,7 @@ def spark_logging_conf(settings: Any) -> dict[str, str]:
     java = f"-Dlog4j2.configurationFile={props.as_uri()} -Dtp.worker={worker} -Dtp.pid={os.getpid()}"
     return {
         "spark.log.structuredLogging.enabled": "true" if fmt == "json" else "false",
+        # The driver only: in local mode the executors live in its JVM; a cluster's executors log where
+        # the cluster keeps their logs, and this file's path means nothing on their machines.
         "spark.driver.extraJavaOptions": java,
-        "spark.executor.extraJavaOptions": java,
     }

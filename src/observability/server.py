@@ -118,6 +118,7 @@ class MetricsServer:
         if not self.enabled:
             log.info("metrics endpoint off (METRICS_ADDR=off)")
             return
+        _remove_stale_dirs(self.multiproc_dir.parent)
         shutil.rmtree(self.multiproc_dir, ignore_errors=True)  # counters of an earlier run must not add up
         self.multiproc_dir.mkdir(parents=True, exist_ok=True)
         MultiProcessCollector(self.registry, path=str(self.multiproc_dir))
@@ -260,6 +261,16 @@ class MetricsServer:
         if looping:
             return False, f"restart loop: {', '.join(looping)}"
         return True, ""
+
+
+def _remove_stale_dirs(run_dir: Path) -> None:
+    """Metric files left by a supervisor that was killed (its pid is gone)."""
+    import psutil
+
+    for path in run_dir.glob("prometheus-*"):
+        pid = path.name.rpartition("-")[2]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _name(worker: Any) -> str:
