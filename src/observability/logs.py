@@ -197,7 +197,7 @@ class _StrayOutput:
                 except Exception:  # noqa: BLE001 - a log line must never kill the pump
                     pass
 
-    def restore(self, timeout: float = 1.0) -> None:
+    def restore(self, timeout: float = 0.3) -> None:
         """Put the real descriptor back; the pump drains what is left once every writer has closed the pipe."""
         os.dup2(self.saved, self.fd)
         self.thread.join(timeout)
@@ -266,7 +266,6 @@ def configure_logging(settings_or_params: Any, worker: str) -> str:
     logging.captureWarnings(True)
     _install_excepthook()
     _state.update(format=fmt, worker=worker)
-    os.environ["TP_LOG_FORMAT_RESOLVED"] = fmt
     return fmt
 
 
