@@ -190,7 +190,8 @@ def test_a_postgresql_outage_fires_once_and_resolves_once(make_settings, own_pos
         own_postgres.ctl("-m", "fast", "-w", "stop")
         fired = receiver.wait_for(alerts.DEPENDENCY_DOWN, "firing", 60)
         _check_message(fired, alerts.DEPENDENCY_DOWN, "firing")
-        assert fired["labels"] == {"dependency": "PostgreSQL"}
+        assert fired["labels"] == {"dependency": "postgresql"}
+        assert "PostgreSQL has been unreachable for more than 2s" in fired["text"]
 
         own_postgres.ctl("-w", "start")
         resolved = receiver.wait_for(alerts.DEPENDENCY_DOWN, "resolved", 60)
@@ -251,3 +252,21 @@ def test_a_receiver_that_is_down_does_not_slow_evaluation(make_settings, pg_conn
         if kind == "silent":
             listener.close()
     assert stop_took < 5.0, stop_took  # shutdown is not held hostage by the receiver either
+
+
+def test_webhook_alerts_are_named_as_in_the_prometheus_rules():
+    """One name per incident whichever way it is delivered: the webhook's names are alerts.yml's."""
+    import re
+
+    from src.observability import alerts
+
+    rules = set(re.findall(r"^\s*- alert: (\w+)", (ROOT / "config" / "alerts.yml").read_text(), re.M))
+    webhook = {
+        alerts.FILE_FAILED,
+        alerts.DEPENDENCY_DOWN,
+        alerts.BACKLOG_GROWING,
+        alerts.WORKER_RESTARTING,
+        alerts.NO_CHUNK_PROCESSED,
+        alerts.QUARANTINE_RATE_HIGH,
+    }
+    assert webhook == rules

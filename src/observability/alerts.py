@@ -28,9 +28,11 @@ FILE_FAILED = "FileFailed"
 DEPENDENCY_DOWN = "DependencyDown"
 BACKLOG_GROWING = "BacklogGrowing"
 WORKER_RESTARTING = "WorkerRestarting"
-PROCESSING_STALLED = "ProcessingStalled"
+NO_CHUNK_PROCESSED = "NoChunkProcessed"
 QUARANTINE_RATE_HIGH = "QuarantineRateHigh"
 
+# Labels as in tp_dependency_up (src/observability/server.py), names as a person reads them.
+DEPENDENCY_NAMES = {"postgresql": "PostgreSQL", "lake": "the lake", "drive": "Google Drive"}
 QUEUE_SIZE = 1000
 POST_TIMEOUT = 10.0
 SEND_ATTEMPTS = 8
@@ -139,7 +141,7 @@ class AlertManager:
         """Alerts that cannot be judged from this snapshot: they stay as they are, neither fired nor resolved."""
         out: set[str] = set()
         if snapshot.get("status") is None:
-            out |= {FILE_FAILED, BACKLOG_GROWING, PROCESSING_STALLED, QUARANTINE_RATE_HIGH}
+            out |= {FILE_FAILED, BACKLOG_GROWING, NO_CHUNK_PROCESSED, QUARANTINE_RATE_HIGH}
         if snapshot.get("workers") is None:
             out.add(WORKER_RESTARTING)
         return out
@@ -166,7 +168,7 @@ class AlertManager:
                 yield Incident(
                     DEPENDENCY_DOWN,
                     (DEPENDENCY_DOWN, dep),
-                    f"{dep} has been unreachable for more than {self.thresholds.dependency_down_seconds:.0f}s; "
+                    f"{DEPENDENCY_NAMES.get(dep, dep)} has been unreachable for more than {self.thresholds.dependency_down_seconds:.0f}s; "
                     "the workers are retrying",
                     {"dependency": dep},
                 )
@@ -218,8 +220,8 @@ class AlertManager:
         idle = t["seconds_since_last_processed"]
         if t["backlog_chunks"] and (t["oldest_waiting_seconds"] or 0) >= limit and (idle is None or idle >= limit):
             yield Incident(
-                PROCESSING_STALLED,
-                (PROCESSING_STALLED,),
+                NO_CHUNK_PROCESSED,
+                (NO_CHUNK_PROCESSED,),
                 f"no chunk processed for {limit / 60:.0f} min while {t['backlog_chunks']} chunk(s) wait: "
                 f"{'; '.join(status['waiting_for'])}",
                 {},
@@ -335,7 +337,7 @@ class LedgerProbe:
 
     def __call__(self) -> dict[str, Any]:
         status, pg_up = self._status()
-        return {"time": time.time(), "status": status, "dependencies": {"PostgreSQL": pg_up, "lake": self._lake_up()}}
+        return {"time": time.time(), "status": status, "dependencies": {"postgresql": pg_up, "lake": self._lake_up()}}
 
     def _status(self) -> tuple[dict[str, Any] | None, bool]:
         import psycopg2
