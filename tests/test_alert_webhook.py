@@ -93,7 +93,7 @@ def test_a_failed_file_fires_once_and_resolves_once_when_it_is_removed(make_sett
     )
     broken = inbox / "broken.csv"
     broken.write_bytes(b"step,customer\x00,age\n1,2,3\n")
-    settings = make_settings(ALERT_WEBHOOK_URL=receiver.url)
+    settings = make_settings(ALERT_WEBHOOK_URL=receiver.url, METRICS_ADDR="off")
     supervisor = main.Supervisor(settings, drain=False, run_y=False)
     runner = threading.Thread(target=supervisor.run, daemon=True)
     runner.start()
