@@ -270,3 +270,98 @@ def test_webhook_alerts_are_named_as_in_the_prometheus_rules():
         alerts.QUARANTINE_RATE_HIGH,
     }
     assert webhook == rules
+
+
+@pytest.fixture
+def ledger_status(pg_conn):
+    """A real ledger summary (of an empty ledger) whose numbers each test then sets."""
+    from src.observability.status import collect_from
+
+    with pg_conn.cursor() as cur:
+        for name in ("postgres_setup.sql", "create_missing_tables.sql"):
+            cur.execute((ROOT / "setup" / name).read_text())
+    return collect_from(pg_conn)
+
+
+def _manager(make_settings, **thresholds):
+    from src.observability import alerts
+
+    return alerts.AlertManager(
+        make_settings(), url="http://127.0.0.1:9/unused", thresholds=alerts.Thresholds(**thresholds)
+    )
+
+
+def _snap(status: dict, t: float, workers: list | None = None, **totals) -> dict:
+    return {"time": t, "status": {**status, "totals": {**status["totals"], **totals}}, "workers": workers or []}
+
+
+def _fired(messages: list[dict]) -> list[tuple[str, str]]:
+    return [(m["alert"], m["status"]) for m in messages]
+
+
+def test_backlog_growing_needs_the_whole_window_of_growth(make_settings, ledger_status):
+    from src.observability.alerts import BACKLOG_GROWING
+
+    m = _manager(make_settings, backlog_growing_seconds=300)
+    assert m.evaluate(_snap(ledger_status, 0, backlog_chunks=1)) == []
+    assert m.evaluate(_snap(ledger_status, 200, backlog_chunks=5)) == []  # growing, but not for 5 min yet
+    assert _fired(m.evaluate(_snap(ledger_status, 300, backlog_chunks=6))) == [(BACKLOG_GROWING, "firing")]
+    assert m.evaluate(_snap(ledger_status, 310, backlog_chunks=7)) == []  # still the same incident
+    assert _fired(m.evaluate(_snap(ledger_status, 320, backlog_chunks=3))) == [(BACKLOG_GROWING, "resolved")]
+
+    steady = _manager(make_settings, backlog_growing_seconds=300)
+    for t, backlog in ((0, 4), (100, 6), (200, 2), (300, 5), (400, 6)):
+        assert steady.evaluate(_snap(ledger_status, t, backlog_chunks=backlog)) == []  # it went down on the way
+
+
+def test_no_chunk_processed_while_chunks_wait(make_settings, ledger_status):
+    from src.observability.alerts import NO_CHUNK_PROCESSED
+
+    m = _manager(make_settings, stalled_seconds=600)
+    waiting = {"backlog_chunks": 3, "oldest_waiting_seconds": 700, "seconds_since_last_processed": 650}
+    assert _fired(m.evaluate(_snap(ledger_status, 0, **waiting))) == [(NO_CHUNK_PROCESSED, "firing")]
+    moving = {"backlog_chunks": 3, "oldest_waiting_seconds": 700, "seconds_since_last_processed": 5}
+    assert _fired(m.evaluate(_snap(ledger_status, 5, **moving))) == [(NO_CHUNK_PROCESSED, "resolved")]
+    idle = {"backlog_chunks": 0, "oldest_waiting_seconds": None, "seconds_since_last_processed": 5000}
+    assert m.evaluate(_snap(ledger_status, 10, **idle)) == []  # nothing waits: being idle is fine
+
+
+def test_worker_restarting_resolves_once_the_worker_stays_up(make_settings, ledger_status):
+    from src.observability.alerts import WORKER_RESTARTING
+
+    m = _manager(make_settings, restarts=3, worker_healthy_seconds=60)
+    crashing = [{"name": "mechanism Y", "restarts": 3, "alive": False, "up_seconds": 0.0}]
+    fired = m.evaluate(_snap(ledger_status, 0, workers=crashing))
+    assert _fired(fired) == [(WORKER_RESTARTING, "firing")] and fired[0]["labels"] == {"worker": "mechanism Y"}
+    young = [{"name": "mechanism Y", "restarts": 3, "alive": True, "up_seconds": 10.0}]
+    assert m.evaluate(_snap(ledger_status, 10, workers=young)) == []
+    healthy = [{"name": "mechanism Y", "restarts": 3, "alive": True, "up_seconds": 61.0}]
+    assert _fired(m.evaluate(_snap(ledger_status, 61, workers=healthy))) == [(WORKER_RESTARTING, "resolved")]
+
+
+def test_quarantine_rate_above_the_setting(make_settings, ledger_status):
+    from src.observability.alerts import QUARANTINE_RATE_HIGH
+
+    m = _manager(make_settings, quarantine_ratio=0.05, quarantine_min_rows=1000)
+
+    def snap(t: float, rows: int, bad: int) -> dict:
+        s = _snap(ledger_status, t)
+        s["status"]["quarantine_recent"] = {"minutes": 15, "rows": rows, "quarantined": bad}
+        return s
+
+    assert m.evaluate(snap(0, 500, 100)) == []  # too few rows to judge
+    assert m.evaluate(snap(1, 10_000, 500)) == []  # exactly 5 %: not above
+    fired = m.evaluate(snap(2, 10_000, 501))
+    assert _fired(fired) == [(QUARANTINE_RATE_HIGH, "firing")] and "5.0% of the rows" in fired[0]["text"]
+    assert _fired(m.evaluate(snap(3, 10_000, 10))) == [(QUARANTINE_RATE_HIGH, "resolved")]
+
+
+def test_what_cannot_be_judged_while_postgresql_is_down_stays_as_it_was(make_settings, ledger_status):
+    from src.observability.alerts import FILE_FAILED
+
+    m = _manager(make_settings, dependency_down_seconds=120)
+    failed = {**ledger_status, "files": [{"file_id": "f", "name": "x.csv", "status": "failed", "reason": "bad"}]}
+    assert _fired(m.evaluate({"time": 0, "status": failed, "workers": []})) == [(FILE_FAILED, "firing")]
+    down = {"time": 10, "status": None, "workers": [], "dependencies": {"postgresql": False}}
+    assert m.evaluate(down) == []  # neither resolved (unknown) nor DependencyDown yet (10 s < 2 min)
+    assert list(m.open) == [(FILE_FAILED, "f")]
