@@ -91,3 +91,14 @@ def test_psql_print_url_masks_the_password(env):
     url = result.stdout.strip()
     assert "s3cr3t" not in url
     assert url == f"postgresql://postgres:****@127.0.0.1:{env['POSTGRES_PORT']}/{env['POSTGRES_DB']}"
+
+
+def test_psql_gets_the_password_through_its_environment_only(make_settings):
+    from src.observability import cli
+
+    settings = make_settings(POSTGRES_PASSWORD="s3cr3t-value")
+    params = cli.connection_params(settings)
+    env = cli.psql_env(params, base={})
+    assert env["PGPASSWORD"] == "s3cr3t-value"
+    assert env["PGHOST"] == "127.0.0.1" and env["PGDATABASE"] == settings.postgres_db
+    assert "s3cr3t" not in cli.masked_url(params)

@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TextIO
@@ -22,7 +24,8 @@ EXIT_CONFIG = 2
 STATUS_HELP = (
     "print the pipeline's summary from PostgreSQL (throughput, backlog, latency, detections, files, failures, "
     "what the daemon waits for), whether or not the daemon runs; exit 1 when something is failing "
-    "(a failed or conflicting file, a failed chunk, an ERROR logged in the last 15 minutes), 2 on a settings error"
+    "(a failed or conflicting file, a failed chunk, an ERROR logged in the last 15 minutes) or the database "
+    "cannot be read, 2 on a settings error"
 )
 PSQL_HELP = (
     "run psql on the daemon's database (embedded or POSTGRES_*; the password goes through PGPASSWORD, never "
@@ -273,7 +276,7 @@ def psql_env(params: dict[str, str], base: dict[str, str] | None = None) -> dict
 
 
 def psql_command(settings: Any, args: list[str], *, print_url: bool = False) -> int:
-    """exec psql on the daemon's database, or print its URL with the password masked."""
+    """Run psql on the daemon's database (its exit code is ours), or print its URL with the password masked."""
     from src.errors import ProcessorError
 
     try:
@@ -290,8 +293,13 @@ def psql_command(settings: Any, args: list[str], *, print_url: bool = False) -> 
             "error: psql not found: install the PostgreSQL client (apt-get install postgresql-client)", file=sys.stderr
         )
         return EXIT_FAILING
-    os.execve(exe, [exe, *args], psql_env(params))
-    return EXIT_FAILING  # not reached: execve replaces this process
+    # A child rather than exec: when this command started the embedded server, it is stopped again when
+    # psql ends (pgserver's exit hook); Ctrl-C belongs to psql meanwhile.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return subprocess.run([exe, *args], env=psql_env(params)).returncode
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def find_psql() -> str | None:
