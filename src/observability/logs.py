@@ -77,7 +77,7 @@ class JsonFormatter(logging.Formatter):
             "worker": self.worker,
             "pid": record.process,
             "logger": record.name,
-            "event": getattr(record, "event", None) or record.name,
+            "event": getattr(record, "event", None) or (self.worker if record.name == "__main__" else record.name),
             "message": record.getMessage(),
         }
         for name in CORRELATION_FIELDS:
