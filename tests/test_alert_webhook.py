@@ -365,3 +365,44 @@ def test_what_cannot_be_judged_while_postgresql_is_down_stays_as_it_was(make_set
     down = {"time": 10, "status": None, "workers": [], "dependencies": {"postgresql": False}}
     assert m.evaluate(down) == []  # neither resolved (unknown) nor DependencyDown yet (10 s < 2 min)
     assert list(m.open) == [(FILE_FAILED, "f")]
+
+
+def test_an_incident_open_before_a_restart_is_not_announced_again(make_settings, pg_conn, base_env, receiver):
+    """Two AlertManagers in turn on the same ledger (a daemon restart): one firing, one resolved in all."""
+    from src.observability import alerts
+    from src.observability.status import collect_from
+
+    with pg_conn.cursor() as cur:
+        for name in ("postgres_setup.sql", "create_missing_tables.sql"):
+            cur.execute((ROOT / "setup" / name).read_text())
+        cur.execute(
+            "INSERT INTO source_files (file_id, source, name, kind, status, reason) "
+            "VALUES ('local-x', 'local', 'x.csv', 'unknown', 'failed', 'not a CSV file')"
+        )
+    settings = make_settings()
+
+    def snapshot() -> dict:
+        return {"time": time.time(), "status": collect_from(pg_conn), "workers": []}
+
+    def run_manager(until) -> None:
+        manager = alerts.AlertManager(
+            settings, snapshot=snapshot, interval=0.1, url=receiver.url, store=alerts.IncidentStore(settings)
+        ).start()
+        try:
+            until()
+        finally:
+            manager.stop()
+
+    run_manager(lambda: receiver.wait_for(alerts.FILE_FAILED, "firing", 30))
+    with pg_conn.cursor() as cur:
+        cur.execute("SELECT value FROM kv_state WHERE key = %s", (alerts.IncidentStore.KEY,))
+        assert "local-x" in cur.fetchone()[0]
+
+    def resolve_later() -> None:
+        time.sleep(1.0)  # ten evaluations with the file still failed: it is not announced again
+        with pg_conn.cursor() as cur:
+            cur.execute("UPDATE source_files SET status = 'deleted' WHERE file_id = 'local-x'")
+        receiver.wait_for(alerts.FILE_FAILED, "resolved", 30)
+
+    run_manager(resolve_later)
+    assert [s for s, _ in receiver.of(alerts.FILE_FAILED)] == ["firing", "resolved"]

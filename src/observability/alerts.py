@@ -72,6 +72,7 @@ class AlertManager:
         thresholds: Thresholds | None = None,
         url: str | None = None,
         post_timeout: float = POST_TIMEOUT,
+        store: "IncidentStore | None" = None,
     ) -> None:
         self.url = url or settings.alert_webhook_url
         self.snapshot = snapshot
@@ -85,6 +86,8 @@ class AlertManager:
         self._down_since: dict[str, float] = {}
         self._backlog: collections.deque[tuple[float, int]] = collections.deque()
         self._threads: list[threading.Thread] = []
+        self.store = store
+        self._dirty = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -111,9 +114,19 @@ class AlertManager:
             log.warning("%d alert message(s) not delivered at shutdown", left, extra={"event": "alerts_undelivered"})
 
     def _evaluate_loop(self) -> None:
+        loaded = self.store is None
         while not self.stop_event.wait(self.interval):
             try:
-                self.evaluate(self.snapshot())
+                if not loaded:
+                    # Incidents a previous run left open are taken over: a restart does not announce them again.
+                    previous = self.store.load()
+                    loaded = previous is not None
+                    for key, incident in (previous or {}).items():
+                        self.open.setdefault(key, incident)
+                if self.evaluate(self.snapshot()):
+                    self._dirty = True
+                if self._dirty and self.store is not None:
+                    self._dirty = not self.store.save(self.open)  # PostgreSQL down: saved on a later turn
             except Exception:  # an alerting bug must not take the supervisor down; it says so
                 log.exception("alert evaluation failed", extra={"event": "alert_evaluation_failed"})
 
@@ -380,6 +393,67 @@ class LedgerProbe:
             self._db = None
 
 
+class IncidentStore:
+    """The open incidents, kept in the ledger's `kv_state` so that "once per incident" holds across restarts
+    of the daemon: a file that failed before a restart is not announced again after it."""
+
+    KEY = "alerts.open_incidents"
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+
+    def load(self) -> dict[tuple, Incident] | None:
+        """The incidents left open; None when they cannot be read yet (PostgreSQL down, no schema yet)."""
+        rows = self._run("SELECT value FROM kv_state WHERE key = %s", (self.KEY,))
+        if rows is None:
+            return None
+        if not rows:
+            return {}
+        try:
+            items = json.loads(rows[0][0])
+            return {
+                tuple(i["key"]): Incident(i["alert"], tuple(i["key"]), i["text"], i["labels"], i["started_at"])
+                for i in items
+            }
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning(
+                "open incidents in kv_state unreadable (%s); starting afresh", exc, extra={"event": "alerts_reset"}
+            )
+            return {}
+
+    def save(self, open_incidents: dict[tuple, Incident]) -> bool:
+        value = json.dumps(
+            [
+                {"alert": i.alert, "key": list(i.key), "text": i.text, "labels": i.labels, "started_at": i.started_at}
+                for i in open_incidents.values()
+            ]
+        )
+        return (
+            self._run(
+                "INSERT INTO kv_state (key, value, updated_at) VALUES (%s, %s, now()) "
+                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
+                (self.KEY, value),
+            )
+            is not None
+        )
+
+    def _run(self, sql: str, params: tuple) -> list[tuple] | None:
+        """One statement on a short-lived connection; None when PostgreSQL cannot be reached."""
+        import psycopg2
+
+        from src.errors import RetryableError
+        from src.observability.status import Database
+
+        db = Database(self.settings, attempts=1)
+        try:
+            return db.query(sql, params)
+        except (psycopg2.Error, RetryableError) as exc:  # down, or kv_state not created yet
+            log.debug("open incidents not read/saved: %s", exc)
+            return None
+        finally:
+            db.close()
+
+
 def worker_facts(workers: Iterable[Any]) -> list[dict[str, Any]]:
     """What the alerts need to know about the supervisor's workers (main.Worker objects)."""
     now = time.monotonic()
@@ -406,7 +480,7 @@ def start_alerts(settings: Any, workers: Callable[[], Iterable[Any]]) -> AlertMa
         snap["workers"] = worker_facts(workers())
         return snap
 
-    return AlertManager(settings, snapshot=snapshot).start()
+    return AlertManager(settings, snapshot=snapshot, store=IncidentStore(settings)).start()
 
 
 def _iso(epoch: float) -> str:
