@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -140,3 +141,29 @@ def test_spark_session_in_json_mode_prints_nothing_but_json(tmp_path):
     assert jvm[0]["message"] == "from the jvm\nsecond"
     assert any(r["message"] == "a stray print" and r["event"] == "stray_output" for r in records)
     assert not any("Setting default log level" in r["message"] for r in records)
+
+
+@pytest.mark.slow
+def test_spark_jvm_lines_in_text_mode_share_the_python_layout(tmp_path):
+    out = _run(
+        f"""
+        from config.config import Settings
+        from src.observability.logs import configure_logging
+        settings = Settings.from_env({{"SPARK_MASTER": "local[1]", "DATA_DIR": {str(tmp_path)!r}, "LOG_FORMAT": "text"}},
+                                     dotenv=None)
+        configure_logging(settings, "mechanism_y")
+        from config.spark_config import build_spark_session
+        spark = build_spark_session(settings, "log-test")
+        spark.sparkContext._jvm.org.apache.logging.log4j.LogManager.getLogger("tp.test").warn("from the jvm\\nsecond")
+        spark.stop()
+        """,
+        env={"SPARK_LOCAL_IP": "127.0.0.1"},
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    layout = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \d+ mechanism_y (INFO|WARNING|ERROR) \S+: "
+    jvm = [line for line in out.stderr.splitlines() if " tp.test: " in line]
+    assert len(jvm) == 1 and re.match(layout, jvm[0]) and jvm[0].endswith("from the jvm\\nsecond"), out.stderr
+    python = [line for line in out.stderr.splitlines() if "session up" in line]
+    assert python and re.match(layout, python[0]), out.stderr
+    assert "Setting default log level" not in out.stderr and "log4j profile" not in out.stderr
