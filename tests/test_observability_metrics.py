@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -79,6 +80,19 @@ def _ledger(conn) -> dict:
     }
 
 
+def _wait_log(path: Path, pattern: str, proc: subprocess.Popen, timeout: float = 300) -> int | None:
+    """Wait for `pattern` in the run's log; returns its first group as an int, if it has one."""
+    deadline = time.monotonic() + timeout
+    rx = re.compile(pattern)
+    while time.monotonic() < deadline:
+        match = rx.search(path.read_text(errors="replace"))
+        if match:
+            return int(match.group(1)) if rx.groups else None
+        assert proc.poll() is None, path.read_text(errors="replace")[-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"no {pattern!r} within {timeout}s:\n{path.read_text(errors='replace')[-3000:]}")
+
+
 def _metric_names_in(path: Path) -> set[str]:
     return set(re.findall(r"\btp_[a-z_]+\b", path.read_text()))
 
@@ -100,6 +114,7 @@ def test_a_run_exports_metrics_equal_to_the_ledger_and_logs_joinable_json(tmp_pa
         CHUNK_INTERVAL_SECONDS="0.2",
         METRICS_ADDR=f"127.0.0.1:{port}",
         LOG_FORMAT="json",
+        LOG_FILE=str(tmp_path / "logs" / "tp.log"),
     )
     log_path = tmp_path / "run.log"
     with open(log_path, "wb") as out:
@@ -117,6 +132,12 @@ def test_a_run_exports_metrics_equal_to_the_ledger_and_logs_joinable_json(tmp_pa
             time.sleep(0.3)
         mid_run = _scrape(base)
         assert "tp_backlog_chunks" in mid_run and "tp_dependency_up" in mid_run
+
+        # Kill X once, early: the supervisor restarts it, and the metric counts it.
+        x_pid = _wait_log(log_path, r'"mechanism X started \(pid (\d+)\)"', proc)
+        _wait_log(log_path, r"mechanism X: reading", proc)
+        os.kill(x_pid, signal.SIGKILL)
+        _wait_log(log_path, rf"mechanism X \(pid {x_pid}\) exited with signal 9", proc)
 
         # Wait for the whole file to be processed (event-driven on the ledger, generous deadline).
         deadline = time.monotonic() + 600
@@ -163,6 +184,7 @@ def test_a_run_exports_metrics_equal_to_the_ledger_and_logs_joinable_json(tmp_pa
     assert _one(scrape, "tp_dependency_up", dependency="postgresql") == 1
     assert _one(scrape, "tp_dependency_up", dependency="lake") == 1
     assert _one(scrape, "tp_worker_restarts_total", worker="mechanism_y") == 0
+    assert _one(scrape, "tp_worker_restarts_total", worker="mechanism_x") == 1
     # Y's tree includes Spark's JVM: far more memory than a Python process alone.
     assert _one(scrape, "tp_process_resident_memory_bytes", worker="mechanism_y") > 200e6
     assert _one(scrape, "tp_process_cpu_seconds_total", worker="mechanism_y") > 1
@@ -185,6 +207,10 @@ def test_a_run_exports_metrics_equal_to_the_ledger_and_logs_joinable_json(tmp_pa
     y_ids = {r["chunk_id"] for r in records if r["worker"] == "mechanism_y" and "chunk_id" in r}
     assert len(x_ids) == led["written"] and x_ids <= y_ids, (sorted(x_ids), sorted(y_ids))
     assert not (Path(product_env["DATA_DIR"]) / "run" / f"prometheus-{proc.pid}").exists()
+    # LOG_FILE holds the same lines from all three processes.
+    in_file = [json.loads(line) for line in (tmp_path / "logs" / "tp.log").read_text().splitlines()]
+    assert {r["worker"] for r in in_file} >= {"supervisor", "mechanism_x", "mechanism_y"}
+    assert {r["chunk_id"] for r in in_file if r["worker"] == "mechanism_x" and "chunk_id" in r} == x_ids
 
 
 def test_readyz_names_the_failed_check_and_healthz_follows_the_loop(make_settings, pg_server):
