@@ -81,6 +81,24 @@ def test_text_lines_escape_control_characters_so_a_file_name_cannot_forge_a_line
     assert " supervisor WARNING m: file a.csv\\n2026" in lines[0]
 
 
+def test_a_worker_configured_twice_logs_each_record_once_and_wraps_stray_output():
+    out = _run(
+        """
+        import logging, os
+        from src.observability.logs import configure_logging
+        configure_logging({"log_level": "INFO", "log_format": "json"}, "mechanism_x")
+        configure_logging({"log_level": "INFO", "log_format": "json"}, "mechanism_x")
+        logging.getLogger("a").info("once")
+        os.write(2, b"raw bytes on fd 2\\n")
+        """,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in out.stderr.splitlines()]
+    assert [r["message"] for r in records] == ["once", "raw bytes on fd 2"], out.stderr
+    assert records[1]["event"] == "stray_output" and records[1]["worker"] == "mechanism_x"
+
+
 def test_log_file_rotates_by_size_with_gzipped_backups_shared_by_several_processes(tmp_path):
     log_file = tmp_path / "logs" / "tp.log"
     code = f"""

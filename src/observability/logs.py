@@ -242,13 +242,14 @@ def configure_logging(settings_or_params: Any, worker: str) -> str:
     root = logging.getLogger()
     for old in root.handlers:
         old.close()
-    stream = sys.stderr
+    stream = _state.get("real_stderr") or sys.stderr  # once fd 2 is a pipe, never log into it (a loop)
     if fmt == "json" and worker != "supervisor" and _state.get("stray") is None:
         # Workers: the JVM and native libraries write to the inherited fds; wrap whatever is not JSON.
         err = _StrayOutput(2, "stderr")
         out = _StrayOutput(1, "stdout")
         _state["stray"] = (out, err)
         stream = os.fdopen(os.dup(err.saved), "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+        _state["real_stderr"] = stream
         atexit.register(_restore_stray)
     handlers = [_stream_handler(stream, formatter)]
     if params.get("log_file"):
