@@ -251,6 +251,9 @@ def configure_logging(settings_or_params: Any, worker: str) -> str:
         stream = os.fdopen(os.dup(err.saved), "w", buffering=1, encoding="utf-8", errors="backslashreplace")
         _state["real_stderr"] = stream
         atexit.register(_restore_stray)
+        # A handler that cannot write (the terminal is gone) would report it on fd 2, i.e. into the pump,
+        # which would hand it to the same handler again: stay quiet instead.
+        logging.raiseExceptions = False
     handlers = [_stream_handler(stream, formatter)]
     if params.get("log_file"):
         file_handler = SharedRotatingFileHandler(
