@@ -2,6 +2,8 @@
 
     python main.py            run until SIGINT/SIGTERM
     python main.py --drain    exit 0 once everything now in the source is ingested and processed
+    python main.py status     the pipeline's summary from PostgreSQL (exit 1 when something is failing)
+    python main.py psql       psql on the daemon's database (--print-url: its URL, password masked)
 
 Settings come from the environment and `.env` (see `.env.template`). With none of S3_BUCKET_NAME,
 POSTGRES_HOST and GDRIVE_FOLDER_ID set, everything is embedded: a local inbox (filled with a generated
@@ -27,6 +29,7 @@ if str(ROOT) not in sys.path:
 
 from config.config import Settings, redact_url  # noqa: E402
 from src.errors import ProcessorError  # noqa: E402
+from src.observability.server import MetricsServer  # noqa: E402
 from src.utils.runtime import READY_FILE_ENV  # noqa: E402
 
 log = logging.getLogger("supervisor")
@@ -47,11 +50,13 @@ class Worker:
     restarts: int = 0
     restart_at: float | None = None
     done: bool = False
+    starts: int = 0  # for tp_worker_restarts_total (restarts resets once a worker is healthy)
 
     def start(self, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.args], env=env, cwd=str(ROOT))
         self.started_at = time.monotonic()
         self.restart_at = None
+        self.starts += 1
         log.info("%s started (pid %d)", self.name, self.proc.pid)
 
     def alive(self) -> bool:
@@ -72,6 +77,8 @@ class Supervisor:
         self.ready_file = settings.data_dir / "run" / f"mechanism-y-ready-{os.getpid()}"
         if self.y is not None:
             self.env[READY_FILE_ENV] = str(self.ready_file)
+        self.metrics = MetricsServer(settings, self)  # /metrics, /healthz, /readyz on METRICS_ADDR
+        self.env.update(self.metrics.child_env())
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -85,9 +92,16 @@ class Supervisor:
         return [w for w in (self.x, self.y) if w is not None]
 
     def run(self) -> int:
+        from src.observability.alerts import start_alerts
+
+        alerts = start_alerts(self.settings, self.workers)  # webhook alerts; None without ALERT_WEBHOOK_URL
+        self.metrics.start()
         try:
             return self._run()
         finally:
+            self.metrics.stop()
+            if alerts is not None:
+                alerts.stop()
             self.ready_file.unlink(missing_ok=True)
 
     def _run(self) -> int:
@@ -96,6 +110,7 @@ class Supervisor:
         for w in self.workers():
             w.start(self.env)
         while not self.stop.wait(0.2):
+            self.beat = time.monotonic()  # /healthz: the loop turns
             for w in self.workers():
                 if w.done or w.alive():
                     continue
@@ -237,26 +252,40 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 0 once everything now in the source is ingested and every chunk processed",
     )
+    from src.observability.cli import add_commands
+
+    add_commands(parser)  # `status` and `psql`
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from src.utils.runtime import configure_logging
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command:
+        from src.observability.cli import run_command
+
+        return run_command(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         settings = Settings.from_env()
     except ProcessorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, "supervisor", settings)
     describe_setup(settings)
     try:
         prepare(settings)
     except ProcessorError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_CONFIG
-    supervisor = Supervisor(settings, drain=args.drain)
+    try:
+        supervisor = Supervisor(settings, drain=args.drain)
+    except ProcessorError as exc:  # METRICS_ADDR not host:port
+        log.error("cannot start: %s", exc)
+        return EXIT_CONFIG
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("%s received: stopping the workers", signal.Signals(signum).name)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from config.config import Settings
 from src.errors import ProcessorError
+from src.observability.logs import spark_logging_conf
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -54,6 +55,7 @@ def spark_conf(settings: Settings, app_name: str) -> dict[str, str]:
         "spark.checkpoint.dir": str(scratch / "checkpoints"),
         "spark.log.level": "WARN",
     }
+    conf.update(spark_logging_conf(settings))
     if settings.s3_bucket_name:
         from src.utils.spark_utils import s3a_conf
 

@@ -40,6 +40,7 @@ from src.ledger import ChunkMark, ChunkRef
 from src.mechanism_y import pattern_detector as patterns
 from src.mechanism_y.data_validator import PROBLEM, annotate_problems, chunk_schema_problems, mark_duplicates
 from src.mechanism_y.detection_writer import DetectionWriter, ist
+from src.observability import metrics
 from src.schemas.transaction_schemas import (
     QUARANTINE_SCHEMA,
     QUARANTINE_TABLE_COLUMNS,
@@ -435,8 +436,10 @@ class StreamProcessor:
         self.emitted.update(key for _, key in new)
         self.writer.note_new(len(new))
         done = datetime.now(timezone.utc)
+        metrics.observe_batch(t_read - t0, t_fold - t_read, t_spark - t_fold, t_commit - t_spark)
         for i, c in enumerate(batch):
             here = [key for cut, key in new if cut == i]
+            metrics.observe_chunk_latency((done - c.written_at).total_seconds() if c.written_at else float("nan"))
             log.info(
                 "chunk %d (%s-%06d): %d rows, %d rejected, %d new detection(s) %s, latency %.3f s "
                 "[batch of %d: %.0f ms in Y (read %.0f, fold %.0f, detect %.0f, commit %.0f)]",

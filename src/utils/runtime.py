@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import threading
@@ -21,50 +20,18 @@ CONSUMER_READY_TIMEOUT = 180.0
 log = logging.getLogger(__name__)
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-            "pid": record.process,
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
+def configure_logging(level: str = "INFO", fmt: str = "text", worker: str = "supervisor", settings=None) -> None:
+    """Configure the root logger once per process (src/observability/logs.py); `settings` adds LOG_FILE."""
+    from src.observability.logs import configure_logging as configure
 
-
-def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """Configure the root logger once per process: every line carries the pid."""
-    handler = logging.StreamHandler()
-    if fmt == "auto":
-        import sys
-
-        fmt = "text" if sys.stderr.isatty() else "json"
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        formatter = logging.Formatter(
-            "%(asctime)s.%(msecs)03dZ %(process)d %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
+    params = {"log_level": level, "log_format": fmt}
+    if settings is not None:
+        params.update(
+            log_file=settings.log_file,
+            log_file_max_bytes=settings.log_file_max_bytes,
+            log_file_backups=settings.log_file_backups,
         )
-        formatter.converter = time.gmtime
-        handler.setFormatter(formatter)
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    for noisy in (
-        "py4j",
-        "botocore",
-        "boto3",
-        "urllib3",
-        "s3transfer",
-        "googleapiclient",
-        "google",
-        "pgserver",
-        "filelock",
-    ):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure(params, worker)
 
 
 def install_stop_handlers(stop: threading.Event, name: str) -> None:
@@ -105,6 +72,11 @@ def retry_call(
     raise AssertionError("unreachable")
 
 
+def worker_id(name: str) -> str:
+    """ "mechanism Y" -> "mechanism_y": the `worker` field of log lines and metrics."""
+    return name.strip().lower().replace(" ", "_")
+
+
 def worker_main(name: str, parser, argv: list[str] | None, run: Callable[..., int]) -> int:
     """Entry point shared by the workers: settings, logging, stop signals, and exit codes the supervisor reads.
 
@@ -122,7 +94,10 @@ def worker_main(name: str, parser, argv: list[str] | None, run: Callable[..., in
     except ProcessorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, worker_id(name), settings)
+    from src.observability.metrics import install_worker_metrics
+
+    install_worker_metrics()
     stop = threading.Event()
     install_stop_handlers(stop, name)
     try:

@@ -1,0 +1,1 @@
+"""Operating the daemon: logs, metrics, health, the status page and command, alerts."""

@@ -1,0 +1,408 @@
+"""Webhook alerts against real parts: a local HTTP receiver, the supervisor running a real Mechanism X on
+a failing file, and a PostgreSQL server of the test's own that is stopped and started again."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import _free_port, _pg_bindir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1 that keeps every JSON message it is sent."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+        self.changed = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with receiver.changed:
+                    receiver.messages.append(json.loads(body))
+                    receiver.changed.notify_all()
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/T0KEN"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def of(self, alert: str) -> list[tuple[str, dict]]:
+        return [(m["status"], m) for m in list(self.messages) if m["alert"] == alert]
+
+    def wait_for(self, alert: str, status: str, deadline: float) -> dict:
+        end = time.monotonic() + deadline
+        with self.changed:
+            while True:
+                for s, m in self.of(alert):
+                    if s == status:
+                        return m
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {status} {alert} within {deadline:.0f}s; got {self.messages}")
+                self.changed.wait(left)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def _check_message(m: dict, alert: str, status: str) -> None:
+    assert m["alert"] == alert and m["status"] == status
+    assert m["text"].startswith(f"[{status.upper()}] {alert}: ")
+    assert m["started_at"].endswith("Z")
+    assert isinstance(m["labels"], dict)
+
+
+def test_a_failed_file_fires_once_and_resolves_once_when_it_is_removed(make_settings, base_env, receiver):
+    """The supervisor (main.py) with ALERT_WEBHOOK_URL, running the real Mechanism X on a broken file."""
+    import main
+    from src.observability import alerts
+
+    inbox = Path(base_env["LOCAL_INBOX_DIR"])
+    (inbox / "good.csv").write_text(
+        '"step","customer","age","gender","zipcodeOri","merchant","zipMerchant","category","amount","fraud"\n'
+        "0,'C1','4','M','28007','M1','28007','es_transportation',4.55,0\n"
+    )
+    broken = inbox / "broken.csv"
+    broken.write_bytes(b"step,customer\x00,age\n1,2,3\n")
+    settings = make_settings(ALERT_WEBHOOK_URL=receiver.url, METRICS_ADDR="off")
+    supervisor = main.Supervisor(settings, drain=False, run_y=False)
+    runner = threading.Thread(target=supervisor.run, daemon=True)
+    runner.start()
+    try:
+        fired = receiver.wait_for(alerts.FILE_FAILED, "firing", 180)
+        _check_message(fired, alerts.FILE_FAILED, "firing")
+        assert fired["labels"]["file"] == "broken.csv" and fired["labels"]["file_status"] == "failed"
+        assert "binary content (NUL bytes)" in fired["text"]
+
+        broken.unlink()  # the operator removes the bad file: X marks it deleted, the incident is over
+        resolved = receiver.wait_for(alerts.FILE_FAILED, "resolved", 120)
+        _check_message(resolved, alerts.FILE_FAILED, "resolved")
+        assert resolved["labels"] == fired["labels"] and resolved["started_at"] == fired["started_at"]
+
+        time.sleep(3 * 5.0)  # three more evaluations (every 5 s): nothing is sent again
+        assert [s for s, _ in receiver.of(alerts.FILE_FAILED)] == ["firing", "resolved"]
+    finally:
+        supervisor.stop.set()
+        runner.join(60)
+    assert not runner.is_alive()
+
+
+class OwnPostgres:
+    """A PostgreSQL server for one test (initdb + pg_ctl as in conftest), so stopping it disturbs nobody."""
+
+    def __init__(self) -> None:
+        self.bindir = _pg_bindir()
+        self.tmp = Path(tempfile.mkdtemp(prefix="tp-pg-alerts-"))
+        self.pgdata = self.tmp / "data"
+        self.port = _free_port()
+        self.prefix: list[str] = []
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.tmp, pw.pw_uid, pw.pw_gid)
+            self.prefix = ["runuser", "-u", "postgres", "--"]
+        subprocess.run(
+            self.prefix + [str(self.bindir / "initdb"), "-D", str(self.pgdata), "-U", "postgres", "--auth=trust"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def ctl(self, *args: str) -> None:
+        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.tmp} -c fsync=off"
+        subprocess.run(
+            self.prefix
+            + [str(self.bindir / "pg_ctl"), "-D", str(self.pgdata), "-o", opts, "-l", str(self.tmp / "log"), *args],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def remove(self) -> None:
+        subprocess.run(
+            self.prefix + [str(self.bindir / "pg_ctl"), "-D", str(self.pgdata), "-m", "immediate", "stop"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres():
+    if _pg_bindir() is None:
+        pytest.fail("this test needs PostgreSQL's initdb/pg_ctl (apt-get install postgresql)")
+    server = OwnPostgres()
+    server.ctl("-w", "start")
+    yield server
+    server.remove()
+
+
+def test_a_postgresql_outage_fires_once_and_resolves_once(make_settings, own_postgres, receiver):
+    from src.observability import alerts
+    from src.observability.status import Database
+
+    settings = make_settings(
+        POSTGRES_HOST="127.0.0.1",
+        POSTGRES_PORT=str(own_postgres.port),
+        POSTGRES_DB="postgres",
+        POSTGRES_USER="postgres",
+    )
+    db = Database(settings)
+    db.apply_schema()
+    db.close()
+    manager = alerts.AlertManager(
+        settings,
+        snapshot=alerts.LedgerProbe(settings, lake_every=0.5),
+        interval=0.2,
+        thresholds=alerts.Thresholds(dependency_down_seconds=2.0),
+        url=receiver.url,
+    ).start()
+    try:
+        time.sleep(1.0)
+        assert receiver.messages == []  # all is well: nothing to say
+
+        own_postgres.ctl("-m", "fast", "-w", "stop")
+        fired = receiver.wait_for(alerts.DEPENDENCY_DOWN, "firing", 60)
+        _check_message(fired, alerts.DEPENDENCY_DOWN, "firing")
+        assert fired["labels"] == {"dependency": "postgresql"}
+        assert "PostgreSQL has been unreachable for more than 2s" in fired["text"]
+
+        own_postgres.ctl("-w", "start")
+        resolved = receiver.wait_for(alerts.DEPENDENCY_DOWN, "resolved", 60)
+        _check_message(resolved, alerts.DEPENDENCY_DOWN, "resolved")
+        time.sleep(2.0)  # ten more evaluations: nothing else is sent
+    finally:
+        manager.stop()
+    assert [(m["alert"], m["status"]) for m in receiver.messages] == [
+        (alerts.DEPENDENCY_DOWN, "firing"),
+        (alerts.DEPENDENCY_DOWN, "resolved"),
+    ]
+
+
+def _failed_files_snapshot(status: dict, n: int) -> dict:
+    """A real ledger summary with `n` failed files in its files table."""
+    files = [
+        {"file_id": f"f{i}", "name": f"bad-{i}.csv", "status": "failed", "reason": "not a CSV file"} for i in range(n)
+    ]
+    return {"time": time.time(), "status": {**status, "files": files}, "workers": []}
+
+
+@pytest.mark.parametrize("kind", ["refusing", "silent"])
+def test_a_receiver_that_is_down_does_not_slow_evaluation(make_settings, pg_conn, kind):
+    """`evaluate` (called on the supervisor's side) returns at once while the sender is stuck on the receiver."""
+    from src.observability import alerts
+    from src.observability.status import collect_from
+
+    with pg_conn.cursor() as cur:
+        for name in ("postgres_setup.sql", "create_missing_tables.sql"):
+            cur.execute((ROOT / "setup" / name).read_text())
+    status = collect_from(pg_conn)
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    if kind == "refusing":
+        listener.close()  # nothing listens: every POST is refused
+    else:
+        listener.listen(0)  # accepts connections into the backlog and never answers
+    settings = make_settings(RETRY_MAX_DELAY_SECONDS="30")
+    manager = alerts.AlertManager(settings, url=f"http://127.0.0.1:{port}/hook", post_timeout=30.0).start()
+    try:
+        t0 = time.perf_counter()
+        messages = manager.evaluate(_failed_files_snapshot(status, 50))
+        elapsed = time.perf_counter() - t0
+        assert len(messages) == 50 and all(m["status"] == "firing" for m in messages)
+        # A POST that would have to wait for this receiver takes up to 30 s (silent) or retries for minutes
+        # (refusing); evaluation did not wait for either.
+        assert elapsed < 2.0, elapsed
+        t0 = time.perf_counter()
+        manager.evaluate(_failed_files_snapshot(status, 0))  # all 50 resolve
+        assert time.perf_counter() - t0 < 2.0
+        assert manager.open == {}
+    finally:
+        t0 = time.perf_counter()
+        manager.stop(timeout=1.0)
+        stop_took = time.perf_counter() - t0
+        if kind == "silent":
+            listener.close()
+    assert stop_took < 5.0, stop_took  # shutdown is not held hostage by the receiver either
+
+
+def test_webhook_alerts_are_named_as_in_the_prometheus_rules():
+    """One name per incident whichever way it is delivered: the webhook's names are alerts.yml's."""
+    import re
+
+    from src.observability import alerts
+
+    rules = set(re.findall(r"^\s*- alert: (\w+)", (ROOT / "config" / "alerts.yml").read_text(), re.M))
+    webhook = {
+        alerts.FILE_FAILED,
+        alerts.DEPENDENCY_DOWN,
+        alerts.BACKLOG_GROWING,
+        alerts.WORKER_RESTARTING,
+        alerts.NO_CHUNK_PROCESSED,
+        alerts.QUARANTINE_RATE_HIGH,
+    }
+    assert webhook == rules
+
+
+@pytest.fixture
+def ledger_status(pg_conn):
+    """A real ledger summary (of an empty ledger) whose numbers each test then sets."""
+    from src.observability.status import collect_from
+
+    with pg_conn.cursor() as cur:
+        for name in ("postgres_setup.sql", "create_missing_tables.sql"):
+            cur.execute((ROOT / "setup" / name).read_text())
+    return collect_from(pg_conn)
+
+
+def _manager(make_settings, **thresholds):
+    from src.observability import alerts
+
+    return alerts.AlertManager(
+        make_settings(), url="http://127.0.0.1:9/unused", thresholds=alerts.Thresholds(**thresholds)
+    )
+
+
+def _snap(status: dict, t: float, workers: list | None = None, **totals) -> dict:
+    return {"time": t, "status": {**status, "totals": {**status["totals"], **totals}}, "workers": workers or []}
+
+
+def _fired(messages: list[dict]) -> list[tuple[str, str]]:
+    return [(m["alert"], m["status"]) for m in messages]
+
+
+def test_backlog_growing_needs_the_whole_window_of_growth(make_settings, ledger_status):
+    from src.observability.alerts import BACKLOG_GROWING
+
+    m = _manager(make_settings, backlog_growing_seconds=300)
+    assert m.evaluate(_snap(ledger_status, 0, backlog_chunks=1)) == []
+    assert m.evaluate(_snap(ledger_status, 200, backlog_chunks=5)) == []  # growing, but not for 5 min yet
+    assert _fired(m.evaluate(_snap(ledger_status, 300, backlog_chunks=6))) == [(BACKLOG_GROWING, "firing")]
+    assert m.evaluate(_snap(ledger_status, 310, backlog_chunks=7)) == []  # still the same incident
+    assert _fired(m.evaluate(_snap(ledger_status, 320, backlog_chunks=3))) == [(BACKLOG_GROWING, "resolved")]
+
+    steady = _manager(make_settings, backlog_growing_seconds=300)
+    for t, backlog in ((0, 4), (100, 6), (200, 2), (300, 5), (400, 6)):
+        assert steady.evaluate(_snap(ledger_status, t, backlog_chunks=backlog)) == []  # it went down on the way
+
+
+def test_no_chunk_processed_while_chunks_wait(make_settings, ledger_status):
+    from src.observability.alerts import NO_CHUNK_PROCESSED
+
+    m = _manager(make_settings, stalled_seconds=600)
+    waiting = {"backlog_chunks": 3, "oldest_waiting_seconds": 700, "seconds_since_last_processed": 650}
+    assert _fired(m.evaluate(_snap(ledger_status, 0, **waiting))) == [(NO_CHUNK_PROCESSED, "firing")]
+    moving = {"backlog_chunks": 3, "oldest_waiting_seconds": 700, "seconds_since_last_processed": 5}
+    assert _fired(m.evaluate(_snap(ledger_status, 5, **moving))) == [(NO_CHUNK_PROCESSED, "resolved")]
+    idle = {"backlog_chunks": 0, "oldest_waiting_seconds": None, "seconds_since_last_processed": 5000}
+    assert m.evaluate(_snap(ledger_status, 10, **idle)) == []  # nothing waits: being idle is fine
+
+
+def test_worker_restarting_resolves_once_the_worker_stays_up(make_settings, ledger_status):
+    from src.observability.alerts import WORKER_RESTARTING
+
+    m = _manager(make_settings, restarts=3, worker_healthy_seconds=60)
+    crashing = [{"name": "mechanism Y", "restarts": 3, "alive": False, "up_seconds": 0.0}]
+    fired = m.evaluate(_snap(ledger_status, 0, workers=crashing))
+    assert _fired(fired) == [(WORKER_RESTARTING, "firing")] and fired[0]["labels"] == {"worker": "mechanism Y"}
+    young = [{"name": "mechanism Y", "restarts": 3, "alive": True, "up_seconds": 10.0}]
+    assert m.evaluate(_snap(ledger_status, 10, workers=young)) == []
+    healthy = [{"name": "mechanism Y", "restarts": 3, "alive": True, "up_seconds": 61.0}]
+    assert _fired(m.evaluate(_snap(ledger_status, 61, workers=healthy))) == [(WORKER_RESTARTING, "resolved")]
+
+
+def test_quarantine_rate_above_the_setting(make_settings, ledger_status):
+    from src.observability.alerts import QUARANTINE_RATE_HIGH
+
+    m = _manager(make_settings, quarantine_ratio=0.05, quarantine_min_rows=1000)
+
+    def snap(t: float, rows: int, bad: int) -> dict:
+        s = _snap(ledger_status, t)
+        s["status"]["quarantine_recent"] = {"minutes": 15, "rows": rows, "quarantined": bad}
+        return s
+
+    assert m.evaluate(snap(0, 500, 100)) == []  # too few rows to judge
+    assert m.evaluate(snap(1, 10_000, 500)) == []  # exactly 5 %: not above
+    fired = m.evaluate(snap(2, 10_000, 501))
+    assert _fired(fired) == [(QUARANTINE_RATE_HIGH, "firing")] and "5.0% of the rows" in fired[0]["text"]
+    assert _fired(m.evaluate(snap(3, 10_000, 10))) == [(QUARANTINE_RATE_HIGH, "resolved")]
+
+
+def test_what_cannot_be_judged_while_postgresql_is_down_stays_as_it_was(make_settings, ledger_status):
+    from src.observability.alerts import FILE_FAILED
+
+    m = _manager(make_settings, dependency_down_seconds=120)
+    failed = {**ledger_status, "files": [{"file_id": "f", "name": "x.csv", "status": "failed", "reason": "bad"}]}
+    assert _fired(m.evaluate({"time": 0, "status": failed, "workers": []})) == [(FILE_FAILED, "firing")]
+    down = {"time": 10, "status": None, "workers": [], "dependencies": {"postgresql": False}}
+    assert m.evaluate(down) == []  # neither resolved (unknown) nor DependencyDown yet (10 s < 2 min)
+    assert list(m.open) == [(FILE_FAILED, "f")]
+
+
+def test_an_incident_open_before_a_restart_is_not_announced_again(make_settings, pg_conn, base_env, receiver):
+    """Two AlertManagers in turn on the same ledger (a daemon restart): one firing, one resolved in all."""
+    from src.observability import alerts
+    from src.observability.status import collect_from
+
+    with pg_conn.cursor() as cur:
+        for name in ("postgres_setup.sql", "create_missing_tables.sql"):
+            cur.execute((ROOT / "setup" / name).read_text())
+        cur.execute(
+            "INSERT INTO source_files (file_id, source, name, kind, status, reason) "
+            "VALUES ('local-x', 'local', 'x.csv', 'unknown', 'failed', 'not a CSV file')"
+        )
+    settings = make_settings()
+
+    def snapshot() -> dict:
+        return {"time": time.time(), "status": collect_from(pg_conn), "workers": []}
+
+    def run_manager(until) -> None:
+        manager = alerts.AlertManager(
+            settings, snapshot=snapshot, interval=0.1, url=receiver.url, store=alerts.IncidentStore(settings)
+        ).start()
+        try:
+            until()
+        finally:
+            manager.stop()
+
+    run_manager(lambda: receiver.wait_for(alerts.FILE_FAILED, "firing", 30))
+    with pg_conn.cursor() as cur:
+        cur.execute("SELECT value FROM kv_state WHERE key = %s", (alerts.IncidentStore.KEY,))
+        assert "local-x" in cur.fetchone()[0]
+
+    def resolve_later() -> None:
+        time.sleep(1.0)  # ten evaluations with the file still failed: it is not announced again
+        with pg_conn.cursor() as cur:
+            cur.execute("UPDATE source_files SET status = 'deleted' WHERE file_id = 'local-x'")
+        receiver.wait_for(alerts.FILE_FAILED, "resolved", 30)
+
+    run_manager(resolve_later)
+    assert [s for s, _ in receiver.of(alerts.FILE_FAILED)] == ["firing", "resolved"]
