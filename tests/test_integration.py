@@ -113,6 +113,7 @@ def _env(pg_server, db: str, workdir: Path, inbox: Path | None, **overrides: str
             "SPARK_MASTER": "local[2]",
             "SPARK_LOCAL_IP": "127.0.0.1",
             "LOG_LEVEL": "INFO",
+            "LOG_FORMAT": "text",
             **THRESHOLDS,
         }
     )

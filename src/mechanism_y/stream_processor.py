@@ -439,7 +439,8 @@ class StreamProcessor:
         metrics.observe_batch(t_read - t0, t_fold - t_read, t_spark - t_fold, t_commit - t_spark)
         for i, c in enumerate(batch):
             here = [key for cut, key in new if cut == i]
-            metrics.observe_chunk_latency((done - c.written_at).total_seconds() if c.written_at else float("nan"))
+            if c.written_at is not None:
+                metrics.observe_chunk_latency((done - c.written_at).total_seconds())
             log.info(
                 "chunk %d (%s-%06d): %d rows, %d rejected, %d new detection(s) %s, latency %.3f s "
                 "[batch of %d: %.0f ms in Y (read %.0f, fold %.0f, detect %.0f, commit %.0f)]",
