@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import select
-import signal
 import sys
 import threading
 import time
@@ -52,7 +51,7 @@ from src.schemas.transaction_schemas import (
 from src.utils import lake_paths
 from src.utils.object_store import ObjectStore, parquet_bytes
 from src.utils.postgres_utils import Database, copy_csv, copy_rows, is_transient
-from src.utils.runtime import READY_FILE_ENV, retry_call
+from src.utils.runtime import EXIT_DRAIN_IMPOSSIBLE, READY_FILE_ENV, retry_call, x_finished
 
 log = logging.getLogger(__name__)
 COMPONENT = "mechanism_y"
@@ -261,6 +260,8 @@ class StreamProcessor:
                 self.writer.tick()
                 waiting = self._waiting_chunks()
                 batch = self._ready_prefix(waiting)
+                if x_finished():  # main.py --drain: the supervisor's mark that X has ingested everything
+                    self.drain_requested.set()
                 draining = drain or self.drain_requested.is_set()
                 if not batch:
                     self._refresh_weights()  # while idle, so the next chunk does not wait for a reload
@@ -277,7 +278,7 @@ class StreamProcessor:
                         log.error(
                             "drain impossible: chunks wait for a CustomerImportance file the source does not have"
                         )
-                        return 1
+                        return EXIT_DRAIN_IMPOSSIBLE
                     self._wait(1.0)
                     continue
                 waiting_since = None
@@ -691,11 +692,8 @@ def main(argv: list[str] | None = None) -> int:
     from src.utils.runtime import worker_main
 
     def run(settings: Settings, args: argparse.Namespace, stop: threading.Event) -> int:
-        # The supervisor sends SIGUSR1 once X has ingested everything (`main.py --drain`): finish what is in
-        # the ledger, then exit 0. Installed before Spark starts, so an early signal is never fatal.
-        drain_requested = threading.Event()
-        signal.signal(signal.SIGUSR1, lambda *_: drain_requested.set())
-        return run_worker(settings, drain=args.drain, stop=stop, drain_requested=drain_requested)
+        # Under `main.py --drain`, Y learns that X is done from the supervisor's file (runtime.x_finished).
+        return run_worker(settings, drain=args.drain, stop=stop)
 
     return worker_main("mechanism Y", build_parser(), argv, run)
 

@@ -10,7 +10,6 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import psycopg2
@@ -19,45 +18,13 @@ import psycopg2.extras
 
 from config.config import PROJECT_ROOT, Settings
 from src.errors import ProcessorError, RetryableError
+from src.utils.embedded_postgres import embedded_pgdata, start_embedded  # start_embedded: re-exported
 
 log = logging.getLogger(__name__)
 
 SCHEMA_FILES = ("postgres_setup.sql", "create_missing_tables.sql")
 # Set by the supervisor for its children so they share the embedded server it started.
 DSN_ENV = "TP_DATABASE_URL"
-
-
-def embedded_pgdata(settings: Settings) -> Path:
-    return settings.data_dir / "postgres"
-
-
-def start_embedded(settings: Settings) -> str:
-    """Start (or attach to) the embedded server under DATA_DIR and return its URI."""
-    import warnings
-
-    warnings.filterwarnings("ignore", module="platformdirs")
-    import pgserver
-
-    pgdata = embedded_pgdata(settings)
-    pgdata.mkdir(parents=True, exist_ok=True)
-    logging.getLogger("pgserver").setLevel(logging.WARNING)
-    server = pgserver.get_server(pgdata, cleanup_mode="stop")
-    uri = server.get_uri()
-    _ensure_database(uri, settings.postgres_db)
-    base, _, query = uri.partition("?")
-    return base.rsplit("/", 1)[0] + "/" + settings.postgres_db + (f"?{query}" if query else "")
-
-
-def _ensure_database(uri: str, db: str) -> None:
-    conn = psycopg2.connect(uri)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
-            if cur.fetchone() is None:
-                cur.execute(f"CREATE DATABASE {psycopg2.extensions.quote_ident(db, cur)}")
-    finally:
-        conn.close()
 
 
 def connection_kwargs(settings: Settings) -> dict[str, Any]:
