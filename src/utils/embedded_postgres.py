@@ -143,7 +143,8 @@ def _pgserver():
 
 def _is_postmaster(pid: int) -> bool:
     try:
-        return psutil.Process(pid).name() in ("postgres", "postmaster")
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and proc.name() in ("postgres", "postmaster")
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
 
