@@ -68,7 +68,7 @@ class Worker:
             [sys.executable, "-m", self.module, *self.args],
             env=env,
             cwd=str(ROOT),
-            preexec_fn=child_of(os.getpid()),  # noqa: PLW1509 - only a prctl call between fork and exec
+            preexec_fn=child_of(os.getpid()),  # only a prctl call between fork and exec (runtime.child_of)
         )
         self.started_at = time.monotonic()
         self.restart_at = None
