@@ -77,6 +77,17 @@ def test_a_killed_embedded_server_is_restarted_and_a_stale_pid_file_cleared(data
             assert time.monotonic() < deadline, "the postmaster survived SIGKILL"
             time.sleep(0.1)
         assert not is_alive(uri)
+
+        # While the server cannot start (a broken postgresql.conf), each check says why in one line and fails.
+        conf = pgdata / "postgresql.conf"
+        good = conf.read_bytes()
+        conf.write_bytes(good + b"\nthis line is not a setting\n")
+        time.sleep(0.3)
+        assert watch.check() is False and watch.restarts == 0
+        failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("embedded PostgreSQL did not")]
+        assert len(failed) == 1 and "pg_ctl start exited 1: " in failed[0] and "postgresql.conf" in failed[0], failed
+        conf.write_bytes(good)
+
         deadline = time.monotonic() + 120
         while watch.restarts == 0:
             assert time.monotonic() < deadline, "\n".join(r.getMessage() for r in caplog.records)

@@ -114,12 +114,12 @@ class EmbeddedWatch:
             try:
                 self.uri = restart_embedded(self.settings)
             except Exception as exc:  # noqa: BLE001 - any failure here is retried at the next check
+                server_log = embedded_pgdata(self.settings) / "log"
                 log.error(
-                    "embedded PostgreSQL did not start (%s: %s); next try in %.0fs (server log: %s)",
-                    type(exc).__name__,
-                    str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+                    "embedded PostgreSQL did not start (%s); next try in %.0fs (server log %s)",
+                    _why(exc, server_log),
                     self.interval,
-                    embedded_pgdata(self.settings) / "log",
+                    server_log,
                 )
                 return False
             self.restarts += 1
@@ -127,6 +127,22 @@ class EmbeddedWatch:
             return True
         finally:
             self._next = time.monotonic() + self.interval
+
+
+def _why(exc: Exception, server_log: Path) -> str:
+    """One line on a failed start: pg_ctl's own error says nothing, the server log's last line says why."""
+    import subprocess
+
+    if not isinstance(exc, subprocess.CalledProcessError):
+        text = str(exc).strip()
+        return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+    try:
+        with open(server_log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [ln for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    except OSError:
+        lines = []
+    return f"pg_ctl start exited {exc.returncode}" + (f": {lines[-1].strip()[:300]}" if lines else "")
 
 
 def _pgserver():
