@@ -101,6 +101,7 @@ class EmbeddedWatch:
         self.uri = uri
         self.interval = interval
         self.restarts = 0
+        self._down = False
         self._next = time.monotonic() + interval
 
     def check(self) -> bool:
@@ -110,7 +111,9 @@ class EmbeddedWatch:
         try:
             if is_alive(self.uri):
                 return True
-            log.error("embedded PostgreSQL in %s is not answering; restarting it", embedded_pgdata(self.settings))
+            if not self._down:  # once per outage; each failed restart then says why in its own line
+                log.error("embedded PostgreSQL in %s is not answering; restarting it", embedded_pgdata(self.settings))
+            self._down = True
             try:
                 self.uri = restart_embedded(self.settings)
             except Exception as exc:  # noqa: BLE001 - any failure here is retried at the next check
@@ -123,6 +126,7 @@ class EmbeddedWatch:
                 )
                 return False
             self.restarts += 1
+            self._down = False
             log.info("embedded PostgreSQL is back (restart %d)", self.restarts)
             return True
         finally:
