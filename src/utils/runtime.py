@@ -188,7 +188,9 @@ def worker_main(name: str, parser, argv: list[str] | None, run: Callable[..., in
     """Entry point shared by the workers: settings, logging, stop signals, and exit codes the supervisor reads.
 
     `run(settings, args, stop)` does the work. Exit 2 means "these settings cannot work" (the supervisor
-    stops instead of restarting); exit 1 is any other failure (restarted with backoff).
+    stops instead of restarting); exit 3 (EXIT_DRAIN_IMPOSSIBLE, returned by `run`) "this drain cannot finish"
+    (final too); exit 1 is any other failure (restarted with backoff). Under the supervisor, the worker stops
+    when the supervisor dies (`watch_parent`).
     """
     from config.config import Settings
     from src.errors import ProcessorError, SettingsError
