@@ -16,28 +16,42 @@ import argparse
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from config.config import Settings, redact_url  # noqa: E402
+from config.config import PROJECT_ROOT, Settings, redact_url  # noqa: E402
 from src.errors import ProcessorError  # noqa: E402
 from src.observability.server import MetricsServer  # noqa: E402
-from src.utils.runtime import READY_FILE_ENV  # noqa: E402
+from src.utils.db import DSN_ENV  # noqa: E402
+from src.utils.runtime import (  # noqa: E402
+    EXIT_DRAIN_IMPOSSIBLE,
+    READY_FILE_ENV,
+    SUPERVISOR_PID_ENV,
+    X_DONE_FILE_ENV,
+    child_of,
+)
+
+if TYPE_CHECKING:
+    from src.utils.embedded_postgres import EmbeddedWatch
 
 log = logging.getLogger("supervisor")
 
 EXIT_CONFIG = 2  # a worker exiting with this code has a settings problem: restarting will not help
+EXIT_FAILED = 1  # main.py's exit code when a drain cannot finish
 STOP_TIMEOUT = 8.0
 MAX_BACKOFF = 60.0
 HEALTHY_AFTER = 60.0  # a worker up this long has its restart backoff reset
+TICK = 0.2  # seconds between two looks at the workers
 
 
 @dataclass
@@ -53,7 +67,13 @@ class Worker:
     starts: int = 0  # for tp_worker_restarts_total (restarts resets once a worker is healthy)
 
     def start(self, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.args], env=env, cwd=str(ROOT))
+        """Start the worker tied to this process: it gets SIGTERM if the supervisor dies (see runtime.child_of)."""
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.module, *self.args],
+            env=env,
+            cwd=str(ROOT),
+            preexec_fn=child_of(os.getpid()),  # only a prctl call between fork and exec (runtime.child_of)
+        )
         self.started_at = time.monotonic()
         self.restart_at = None
         self.starts += 1
@@ -64,19 +84,34 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, *, drain: bool, run_y: bool = True) -> None:
+    """Runs the workers, restarts a crashed one with backoff, and keeps the embedded PostgreSQL up.
+
+    Drain hand-off: when X exits 0 under `--drain`, the supervisor creates the file named by X_DONE_FILE_ENV;
+    Y (running, slow to start, or restarted later) finishes the chunks in the ledger once it sees it.
+    """
+
+    max_backoff = MAX_BACKOFF
+    healthy_after = HEALTHY_AFTER
+
+    def __init__(
+        self, settings: Settings, *, drain: bool, run_y: bool = True, database_watch: EmbeddedWatch | None = None
+    ) -> None:
         self.settings = settings
         self.drain = drain
         self.stop = threading.Event()
+        self.database_watch = database_watch  # an EmbeddedWatch when this process runs the embedded server
         self.env = self._child_env()
         self.x = Worker("mechanism X", "src.mechanism_x.data_ingestion", ["--drain"] if drain else [])
         self.y = Worker("mechanism Y", "src.mechanism_y.stream_processor") if run_y else None
+        run_dir = settings.data_dir / "run"
         # Y touches this file once its Spark session is up and warm; X gets ready meanwhile (scans files, loads
         # CustomerImportance) but releases its first chunk only then, so chunks are not paced out at
         # CHUNK_INTERVAL_SECONDS into a queue nobody serves during Spark's start-up.
-        self.ready_file = settings.data_dir / "run" / f"mechanism-y-ready-{os.getpid()}"
+        self.ready_file = run_dir / f"mechanism-y-ready-{os.getpid()}"
+        self.x_done_file = run_dir / f"mechanism-x-done-{os.getpid()}"
         if self.y is not None:
             self.env[READY_FILE_ENV] = str(self.ready_file)
+            self.env[X_DONE_FILE_ENV] = str(self.x_done_file)
         self.metrics = MetricsServer(settings, self)  # /metrics, /healthz, /readyz on METRICS_ADDR
         self.env.update(self.metrics.child_env())
 
@@ -86,6 +121,7 @@ class Supervisor:
         env.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env[SUPERVISOR_PID_ENV] = str(os.getpid())
         return env
 
     def workers(self) -> list[Worker]:
@@ -102,54 +138,76 @@ class Supervisor:
             self.metrics.stop()
             if alerts is not None:
                 alerts.stop()
-            self.ready_file.unlink(missing_ok=True)
+            self._clear_marks()
 
     def _run(self) -> int:
-        self.ready_file.parent.mkdir(parents=True, exist_ok=True)
-        self.ready_file.unlink(missing_ok=True)
+        private_dir(self.ready_file.parent)
+        self._clear_marks()
         for w in self.workers():
             w.start(self.env)
-        while not self.stop.wait(0.2):
+        while not self.stop.wait(TICK):
             self.beat = time.monotonic()  # /healthz: the loop turns
+            self._watch_database()
             for w in self.workers():
-                if w.done or w.alive():
-                    continue
-                if w.restart_at is not None:
-                    if time.monotonic() >= w.restart_at:
-                        w.start(self.env)
-                        if w is self.y and self.x.done:
-                            self._signal_drain()
-                    continue
-                code = w.proc.returncode
-                if code == 0 and self.drain:
-                    w.done = True
-                    log.info("%s finished", w.name)
-                    if w is self.x and self.y is not None:
-                        self._signal_drain()
-                    if all(x.done for x in self.workers()):
-                        log.info("drain complete: every file ingested and every chunk processed")
-                        return 0
-                    continue
-                if code == EXIT_CONFIG:
-                    log.error("%s cannot start with these settings (exit %d); stopping", w.name, code)
-                    self.shutdown()
-                    return EXIT_CONFIG
-                if time.monotonic() - w.started_at >= HEALTHY_AFTER:
-                    w.restarts = 0
-                delay = min(MAX_BACKOFF, 2.0**w.restarts)
-                w.restarts += 1
-                w.restart_at = time.monotonic() + delay
-                how = f"signal {-code}" if code < 0 else f"code {code}"
-                log.warning(
-                    "%s (pid %d) exited with %s; restart %d in %.0fs", w.name, w.proc.pid, how, w.restarts, delay
-                )
+                code = self._check(w)
+                if code is not None:
+                    return code
         self.shutdown()
         return 0
 
-    def _signal_drain(self) -> None:
-        if self.y is not None and self.y.alive():
-            log.info("mechanism X has ingested everything; asking mechanism Y to finish the remaining chunks")
-            self.y.proc.send_signal(signal.SIGUSR1)
+    def _clear_marks(self) -> None:
+        self.ready_file.unlink(missing_ok=True)
+        self.x_done_file.unlink(missing_ok=True)
+
+    def _watch_database(self) -> None:
+        if self.database_watch is None:
+            return
+        self.database_watch.check()
+        if self.env.get(DSN_ENV) != self.database_watch.uri:
+            # a restarted server on another socket: workers started from now on use it
+            self.env[DSN_ENV] = self.database_watch.uri
+
+    def _check(self, w: Worker) -> int | None:
+        """Restart, finish or give up on one worker; the supervisor's exit code when it must end now."""
+        if w.done or w.alive():
+            return None
+        if w.restart_at is not None:
+            if time.monotonic() >= w.restart_at:
+                w.start(self.env)
+            return None
+        code = w.proc.returncode
+        if code == 0 and self.drain:
+            return self._finished(w)
+        if code == EXIT_CONFIG:
+            log.error("%s cannot start with these settings (exit %d); stopping", w.name, code)
+            self.shutdown()
+            return EXIT_CONFIG
+        if code == EXIT_DRAIN_IMPOSSIBLE:
+            log.error("%s cannot finish the drain (exit %d, reason above); stopping", w.name, code)
+            self.shutdown()
+            return EXIT_FAILED
+        self._schedule_restart(w, code)
+        return None
+
+    def _finished(self, w: Worker) -> int | None:
+        w.done = True
+        log.info("%s finished", w.name)
+        if w is self.x and self.y is not None:
+            self.x_done_file.touch()
+            log.info("mechanism X has ingested everything; mechanism Y finishes the chunks in the ledger")
+        if all(x.done for x in self.workers()):
+            log.info("drain complete: every file ingested and every chunk processed")
+            return 0
+        return None
+
+    def _schedule_restart(self, w: Worker, code: int) -> None:
+        if time.monotonic() - w.started_at >= self.healthy_after:
+            w.restarts = 0
+        delay = min(self.max_backoff, 2.0**w.restarts)
+        w.restarts += 1
+        w.restart_at = time.monotonic() + delay
+        how = f"signal {-code}" if code < 0 else f"code {code}"
+        log.warning("%s (pid %d) exited with %s; restart %d in %.0fs", w.name, w.proc.pid, how, w.restarts, delay)
 
     def shutdown(self) -> None:
         """SIGTERM -> join(timeout) -> SIGKILL, for every live worker."""
@@ -168,9 +226,24 @@ class Supervisor:
         log.info("all workers stopped")
 
 
+def private_dir(path: Path) -> None:
+    """Create `path` (and missing parents) readable by this user only: it holds data, downloads and sockets."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def warn_if_readable(path: Path, what: str) -> None:
+    """One warning when a file holding secrets can be read by the group or by others."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning("%s %s is readable by other users (mode %04o): run chmod 600 %s", what, path, mode, path)
+
+
 def describe_setup(settings: Settings) -> None:
     """The first log lines: which parts are embedded, and where everything lives."""
-    from src.utils.postgres_utils import describe_target
+    from src.utils.db import describe_target
 
     embedded = [
         name
@@ -196,15 +269,25 @@ def describe_setup(settings: Settings) -> None:
     log.info("database: %s", describe_target(settings))
 
 
-def prepare(settings: Settings) -> None:
-    """Fail fast on what would make both workers crash-loop; start the embedded database once for both."""
+def prepare(settings: Settings) -> EmbeddedWatch | None:
+    """Fail fast on what would make both workers crash-loop; start the embedded database once for both.
+
+    Returns the embedded server's watch when this process started it (for the Supervisor), else None.
+    """
     from config.spark_config import check_java
+    from src.utils.db import Database
+    from src.utils.embedded_postgres import EmbeddedWatch, start_embedded
     from src.utils.object_store import open_lake
-    from src.utils.postgres_utils import DSN_ENV, Database, start_embedded
 
     check_java()
+    private_dir(settings.data_dir)
+    private_dir(settings.data_dir / "run")
+    warn_if_readable(PROJECT_ROOT / ".env", ".env")
+    warn_if_readable(settings.google_credentials_path, "GOOGLE_CREDENTIALS_PATH")
+    watch = None
     if settings.embedded_postgres and not os.environ.get(DSN_ENV):
         os.environ[DSN_ENV] = start_embedded(settings)
+        watch = EmbeddedWatch(settings, os.environ[DSN_ENV])
     db = Database(settings)
     try:
         db.apply_schema()
@@ -233,6 +316,7 @@ def prepare(settings: Settings) -> None:
             log.info("the inbox %s is empty: generating the 594,643-row sample there", inbox)
             counts = sample_data.generate(inbox)
             log.info("sample written: %s", counts)
+    return watch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,12 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format, "supervisor", settings)
     describe_setup(settings)
     try:
-        prepare(settings)
+        database_watch = prepare(settings)
     except ProcessorError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_CONFIG
     try:
-        supervisor = Supervisor(settings, drain=args.drain)
+        supervisor = Supervisor(settings, drain=args.drain, database_watch=database_watch)
     except ProcessorError as exc:  # METRICS_ADDR not host:port
         log.error("cannot start: %s", exc)
         return EXIT_CONFIG

@@ -79,8 +79,8 @@ def bench_mechanism_x(sample: Path, work: Path, batch_size: int) -> dict:
     from config.config import Settings
     from src.mechanism_x.data_ingestion import Ingestor
     from src.mechanism_x.file_monitor import make_source
+    from src.utils.db import DSN_ENV, Database, start_embedded
     from src.utils.object_store import open_lake
-    from src.utils.postgres_utils import DSN_ENV, Database, start_embedded
 
     inbox, lake, data = work / "inbox", work / "lake", work / "data"
     inbox.mkdir(parents=True)
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             print(f"kept {work}")
         else:
-            from src.utils.postgres_utils import DSN_ENV
+            from src.utils.db import DSN_ENV
 
             os.environ.pop(DSN_ENV, None)
             shutil.rmtree(work, ignore_errors=True)

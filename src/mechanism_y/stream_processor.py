@@ -19,7 +19,6 @@ import argparse
 import io
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -56,7 +55,7 @@ from src.utils.db import CHUNK_CHANNEL, Database, Listener, copy_csv, copy_rows
 from src.utils.object_store import ObjectStore, parquet_bytes
 from src.utils.quality_report import write_quality_report
 from src.utils.retry import brief
-from src.utils.runtime import READY_FILE_ENV, drain_parser
+from src.utils.runtime import EXIT_DRAIN_IMPOSSIBLE, READY_FILE_ENV, drain_parser, x_finished
 
 log = logging.getLogger(__name__)
 COMPONENT = "mechanism_y"
@@ -231,6 +230,8 @@ class StreamProcessor:
                 self.writer.tick()
                 waiting = self._waiting_chunks()
                 batch = self._ready_prefix(waiting)
+                if x_finished():  # main.py --drain: the supervisor's mark that X has ingested everything
+                    self.drain_requested.set()
                 draining = drain or self.drain_requested.is_set()
                 if not batch:
                     self._refresh_weights()  # while idle, so the next chunk does not wait for a reload
@@ -247,7 +248,7 @@ class StreamProcessor:
                         log.error(
                             "drain impossible: chunks wait for a CustomerImportance file the source does not have"
                         )
-                        return 1
+                        return EXIT_DRAIN_IMPOSSIBLE
                     self._wait(1.0)
                     continue
                 waiting_since = None
@@ -734,11 +735,8 @@ def main(argv: list[str] | None = None) -> int:
     from src.utils.runtime import worker_main
 
     def run(settings: Settings, args: argparse.Namespace, stop: threading.Event) -> int:
-        # The supervisor sends SIGUSR1 once X has ingested everything (`main.py --drain`): finish what is in
-        # the ledger, then exit 0. Installed before Spark starts, so an early signal is never fatal.
-        drain_requested = threading.Event()
-        signal.signal(signal.SIGUSR1, lambda *_: drain_requested.set())
-        return run_worker(settings, drain=args.drain, stop=stop, drain_requested=drain_requested)
+        # Under `main.py --drain`, Y learns that X is done from the supervisor's file (runtime.x_finished).
+        return run_worker(settings, drain=args.drain, stop=stop)
 
     return worker_main("mechanism Y", build_parser(), argv, run)
 

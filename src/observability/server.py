@@ -162,7 +162,7 @@ class MetricsServer:
 
     def _query(self, sql: str) -> list[tuple]:
         """Ledger reads on one connection of their own (never the workers'), short timeouts."""
-        from src.utils.postgres_utils import Database, connection_kwargs
+        from src.utils.db import Database, connection_kwargs
 
         with self._db_lock:
             if self._db is None:
@@ -204,7 +204,7 @@ class MetricsServer:
 
     def _check_drive(self) -> None:
         from src.mechanism_x.gdrive_source import GoogleDriveSource
-        from src.utils.postgres_utils import Database
+        from src.utils.db import Database
 
         db = Database(self.settings, attempts=1)
         source = GoogleDriveSource(self.settings, db)

@@ -16,7 +16,7 @@ from typing import Any
 from config.config import Settings
 
 # The one place this package reaches the database module (it may move; only this import changes).
-from src.utils.postgres_utils import Database, connection_kwargs, describe_target  # noqa: F401
+from src.utils.db import Database, connection_kwargs, describe_target  # noqa: F401
 
 log = logging.getLogger(__name__)
 

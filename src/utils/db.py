@@ -25,7 +25,7 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from config.config import PROJECT_ROOT, Settings
-from src.errors import SettingsError, is_retryable
+from src.errors import ProcessorError, SettingsError, is_retryable
 from src.utils.retry import brief, call_with_retry
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ class Database:
         self.conn  # noqa: B018 - connect now, so the lock is held before any work
 
 
-class LockHeld(RuntimeError):
+class LockHeld(ProcessorError):
     """Another process holds the advisory lock this one needs."""
 
 

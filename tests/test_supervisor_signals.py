@@ -1,0 +1,92 @@
+"""The whole daemon and its process tree (X, Y, Y's Spark JVM) under SIGINT and under a SIGKILL of the supervisor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from src.sample_data import generate
+from tests.test_supervisor import _wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _start(product_env: dict[str, str], log: Path) -> subprocess.Popen:
+    generate(Path(product_env["LOCAL_INBOX_DIR"]), rows=30_000, seed=3)
+    env = dict(product_env, BATCH_SIZE="10000", LOG_FORMAT="text", SPARK_MASTER="local[2]")
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "main.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _survivors(procs: list[psutil.Process], timeout: float) -> list[str]:
+    _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    out = []
+    for p in alive:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{p.pid} {p.name()} {' '.join(p.cmdline())[:120]}")
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _is_java(p: psutil.Process) -> bool:
+    try:
+        return p.name() == "java"
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.slow
+def test_sigint_stops_both_workers_and_spark_cleanly(tmp_path, product_env):
+    log = tmp_path / "main.log"
+    proc = _start(product_env, log)
+    try:
+        _wait_for(log, r"mechanism Y up", 300, proc)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        names = sorted(p.name() for p in tree)
+        assert names.count("java") == 1 and len([p for p in tree if p.ppid() == proc.pid]) == 2, names
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text(errors="replace")
+    assert code == 0, text[-3000:]
+    assert "SIGINT received: stopping the workers" in text
+    assert "mechanism X: SIGTERM received" in text and "mechanism Y: SIGTERM received" in text
+    assert "all workers stopped" in text and "did not stop" not in text and "Traceback" not in text
+    assert not _survivors(tree, 30)
+    assert not list((Path(product_env["DATA_DIR"]) / "run").iterdir()), "a run file was left behind"
+
+
+@pytest.mark.slow
+def test_no_worker_nor_spark_jvm_outlives_a_killed_supervisor(tmp_path, product_env):
+    """SIGKILL while Y is still starting Spark (its stop flag not looked at yet): the hard path."""
+    log = tmp_path / "main.log"
+    proc = _start(product_env, log)
+    try:
+        y_pid = int(_wait_for(log, r"mechanism Y started \(pid (\d+)\)", 120, proc).group(1))
+        deadline = time.monotonic() + 300
+        while not any(_is_java(p) for p in psutil.Process(y_pid).children(recursive=True)):
+            assert time.monotonic() < deadline, "Y's Spark JVM never started"
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    proc.wait(10)
+    assert len(tree) >= 3 and any(_is_java(p) for p in tree)
+    left = _survivors(tree, 30)
+    assert not left, f"outlived the supervisor by 30 s: {left}\n{log.read_text(errors='replace')[-3000:]}"
+    text = log.read_text(errors="replace")
+    assert "the supervisor (pid %d) is gone" % proc.pid in text
