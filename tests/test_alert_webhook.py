@@ -4,11 +4,7 @@ a failing file, and a PostgreSQL server of the test's own that is stopped and st
 from __future__ import annotations
 
 import json
-import os
-import pwd
-import shutil
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -17,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import _free_port, _pg_bindir
+from tests.pg_cluster import PgCluster, pg_bindir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,51 +112,16 @@ def test_a_failed_file_fires_once_and_resolves_once_when_it_is_removed(make_sett
     assert not runner.is_alive()
 
 
-class OwnPostgres:
-    """A PostgreSQL server for one test (initdb + pg_ctl as in conftest), so stopping it disturbs nobody."""
-
-    def __init__(self) -> None:
-        self.bindir = _pg_bindir()
-        self.tmp = Path(tempfile.mkdtemp(prefix="tp-pg-alerts-"))
-        self.pgdata = self.tmp / "data"
-        self.port = _free_port()
-        self.prefix: list[str] = []
-        if os.geteuid() == 0:
-            pw = pwd.getpwnam("postgres")
-            os.chown(self.tmp, pw.pw_uid, pw.pw_gid)
-            self.prefix = ["runuser", "-u", "postgres", "--"]
-        subprocess.run(
-            self.prefix + [str(self.bindir / "initdb"), "-D", str(self.pgdata), "-U", "postgres", "--auth=trust"],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-
-    def ctl(self, *args: str) -> None:
-        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.tmp} -c fsync=off"
-        subprocess.run(
-            self.prefix
-            + [str(self.bindir / "pg_ctl"), "-D", str(self.pgdata), "-o", opts, "-l", str(self.tmp / "log"), *args],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-
-    def remove(self) -> None:
-        subprocess.run(
-            self.prefix + [str(self.bindir / "pg_ctl"), "-D", str(self.pgdata), "-m", "immediate", "stop"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
 @pytest.fixture
 def own_postgres():
-    if _pg_bindir() is None:
+    """A PostgreSQL server for this test alone, so stopping it disturbs nobody."""
+    bindir = pg_bindir()
+    if bindir is None:
         pytest.fail("this test needs PostgreSQL's initdb/pg_ctl (apt-get install postgresql)")
-    server = OwnPostgres()
-    server.ctl("-w", "start")
+    server = PgCluster(Path(tempfile.mkdtemp(prefix="tp-pg-alerts-")), bindir)
+    server.start()
     yield server
-    server.remove()
+    server.destroy()
 
 
 def test_a_postgresql_outage_fires_once_and_resolves_once(make_settings, own_postgres, receiver):
@@ -187,13 +148,13 @@ def test_a_postgresql_outage_fires_once_and_resolves_once(make_settings, own_pos
         time.sleep(1.0)
         assert receiver.messages == []  # all is well: nothing to say
 
-        own_postgres.ctl("-m", "fast", "-w", "stop")
+        own_postgres.stop("fast")
         fired = receiver.wait_for(alerts.DEPENDENCY_DOWN, "firing", 60)
         _check_message(fired, alerts.DEPENDENCY_DOWN, "firing")
         assert fired["labels"] == {"dependency": "postgresql"}
         assert "PostgreSQL has been unreachable for more than 2s" in fired["text"]
 
-        own_postgres.ctl("-w", "start")
+        own_postgres.start()
         resolved = receiver.wait_for(alerts.DEPENDENCY_DOWN, "resolved", 60)
         _check_message(resolved, alerts.DEPENDENCY_DOWN, "resolved")
         time.sleep(2.0)  # ten more evaluations: nothing else is sent

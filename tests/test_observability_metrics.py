@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,14 +19,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from src.sample_data import generate
+from tests.pg_cluster import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -106,7 +100,7 @@ def test_a_run_exports_metrics_equal_to_the_ledger_and_logs_joinable_json(tmp_pa
         f.write("'1','C1','2','M','28007','M1','28007','es_food',-4.5,0\n")
         f.write("'1','C1','2','Q','28007','M1','28007','es_food',4.5,0\n")
         f.write("not,enough,fields\n")
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = dict(
         product_env,
@@ -216,7 +210,7 @@ def test_a_run_exports_metrics_equal_to_the_ledger_and_logs_joinable_json(tmp_pa
 def test_readyz_names_the_failed_check_and_healthz_follows_the_loop(make_settings, pg_server):
     from src.observability.server import MetricsServer
 
-    port = _free_port()
+    port = free_port()
     settings = make_settings(METRICS_ADDR=f"127.0.0.1:{port}")
     worker = SimpleNamespace(name="mechanism Y", proc=None, restarts=3, starts=4, done=False)
     supervisor = SimpleNamespace(

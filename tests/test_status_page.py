@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.pg_cluster import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -28,12 +29,6 @@ ROWS = 24_000
 BATCH = 2_000
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(what: str, check, deadline: float, every: float = 0.5):
@@ -89,7 +84,7 @@ def daemon(product_env, base_env, tmp_path):
     """`python main.py` on a generated sample plus one broken file, paced, with its HTTP endpoint on a free port."""
     inbox = Path(base_env["LOCAL_INBOX_DIR"])
     env = dict(product_env)
-    port = _free_port()
+    port = free_port()
     env.update(
         {
             "CHUNK_INTERVAL_SECONDS": "0.5",
