@@ -74,7 +74,7 @@ class AlertManager:
         post_timeout: float = POST_TIMEOUT,
         store: "IncidentStore | None" = None,
     ) -> None:
-        self.url = url or settings.alert_webhook_url
+        self.url = url or settings.alert_webhook_url.get_secret_value()  # a Slack webhook URL is a secret
         self.snapshot = snapshot
         self.interval = interval
         self.thresholds = thresholds or Thresholds(quarantine_ratio=settings.alert_quarantine_ratio)
