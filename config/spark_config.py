@@ -1,15 +1,19 @@
-"""The only place a SparkSession is built. Never at import time."""
+"""The only place a SparkSession is built. Never at import time.
+
+S3A settings, jar resolution and the Java lookup live in `src.utils.spark_utils`, which this module
+imports and which never imports this one (one direction, no cycle).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 from typing import TYPE_CHECKING
 
 from config.config import Settings
 from src.errors import ProcessorError
+from src.utils.spark_utils import fetch_hadoop_aws_jars, find_java, ivy_dir, s3a_conf, s3a_env
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -19,9 +23,7 @@ log = logging.getLogger(__name__)
 
 def check_java() -> None:
     """Spark needs a JVM; say what to install instead of a Py4J stack trace."""
-    java_home = os.environ.get("JAVA_HOME")
-    java = os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
-    if not java or not os.path.exists(java):
+    if find_java() is None:
         raise ProcessorError(
             "Java is not installed (Spark needs Java 17 or 21): install it, e.g. "
             "`apt-get install openjdk-17-jre-headless`, or set JAVA_HOME"
@@ -55,8 +57,6 @@ def spark_conf(settings: Settings, app_name: str) -> dict[str, str]:
         "spark.log.level": "WARN",
     }
     if settings.s3_bucket_name:
-        from src.utils.spark_utils import s3a_conf
-
         conf.update(s3a_conf(settings))
     return conf
 
@@ -68,8 +68,6 @@ def prepare_s3a(settings: Settings) -> None:
     which Spark prints. The jars are fetched once into DATA_DIR/ivy so the session starts with
     files on the class path instead of resolving packages on every start; SPARK_JARS skips that.
     """
-    from src.utils.spark_utils import fetch_hadoop_aws_jars, ivy_dir, s3a_env
-
     os.environ.update(s3a_env(settings))
     if not settings.spark_jars:
         jars = fetch_hadoop_aws_jars(settings)

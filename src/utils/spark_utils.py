@@ -18,6 +18,15 @@ the executors (same JVM) see them without any copy.
 Credentials never go into the Spark conf (it is printed by `spark-submit --verbose`, the
 environment tab and our own start-up logs): the JVM reads them from its environment
 (`s3a_env`), or from the standard AWS chain when no keys are set.
+
+Dependencies run one way: `config.spark_config` (which builds the session) imports this module;
+this module never imports `config.spark_config`.
+
+S3A retries (inside the JVM, where our Python retry policy cannot reach) are set so that a lake
+outage of several minutes delays a Spark read instead of failing it: the AWS SDK tries each request
+twice (`attempts.maximum`), then S3A waits a fixed `retry.interval` between up to `retry.limit`
+attempts for connection failures, resets and 5xx (2 s x 150 = 5 min), and backs off exponentially
+for throttling (`retry.throttle.*`: 1 s doubling, 8 times, at least 4 min in all).
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from config.config import Settings
-from src.errors import ProcessorError
+from src.errors import ProcessorError, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +52,19 @@ HADOOP_AWS = "org.apache.hadoop:hadoop-aws"
 ENV_CREDENTIALS = "software.amazon.awssdk.auth.credentials.EnvironmentVariableCredentialsProvider"
 DEFAULT_CREDENTIALS = "software.amazon.awssdk.auth.credentials.DefaultCredentialsProvider"
 REDACTION_REGEX = r"(?i)secret|password|token|access[.]?key|credential"
+
+
+S3A_RETRY_INTERVAL = "2s"
+S3A_RETRY_LIMIT = 150
+S3A_THROTTLE_INTERVAL = "1s"
+S3A_THROTTLE_LIMIT = 8
+
+
+def find_java() -> str | None:
+    """The `java` Spark and Ivy will run: $JAVA_HOME/bin/java, else the one on PATH."""
+    java_home = os.environ.get("JAVA_HOME")
+    java = os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
+    return java if java and os.path.exists(java) else None
 
 
 def pyspark_jars_dir() -> Path:
@@ -100,8 +122,7 @@ def fetch_hadoop_aws_jars(settings: Settings, *, timeout: float = 1800) -> list[
     jars = cached_hadoop_aws_jars(settings)
     if jars:
         return jars
-    java_home = os.environ.get("JAVA_HOME")
-    java = os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
+    java = find_java()
     ivy_jars = sorted(pyspark_jars_dir().glob("ivy-*.jar"))
     if not java or not ivy_jars:
         raise ProcessorError("cannot fetch hadoop-aws: Java or pyspark's ivy jar is missing (or set SPARK_JARS)")
@@ -146,7 +167,7 @@ def _expand(spec: str) -> list[Path]:
             continue
         matches = sorted(glob.glob(os.path.expanduser(item))) if glob.has_magic(item) else [os.path.expanduser(item)]
         if not matches:
-            raise ProcessorError(f"SPARK_JARS entry {item!r} matches no file")
+            raise SettingsError(f"SPARK_JARS entry {item!r} matches no file: fix the path or unset SPARK_JARS")
         out += [Path(m) for m in matches]
     return out
 
@@ -170,9 +191,14 @@ def s3a_conf(settings: Settings) -> dict[str, str]:
             prefix + "aws.credentials.provider": ENV_CREDENTIALS if settings.aws_access_key_id else DEFAULT_CREDENTIALS,
             prefix + "connection.maximum": str(max(32, settings.max_workers * 4)),
             prefix + "threads.max": str(max(16, settings.max_workers * 2)),
-            prefix + "attempts.maximum": "5",
-            prefix + "retry.limit": "7",
-            prefix + "retry.throttle.limit": "20",
+            # Ride out a lake outage of minutes (see the module docstring): the SDK tries twice, S3A waits.
+            prefix + "attempts.maximum": "2",
+            prefix + "retry.interval": S3A_RETRY_INTERVAL,
+            prefix + "retry.limit": str(S3A_RETRY_LIMIT),
+            prefix + "retry.throttle.interval": S3A_THROTTLE_INTERVAL,
+            prefix + "retry.throttle.limit": str(S3A_THROTTLE_LIMIT),
+            prefix + "connection.establish.timeout": "5s",
+            prefix + "connection.timeout": "60s",
             prefix + "input.stream.type": "classic",
             "spark.redaction.regex": REDACTION_REGEX,
         }
@@ -209,7 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["fetch-jars"])
     parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    jars = fetch_hadoop_aws_jars(Settings.from_env())
+    try:
+        jars = fetch_hadoop_aws_jars(Settings.from_env())
+    except SettingsError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except ProcessorError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
     sys.stdout.write(",".join(str(j) for j in jars) + "\n")
     return 0
 
