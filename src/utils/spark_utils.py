@@ -24,9 +24,11 @@ this module never imports `config.spark_config`.
 
 S3A retries (inside the JVM, where our Python retry policy cannot reach) are set so that a lake
 outage of several minutes delays a Spark read instead of failing it: the AWS SDK tries each request
-twice (`attempts.maximum`), then S3A waits a fixed `retry.interval` between up to `retry.limit`
-attempts for connection failures, resets and 5xx (2 s x 150 = 5 min), and backs off exponentially
-for throttling (`retry.throttle.*`: 1 s doubling, 8 times, at least 4 min in all).
+twice (`attempts.maximum`), then S3A retries connection failures, resets and 5xx (`retry.*`) and
+throttling (`retry.throttle.*`) with Hadoop's uncapped exponential backoff, which sleeps
+interval * 2^(k+1) * U(0.5, 1.5) before retry k: 500 ms and 9 retries wait at least 255 s in all
+(about 8.5 min on average), so a 90 s outage is ridden out with a wide margin. The price of an
+uncapped backoff: after a long outage a read may sleep on for up to about as long again.
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ DEFAULT_CREDENTIALS = "software.amazon.awssdk.auth.credentials.DefaultCredential
 REDACTION_REGEX = r"(?i)secret|password|token|access[.]?key|credential"
 
 
-S3A_RETRY_INTERVAL = "2s"
-S3A_RETRY_LIMIT = 150
-S3A_THROTTLE_INTERVAL = "1s"
-S3A_THROTTLE_LIMIT = 8
+S3A_RETRY_INTERVAL = "500ms"
+S3A_RETRY_LIMIT = 9  # Hadoop refuses 63 or more
+S3A_THROTTLE_INTERVAL = "500ms"
+S3A_THROTTLE_LIMIT = 9
 
 
 def find_java() -> str | None:
