@@ -64,6 +64,7 @@ class Request:
     query: dict[str, str]
     headers: dict[str, str] = field(default_factory=dict)
     file_id: str | None = None
+    fault: Any = None  # the fault this request was answered with, None when served normally
 
 
 def _b64url_decode(part: str) -> bytes:
@@ -519,14 +520,16 @@ def _make_handler(fake: FakeDrive) -> type[BaseHTTPRequestHandler]:
             op, file_id, query = self._route()
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
+            request = Request(
+                op or "unknown", self.path, query, {k.lower(): v for k, v in self.headers.items()}, file_id
+            )
             with fake._lock:
-                fake.requests.append(
-                    Request(op or "unknown", self.path, query, {k.lower(): v for k, v in self.headers.items()}, file_id)
-                )
+                fake.requests.append(request)
             if op is None:
                 self._send(*_error(404, "notFound", f"no such method: {self.command} {self.path}"))
                 return
             fault = fake._take_fault(op, file_id) or fake._chaos(op)
+            request.fault = fault.kind if fault is not None else None
             if fault is not None and fault.kind == "timeout":
                 fake._stop.wait(fault.delay)  # the client has given up by now; answer anyway
                 fault = None
