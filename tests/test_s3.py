@@ -481,3 +481,25 @@ def test_first_start_fetches_hadoop_aws_into_data_dir(s3_settings, hadoop_aws_ja
     assert result["packages"] is None  # files on the class path, not Spark's per-start resolution
     manifest = data_dir / "ivy" / f"hadoop-aws-{bundled_hadoop_version()}.classpath"
     assert any(Path(j).name.startswith("hadoop-aws-") for j in manifest.read_text().split(os.pathsep))
+
+
+def _imports(module: str) -> set[str]:
+    """Every module `module` imports, at its top or inside a function (a lazy import is still an edge)."""
+    import ast
+
+    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_lake_and_spark_modules_have_no_import_cycle():
+    assert "src.utils.s3_utils" not in _imports("src.utils.object_store")
+    assert "config.spark_config" not in _imports("src.utils.spark_utils")
+    assert "src.utils.object_store" in _imports("src.utils.s3_utils")  # the one direction
+    assert "src.utils.spark_utils" in _imports("config.spark_config")
+    assert "src.resources" not in _imports("src.utils.s3_utils") | _imports("src.mechanism_x.gdrive_source")
