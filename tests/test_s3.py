@@ -52,8 +52,9 @@ def store(s3_settings) -> S3ObjectStore:
 
 @pytest.fixture
 def flaky(s3_settings, faulty_s3) -> S3ObjectStore:
-    """A store talking to the server through the fault proxy; a hung answer is given up after 1 s."""
-    return S3ObjectStore(s3_settings(faulty_s3.endpoint), read_timeout=1)
+    """A store talking to the server through the fault proxy; a hung answer is given up after 5 s (a healthy
+    one takes milliseconds, so even a loaded machine never times out by accident)."""
+    return S3ObjectStore(s3_settings(faulty_s3.endpoint), read_timeout=5)
 
 
 def _wait_lines(caplog) -> list[str]:
@@ -214,7 +215,7 @@ def test_lost_answer_then_retry_writes_nothing_twice(flaky, faulty_s3):
 def test_transient_get_faults_and_timeouts_are_retried(flaky, store, faulty_s3):
     key = "pattern-detections/patid1/_summary/monthly_stats.json"
     store.put_bytes(key, b'{"n": 3}')
-    faulty_s3.hang_seconds = 10.0  # far past the client's 1 s read timeout, even on a loaded machine
+    faulty_s3.hang_seconds = 60.0  # far past the client's 5 s read timeout, even on a loaded machine
     faulty_s3.inject("GET", "reset", 2)
     faulty_s3.inject("GET", 503, 2)
     faulty_s3.inject("GET", "hang", 1)
