@@ -69,6 +69,7 @@ class Seen:
     fault: int | str | None
     status: int | None = None  # what the S3 server answered, when the request reached it
     agent: str = ""  # User-Agent: tells botocore (X, Y) from Hadoop S3A (Spark)
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass

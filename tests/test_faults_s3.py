@@ -37,9 +37,10 @@ THRESHOLDS = {"PATID1_MIN_MERCHANT_TXNS": "3000", "PATID2_MIN_TXNS": "40", "PATI
 REFERENCE_THRESHOLDS = {"min_merchant_txns": 3000, "min_txns": 40, "min_female_customers": 5}
 
 
-def _chunk_read(method: str, path: str) -> bool:
-    """A GET of a chunk object: only Spark reads them, so the outage starts with Y's first read."""
-    return method == "GET" and "/raw-transactions/year=" in unquote(path) and "list-type" not in path
+def _second_chunk_put(method: str, path: str) -> bool:
+    """X's put of chunk 1: chunk 0 is written and Y (ready, since X released it) is about to read it with
+    Spark, so the outage meets both X's puts and Spark's first read."""
+    return method == "PUT" and re.search(r"/raw-transactions/year=[^?]*-000001\.parquet", unquote(path)) is not None
 
 
 def _is_s3a(agent: str) -> bool:
@@ -73,7 +74,7 @@ def test_drain_rides_out_s3_faults_and_a_90s_outage(
         }
     )
     faulty_s3.set_flaky(0.04, seed=3)
-    faulty_s3.schedule_outage(OUTAGE_SECONDS, starts_on=_chunk_read)
+    faulty_s3.schedule_outage(OUTAGE_SECONDS, starts_on=_second_chunk_put)
 
     t0 = time.monotonic()
     proc = subprocess.run(
@@ -89,8 +90,14 @@ def test_drain_rides_out_s3_faults_and_a_90s_outage(
     # The outage happened and lasted; both X's botocore and Spark's S3A met it and the random faults.
     assert faulty_s3.outage_started is not None and faulty_s3.outage_over(), output[-3000:]
     faulted = faulty_s3.requests(faulted=True)
-    during = [s for s in faulted if s.fault in (503, "reset")]
-    assert any(_is_s3a(s.agent) for s in during) and any("boto" in s.agent.lower() for s in during)
+    start = faulty_s3.outage_started
+    during = [s for s in faulted if start <= s.at < start + OUTAGE_SECONDS]
+    assert any(_is_s3a(s.agent) for s in during), {s.agent for s in during}
+    assert any("botocore" in s.agent.lower() and s.method == "PUT" for s in during), {s.agent for s in during}
+    chunk_gets = [
+        s for s in faulty_s3.requests("GET") if _is_s3a(s.agent) and "/raw-transactions/year=" in unquote(s.path)
+    ]
+    assert any(start <= s.at < start + OUTAGE_SECONDS for s in chunk_gets)  # Spark read during the outage
     assert {s.fault for s in faulted} >= {503, 500, "reset", "reset_after"}
     assert any(s.method == "PUT" and "/raw-transactions/year=" in unquote(s.path) for s in faulted)
     assert any("waiting for S3 at" in line for line in output.splitlines()), output[-3000:]
