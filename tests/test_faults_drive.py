@@ -131,7 +131,13 @@ def test_x_rides_out_a_drive_outage_and_flaky_requests(drive, product_env, pg_co
         chunks = cur.fetchall()
     assert sorted((f, s) for f, s, _ in files) == sorted((i, "done") for i in ids.values()), files
     assert len(chunks) == 1 and chunks[0][0] == "written" and chunks[0][2] == ROWS, chunks
-    lines = _lake_lines(Settings.from_env(env, dotenv=Path("/nonexistent")))
+    settings = Settings.from_env(env, dotenv=Path("/nonexistent"))
+    lines = _lake_lines(settings)
     assert len(lines) == len(set(lines)) == chunks[0][3] == ROWS - chunks[0][4]
     assert {f for f, _ in lines} == {tx}
+
+    # No identity in the lake (the processing log describes the source), and the account logged once, at start.
+    lake = open_lake(settings)
+    assert not [k for k in lake.list_keys("") if EMAIL.encode() in lake.get_bytes(k)]
+    assert len([line for line in output.splitlines() if EMAIL in line]) == 1, output[-3000:]
     sys.stderr.write(f"\nX drain through a {OUTAGE_SECONDS:.0f} s Drive outage: {seconds:.1f} s, {len(waits)} waits\n")
