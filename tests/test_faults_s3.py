@@ -73,6 +73,16 @@ def test_drain_rides_out_s3_faults_and_a_90s_outage(
             **THRESHOLDS,
         }
     )
+
+    def chunk_put(path: str) -> bool:
+        return "/raw-transactions/year=" in unquote(path) and "-000000.parquet" in unquote(path)
+
+    # Each kind of fault at least once on the first chunk (the dice may not deal all of them), a random 4 % of
+    # every request, then the outage.
+    faulty_s3.inject("PUT", 500, 1, path=chunk_put)
+    faulty_s3.inject("PUT", "reset", 1, path=chunk_put)
+    faulty_s3.inject("PUT", "reset_after", 1, path=chunk_put)  # stored, answer lost: the retry finds it (412)
+    faulty_s3.inject("PUT", 503, 1, path=chunk_put)
     faulty_s3.set_flaky(0.04, seed=3)
     faulty_s3.schedule_outage(OUTAGE_SECONDS, starts_on=_second_chunk_put)
 
