@@ -367,7 +367,7 @@ class S3ObjectStore(ObjectStore):
         probe object is overwritten on every start rather than deleted.
         """
         self._call("head-bucket", self._head_bucket_once)
-        stamp = f"ok {time.time():.0f}\n".encode()
+        stamp = f"ok {time.time_ns()}\n".encode()  # new bytes every time: the put is really made (PutObject)
         self.put_bytes(HEALTH_KEY, stamp, overwrite=True)
         self.get_bytes(HEALTH_KEY)
 
