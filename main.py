@@ -32,7 +32,8 @@ if str(ROOT) not in sys.path:
 from config.config import PROJECT_ROOT, Settings, redact_url  # noqa: E402
 from src.errors import ProcessorError  # noqa: E402
 from src.observability.server import MetricsServer  # noqa: E402
-from src.utils.db import DSN_ENV  # noqa: E402
+from src.resources import open_lake  # noqa: E402
+from src.utils.db import DSN_ENV, Database  # noqa: E402
 from src.utils.runtime import (  # noqa: E402
     EXIT_DRAIN_IMPOSSIBLE,
     READY_FILE_ENV,
@@ -112,7 +113,8 @@ class Supervisor:
         if self.y is not None:
             self.env[READY_FILE_ENV] = str(self.ready_file)
             self.env[X_DONE_FILE_ENV] = str(self.x_done_file)
-        self.metrics = MetricsServer(settings, self)  # /metrics, /healthz, /readyz on METRICS_ADDR
+        # /metrics, /healthz, /readyz on METRICS_ADDR
+        self.metrics = MetricsServer(settings, self, open_lake=open_lake)
         self.env.update(self.metrics.child_env())
 
     def _child_env(self) -> dict[str, str]:
@@ -130,7 +132,8 @@ class Supervisor:
     def run(self) -> int:
         from src.observability.alerts import start_alerts
 
-        alerts = start_alerts(self.settings, self.workers)  # webhook alerts; None without ALERT_WEBHOOK_URL
+        # webhook alerts; None without ALERT_WEBHOOK_URL
+        alerts = start_alerts(self.settings, self.workers, open_lake=open_lake)
         self.metrics.start()
         try:
             return self._run()
@@ -274,10 +277,8 @@ def prepare(settings: Settings) -> EmbeddedWatch | None:
 
     Returns the embedded server's watch when this process started it (for the Supervisor), else None.
     """
-    from config.spark_config import check_java
-    from src.utils.db import Database
     from src.utils.embedded_postgres import EmbeddedWatch, start_embedded
-    from src.utils.object_store import open_lake
+    from src.utils.spark_utils import check_java
 
     check_java()
     private_dir(settings.data_dir)
@@ -295,18 +296,7 @@ def prepare(settings: Settings) -> EmbeddedWatch | None:
         db.close()
     open_lake(settings).check_writable()
     if settings.gdrive_folder_id:
-        from src.errors import RetryableError
-        from src.mechanism_x.gdrive_source import GoogleDriveSource
-
-        db = Database(settings)
-        source = GoogleDriveSource(settings, db)
-        try:
-            source.check()  # credentials and folder access, before any worker or Spark starts
-        except RetryableError as exc:
-            log.warning("Google Drive not reachable yet (%s); mechanism X will keep trying", exc)
-        finally:
-            source.close()
-            db.close()
+        _check_drive(settings)
     if settings.local_inbox:
         inbox = settings.local_inbox_dir
         inbox.mkdir(parents=True, exist_ok=True)
@@ -317,6 +307,27 @@ def prepare(settings: Settings) -> EmbeddedWatch | None:
             counts = sample_data.generate(inbox)
             log.info("sample written: %s", counts)
     return watch
+
+
+def _check_drive(settings: Settings, wait: float = 30.0) -> None:
+    """The Drive key and folder, before any worker or Spark starts: a wrong key or folder is a one-line
+    settings error; Drive being away is waited for `wait` seconds, then left to Mechanism X, which waits on."""
+    from src.errors import is_retryable
+    from src.resources import open_source
+
+    given_up = threading.Event()
+    timer = threading.Timer(wait, given_up.set)
+    timer.start()
+    db = Database(settings)
+    try:
+        open_source(settings, db, stop=given_up).close()
+    except Exception as exc:
+        if not is_retryable(exc):
+            raise
+        log.warning("Google Drive not reachable yet (%s); mechanism X will keep trying", exc)
+    finally:
+        timer.cancel()
+        db.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from src.utils.runtime import configure_logging
+    from src.observability.logs import configure_logging
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -358,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     except ProcessorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(settings.log_level, settings.log_format, "supervisor", settings)
+    configure_logging(settings, "supervisor")
     describe_setup(settings)
     try:
         database_watch = prepare(settings)

@@ -78,9 +78,8 @@ def peak_rss_mib() -> float:
 def bench_mechanism_x(sample: Path, work: Path, batch_size: int) -> dict:
     from config.config import Settings
     from src.mechanism_x.data_ingestion import Ingestor
-    from src.mechanism_x.file_monitor import make_source
+    from src.resources import open_lake, open_source
     from src.utils.db import DSN_ENV, Database, start_embedded
-    from src.utils.object_store import open_lake
 
     inbox, lake, data = work / "inbox", work / "lake", work / "data"
     inbox.mkdir(parents=True)
@@ -100,7 +99,7 @@ def bench_mechanism_x(sample: Path, work: Path, batch_size: int) -> dict:
     db = Database(settings)
     db.apply_schema()
     store = open_lake(settings)
-    source = make_source(settings, db)
+    source = open_source(settings, db)
     ingestor = Ingestor(settings, db, store, source, threading.Event())
     try:
         # Reference data first, untimed: chunks of the timed file are then the only work.

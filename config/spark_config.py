@@ -1,16 +1,18 @@
-"""The only place a SparkSession is built. Never at import time."""
+"""The only place a SparkSession is built. Never at import time.
+
+This module knows the settings and Spark; what needs the rest of the product (S3A credentials and jars,
+the Java lookup, the JSON log layout) is prepared by `src.utils.spark_utils.start_session`, which passes it
+in as `extra_conf`. So `config` imports nothing from `src` but its errors.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 from config.config import Settings
-from src.errors import ProcessorError
-from src.observability.logs import spark_logging_conf
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -18,19 +20,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def check_java() -> None:
-    """Spark needs a JVM; say what to install instead of a Py4J stack trace."""
-    java_home = os.environ.get("JAVA_HOME")
-    java = os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
-    if not java or not os.path.exists(java):
-        raise ProcessorError(
-            "Java is not installed (Spark needs Java 17 or 21): install it, e.g. "
-            "`apt-get install openjdk-17-jre-headless`, or set JAVA_HOME"
-        )
-
-
 def spark_conf(settings: Settings, app_name: str) -> dict[str, str]:
-    """Everything we set on the session, as plain strings (also used by tests and --help docs)."""
+    """What the settings alone say about the session, as plain strings."""
     scratch = settings.data_dir / "spark"
     conf = {
         "spark.app.name": app_name,
@@ -55,38 +46,18 @@ def spark_conf(settings: Settings, app_name: str) -> dict[str, str]:
         "spark.checkpoint.dir": str(scratch / "checkpoints"),
         "spark.log.level": "WARN",
     }
-    conf.update(spark_logging_conf(settings))
-    if settings.s3_bucket_name:
-        from src.utils.spark_utils import s3a_conf
-
-        conf.update(s3a_conf(settings))
     return conf
 
 
-def prepare_s3a(settings: Settings) -> None:
-    """Before the JVM starts: export the S3 credentials to its environment and have the hadoop-aws jars local.
-
-    The keys go to the environment only (the JVM inherits it at launch), never into the conf,
-    which Spark prints. The jars are fetched once into DATA_DIR/ivy so the session starts with
-    files on the class path instead of resolving packages on every start; SPARK_JARS skips that.
-    """
-    from src.utils.spark_utils import fetch_hadoop_aws_jars, ivy_dir, s3a_env
-
-    os.environ.update(s3a_env(settings))
-    if not settings.spark_jars:
-        jars = fetch_hadoop_aws_jars(settings)
-        log.info("hadoop-aws for s3a://%s: %d jars cached in %s", settings.s3_bucket_name, len(jars), ivy_dir(settings))
-
-
-def build_spark_session(settings: Settings, app_name: str = "transaction-processor") -> "SparkSession":
-    check_java()
+def build_spark_session(
+    settings: Settings, app_name: str = "transaction-processor", *, extra_conf: Mapping[str, str] | None = None
+) -> "SparkSession":
+    """The session, from `spark_conf` plus `extra_conf` (use `src.utils.spark_utils.start_session`)."""
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
-    if settings.s3_bucket_name:
-        prepare_s3a(settings)
-    conf = spark_conf(settings, app_name)
+    conf = {**spark_conf(settings, app_name), **(extra_conf or {})}
     (settings.data_dir / "spark" / "tmp").mkdir(parents=True, exist_ok=True)
     builder = SparkSession.builder
     for key, value in conf.items():

@@ -146,11 +146,11 @@ def product_env(base_env) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def spark():
     from config.config import Settings
-    from config.spark_config import build_spark_session
+    from src.utils.spark_utils import start_session
 
     settings = Settings.from_env(
         {"SPARK_MASTER": "local[2]", "DATA_DIR": tempfile.mkdtemp(prefix="tp-spark-")}, dotenv=Path("/nonexistent")
     )
-    session = build_spark_session(settings, app_name="tests")
+    session = start_session(settings, app_name="tests")
     yield session
     session.stop()

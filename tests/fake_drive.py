@@ -6,7 +6,9 @@ files.export, changes.getStartPageToken and changes.list (coalesced per file, pa
 service-account JWT grant at /token (RS256 signature checked against the account's public key).
 API calls need a bearer token that /token issued. `inject_fault` makes the next matching
 requests fail (429, 5xx, 403 rate limit, a stall past the client's timeout, a body cut short, a
-corrupted body). Every request is recorded in `requests`.
+corrupted body), optionally with a Retry-After header. `set_flaky` fails a random share of API
+requests; `schedule_outage` takes the whole API down (503) for a while from the first request of
+one kind. Every request is recorded in `requests`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import random
 import secrets
 import threading
 import time
@@ -51,6 +54,7 @@ class Fault:
     file_id: str | None = None
     skip: int = 0  # let this many matching requests through first
     delay: float = 2.0
+    retry_after: float | None = None  # sent as a Retry-After header (seconds) with an error answer
 
 
 @dataclass
@@ -60,6 +64,7 @@ class Request:
     query: dict[str, str]
     headers: dict[str, str] = field(default_factory=dict)
     file_id: str | None = None
+    fault: Any = None  # the fault this request was answered with, None when served normally
 
 
 def _b64url_decode(part: str) -> bytes:
@@ -121,6 +126,13 @@ class FakeDrive:
         self.faults: list[Fault] = []
         self.requests: list[Request] = []
         self._changes: list[tuple[int, str]] = []
+        self._flaky_share = 0.0
+        self._flaky_kinds: tuple[Any, ...] = ()
+        self._random = random.Random(0)
+        self._outage_seconds: float | None = None
+        self._outage_trigger = "media"
+        self.outage_started: float | None = None  # time.monotonic() when the scheduled outage began
+        self.chaos: list[tuple[str, Any]] = []  # (op, kind) of every request failed by set_flaky/outage
         self._seq = 1
         self._ids = 0
         self._lock = threading.RLock()
@@ -265,15 +277,59 @@ class FakeDrive:
         file_id: str | None = None,
         skip: int = 0,
         delay: float = 2.0,
+        retry_after: float | None = None,
     ) -> None:
         """Make the next `times` requests of `op` (after `skip` of them) fail with `kind`."""
         assert op in OPS, op
         with self._lock:
-            self.faults.append(Fault(op, kind, times, file_id, skip, delay))
+            self.faults.append(Fault(op, kind, times, file_id, skip, delay, retry_after))
 
     def clear_faults(self) -> None:
         with self._lock:
             self.faults.clear()
+            self._flaky_share = 0.0
+            self._outage_seconds = None
+
+    def set_flaky(self, share: float, kinds: tuple[Any, ...] = (429, "403rate", 500, 503), *, seed: int = 0) -> None:
+        """Fail a random `share` of API requests (never the token grant) with one of `kinds`."""
+        with self._lock:
+            self._flaky_share = share
+            self._flaky_kinds = kinds
+            self._random = random.Random(seed)
+
+    def schedule_outage(self, seconds: float, *, starts_on: str = "media") -> None:
+        """The whole API answers 503 for `seconds`, from the first `starts_on` request on."""
+        assert starts_on in OPS, starts_on
+        with self._lock:
+            self._outage_seconds = seconds
+            self._outage_trigger = starts_on
+            self.outage_started = None
+
+    def outage_over(self) -> bool:
+        with self._lock:
+            return (
+                self.outage_started is not None
+                and self._outage_seconds is not None
+                and (time.monotonic() - self.outage_started >= self._outage_seconds)
+            )
+
+    def _chaos(self, op: str) -> Fault | None:
+        """The fault set_flaky or schedule_outage deal to this request, if any."""
+        if op == "token":
+            return None
+        with self._lock:
+            kind = None
+            if self._outage_seconds is not None:
+                if self.outage_started is None and op == self._outage_trigger:
+                    self.outage_started = time.monotonic()
+                if self.outage_started is not None and time.monotonic() - self.outage_started < self._outage_seconds:
+                    kind = 503
+            if kind is None and self._flaky_share and self._random.random() < self._flaky_share:
+                kind = self._random.choice(self._flaky_kinds)
+            if kind is None:
+                return None
+            self.chaos.append((op, kind))
+            return Fault(op, kind, 1)
 
     def count(self, op: str, file_id: str | None = None) -> int:
         with self._lock:
@@ -464,21 +520,24 @@ def _make_handler(fake: FakeDrive) -> type[BaseHTTPRequestHandler]:
             op, file_id, query = self._route()
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
+            request = Request(
+                op or "unknown", self.path, query, {k.lower(): v for k, v in self.headers.items()}, file_id
+            )
             with fake._lock:
-                fake.requests.append(
-                    Request(op or "unknown", self.path, query, {k.lower(): v for k, v in self.headers.items()}, file_id)
-                )
+                fake.requests.append(request)
             if op is None:
                 self._send(*_error(404, "notFound", f"no such method: {self.command} {self.path}"))
                 return
-            fault = fake._take_fault(op, file_id)
+            fault = fake._take_fault(op, file_id) or fake._chaos(op)
+            request.fault = fault.kind if fault is not None else None
             if fault is not None and fault.kind == "timeout":
                 fake._stop.wait(fault.delay)  # the client has given up by now; answer anyway
                 fault = None
             if fault is not None and fault.kind in _FAULT_ERRORS:
                 reason, message = _FAULT_ERRORS[fault.kind]
                 status = 403 if fault.kind == "403rate" else int(fault.kind)
-                self._send(*_error(status, reason, message))
+                extra = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else None
+                self._send(*_error(status, reason, message), extra)
                 return
             if op == "token":
                 form = dict(urllib.parse.parse_qsl(raw.decode("utf-8")))

@@ -6,7 +6,9 @@ fixtures by name). Fixtures:
 - `s3_server`: endpoint URL of a moto S3 server, one per test session;
 - `s3_bucket`: a fresh, empty bucket name for one test;
 - `faulty_s3`: a `FaultyProxy` in front of the server, rules cleared for each test; point
-  S3_ENDPOINT_URL at `faulty_s3.endpoint` and call `faulty_s3.inject(...)`;
+  S3_ENDPOINT_URL at `faulty_s3.endpoint` and call `faulty_s3.inject(...)` (the next N matching
+  requests), `faulty_s3.set_flaky(share)` (a random share of all requests) or
+  `faulty_s3.schedule_outage(seconds, starts_on=...)` (everything fails for a while);
 - `s3_settings`: factory of `Settings` for the bucket (endpoint = the server, or the proxy);
 - `hadoop_aws_jars`: hadoop-aws + AWS SDK fetched once into a cache shared across runs
   (`TP_TEST_CACHE_DIR`, default ~/.cache/transaction-processor); `use_shared_ivy(data_dir)`
@@ -18,6 +20,7 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import random
 import socket
 import struct
 import tempfile
@@ -65,6 +68,8 @@ class Seen:
     path: str
     fault: int | str | None
     status: int | None = None  # what the S3 server answered, when the request reached it
+    agent: str = ""  # User-Agent: tells botocore (X, Y) from Hadoop S3A (Spark)
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -77,6 +82,13 @@ class FaultyProxy:
     rules: list[Rule] = field(default_factory=list)
     seen: list[Seen] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    flaky_share: float = 0.0
+    flaky_faults: tuple[int | str, ...] = ()
+    rng: random.Random = field(default_factory=random.Random)
+    outage_seconds: float | None = None
+    outage_trigger: Callable[[str, str], bool] | None = None
+    outage_faults: tuple[int | str, ...] = (503, "reset")
+    outage_started: float | None = None  # time.monotonic() when the scheduled outage began
 
     def inject(
         self, method: str, fault: int | str, count: int = 1, path: Callable[[str], bool] | str | None = None
@@ -91,6 +103,53 @@ class FaultyProxy:
         with self.lock:
             self.rules.clear()
             self.seen.clear()
+            self.flaky_share = 0.0
+            self.outage_seconds = None
+            self.outage_trigger = None
+            self.outage_started = None
+
+    def set_flaky(
+        self, share: float, faults: tuple[int | str, ...] = (503, 500, "reset", "reset_after"), *, seed: int = 0
+    ) -> None:
+        """Fail a random `share` of all requests with one of `faults` (seeded: the same run, the same dice)."""
+        with self.lock:
+            self.flaky_share = share
+            self.flaky_faults = faults
+            self.rng = random.Random(seed)
+
+    def schedule_outage(
+        self,
+        seconds: float,
+        *,
+        starts_on: Callable[[str, str], bool] = lambda method, path: True,
+        faults: tuple[int | str, ...] = (503, "reset"),
+    ) -> None:
+        """From the first request `starts_on(method, path)` accepts, answer every request for `seconds` with
+        `faults` in turn (503 SlowDown, a dropped connection): the server is down."""
+        with self.lock:
+            self.outage_seconds = seconds
+            self.outage_trigger = starts_on
+            self.outage_faults = faults
+            self.outage_started = None
+
+    def outage_over(self) -> bool:
+        with self.lock:
+            return (
+                self.outage_started is not None
+                and self.outage_seconds is not None
+                and time.monotonic() - self.outage_started >= self.outage_seconds
+            )
+
+    def _chaos(self, method: str, path: str) -> int | str | None:
+        """The fault set_flaky or schedule_outage deal to this request (the lock is held)."""
+        if self.outage_seconds is not None:
+            if self.outage_started is None and self.outage_trigger is not None and self.outage_trigger(method, path):
+                self.outage_started = time.monotonic()
+            if self.outage_started is not None and time.monotonic() - self.outage_started < self.outage_seconds:
+                return self.outage_faults[len(self.seen) % len(self.outage_faults)]
+        if self.flaky_share and self.rng.random() < self.flaky_share:
+            return self.rng.choice(self.flaky_faults)
+        return None
 
     def requests(self, method: str | None = None, *, faulted: bool | None = None) -> list[Seen]:
         with self.lock:
@@ -100,7 +159,7 @@ class FaultyProxy:
                 if (method is None or s.method == method) and (faulted is None or (s.fault is not None) == faulted)
             ]
 
-    def _take(self, method: str, path: str) -> Seen:
+    def _take(self, method: str, path: str, agent: str = "") -> Seen:
         with self.lock:
             fault = None
             for rule in self.rules:
@@ -108,7 +167,9 @@ class FaultyProxy:
                     rule.count -= 1
                     fault = rule.fault
                     break
-            seen = Seen(method, path, fault)
+            if fault is None:
+                fault = self._chaos(method, path)
+            seen = Seen(method, path, fault, agent=agent)
             self.seen.append(seen)
             return seen
 
@@ -173,7 +234,7 @@ def _make_handler(proxy: FaultyProxy) -> type[BaseHTTPRequestHandler]:
 
         def _handle(self) -> None:
             body = self._body()
-            seen = proxy._take(self.command, self.path)
+            seen = proxy._take(self.command, self.path, self.headers.get("User-Agent", ""))
             fault = seen.fault
             if fault == "reset":
                 self._reset()

@@ -28,7 +28,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from config.config import Settings
-from src.utils.object_store import ObjectStore, open_lake
+from src.resources import open_lake
+from src.utils.object_store import ObjectStore
 from tests.fake_drive import FakeDrive
 from tests.reference import credited_chunks, expected_detections, limits_of, read_importance, read_transactions
 from tests.s3_fixtures import *  # noqa: F403

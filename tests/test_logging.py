@@ -33,7 +33,7 @@ def test_json_lines_carry_utc_time_worker_and_correlation_fields_even_in_a_far_t
     out = _run(
         """
         import logging, time
-        from src.observability.logs import configure_logging
+        from src.observability.logs import configure_logging, spark_logging_conf
         configure_logging({"log_level": "INFO", "log_format": "json"}, "supervisor")  # stdout left alone
         before = time.time()
         logging.getLogger("src.mechanism_x").info(
@@ -69,7 +69,7 @@ def test_text_lines_escape_control_characters_so_a_file_name_cannot_forge_a_line
     out = _run(
         """
         import logging
-        from src.observability.logs import configure_logging
+        from src.observability.logs import configure_logging, spark_logging_conf
         configure_logging({"log_level": "INFO", "log_format": "text"}, "supervisor")
         logging.getLogger("m").warning("file %s ignored", "a.csv\\n2026-01-01T00:00:00.000Z 1 supervisor ERROR x: forged\\u2028")
         """
@@ -85,7 +85,7 @@ def test_a_worker_configured_twice_logs_each_record_once_and_wraps_stray_output(
     out = _run(
         """
         import logging, os
-        from src.observability.logs import configure_logging
+        from src.observability.logs import configure_logging, spark_logging_conf
         configure_logging({"log_level": "INFO", "log_format": "json"}, "mechanism_x")
         configure_logging({"log_level": "INFO", "log_format": "json"}, "mechanism_x")
         logging.getLogger("a").info("once")
@@ -103,7 +103,7 @@ def test_log_file_rotates_by_size_with_gzipped_backups_shared_by_several_process
     log_file = tmp_path / "logs" / "tp.log"
     code = f"""
         import logging, sys
-        from src.observability.logs import configure_logging
+        from src.observability.logs import configure_logging, spark_logging_conf
         configure_logging({{"log_level": "INFO", "log_format": "json", "log_file": {str(log_file)!r},
                            "log_file_max_bytes": 4096, "log_file_backups": 500}}, sys.argv[1])
         for i in range(400):
@@ -136,12 +136,12 @@ def test_spark_session_in_json_mode_prints_nothing_but_json(tmp_path):
         f"""
         import logging
         from config.config import Settings
-        from src.observability.logs import configure_logging
+        from src.observability.logs import configure_logging, spark_logging_conf
         settings = Settings.from_env({{"SPARK_MASTER": "local[1]", "DATA_DIR": {str(tmp_path)!r}, "LOG_FORMAT": "json"}},
                                      dotenv=None)
         configure_logging(settings, "mechanism_y")
-        from config.spark_config import build_spark_session
-        spark = build_spark_session(settings, "log-test")
+        from src.utils.spark_utils import start_session
+        spark = start_session(settings, "log-test", extra_conf=spark_logging_conf(settings))
         spark.sparkContext._jvm.org.apache.logging.log4j.LogManager.getLogger("tp.test").warn("from the jvm\\nsecond")
         print("a stray print")
         assert spark.range(5).count() == 5
@@ -166,12 +166,12 @@ def test_spark_jvm_lines_in_text_mode_share_the_python_layout(tmp_path):
     out = _run(
         f"""
         from config.config import Settings
-        from src.observability.logs import configure_logging
+        from src.observability.logs import configure_logging, spark_logging_conf
         settings = Settings.from_env({{"SPARK_MASTER": "local[1]", "DATA_DIR": {str(tmp_path)!r}, "LOG_FORMAT": "text"}},
                                      dotenv=None)
         configure_logging(settings, "mechanism_y")
-        from config.spark_config import build_spark_session
-        spark = build_spark_session(settings, "log-test")
+        from src.utils.spark_utils import start_session
+        spark = start_session(settings, "log-test", extra_conf=spark_logging_conf(settings))
         spark.sparkContext._jvm.org.apache.logging.log4j.LogManager.getLogger("tp.test").warn("from the jvm\\nsecond")
         spark.stop()
         """,

@@ -750,9 +750,9 @@ def test_stop_between_chunks_resumes_in_process(make_settings, inbox, lake, pg_c
     import threading
 
     from src.mechanism_x.data_ingestion import Ingestor
-    from src.mechanism_x.sources import LocalInboxSource
     from src.utils.db import Database
     from src.utils.object_store import LocalObjectStore
+    from src.utils.sources import LocalInboxSource
 
     data = write_csv(inbox / "tx.csv", rows(20))
     settings = make_settings(BATCH_SIZE="3")

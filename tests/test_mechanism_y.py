@@ -107,8 +107,8 @@ def run_x(settings) -> None:
 def run_y(settings, spark) -> None:
     """Mechanism Y in this process, on the session's SparkSession, until the ledger is drained."""
     from src.mechanism_y.stream_processor import StreamProcessor
+    from src.resources import open_lake
     from src.utils.db import Database
-    from src.utils.object_store import open_lake
 
     db = Database(settings)
     db.apply_schema()
@@ -790,8 +790,8 @@ def test_sigkill_y_mid_run_then_restart(make_settings, product_env, pg_conn, tmp
 def test_drain_without_importance_file_ends_instead_of_waiting_forever(pg_server, spark, tmp_path):
     """`--drain` promises an exit: chunks that can never be evaluated (no CustomerImportance) end it non-zero."""
     from src.mechanism_y.stream_processor import StreamProcessor
+    from src.resources import open_lake
     from src.utils.db import Database
-    from src.utils.object_store import open_lake
 
     with product_run(pg_server, tmp_path, {"BATCH_SIZE": "3"}) as run:
         header = "step,customer,age,gender,zipcodeOri,merchant,zipMerchant,category,amount,fraud"

@@ -220,7 +220,9 @@ def test_readyz_names_the_failed_check_and_healthz_follows_the_loop(make_setting
         workers=lambda: [worker],
         beat=time.monotonic(),
     )
-    server = MetricsServer(settings, supervisor)
+    from src.resources import open_lake
+
+    server = MetricsServer(settings, supervisor, open_lake=open_lake)
     server.start()
     try:
         base = f"http://127.0.0.1:{server.port}"

@@ -7,10 +7,12 @@ import decimal
 import hashlib
 import io
 import json
+import logging
 import os
-import re
 import subprocess
 import sys
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -23,9 +25,10 @@ import pytest
 
 from config.config import Settings
 from src.errors import LakeError, ObjectConflict, RetryableError
+from src.resources import open_lake
 from src.schemas.transaction_schemas import CHUNK_ARROW_SCHEMA
-from src.utils import lake_paths, s3_utils
-from src.utils.object_store import LocalObjectStore, open_lake
+from src.utils import lake_paths, retry, s3_utils
+from src.utils.object_store import LocalObjectStore
 from src.utils.s3_utils import S3ObjectStore
 from src.utils.spark_utils import bundled_hadoop_version, s3a_conf, s3a_env
 from tests.s3_fixtures import *  # noqa: F403
@@ -34,12 +37,14 @@ from tests.s3_fixtures import TEST_SECRET_KEY, use_shared_ivy
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def waits(monkeypatch) -> list[float]:
-    """Backoff waits requested by the store (not slept for real)."""
-    recorded: list[float] = []
-    monkeypatch.setattr(s3_utils, "_sleep", recorded.append)
-    return recorded
+WAIT_LINE = "waiting for S3 at "
+DEADLINE = 60.0  # seconds: generous, polled; a healthy run takes well under a second
+
+
+@pytest.fixture(autouse=True)
+def quick_backoff(monkeypatch) -> None:
+    """The product's policy, started at 10 ms instead of 0.5 s so that a test with several faults is quick."""
+    monkeypatch.setattr(retry, "INITIAL_DELAY", 0.01)
 
 
 @pytest.fixture
@@ -48,9 +53,21 @@ def store(s3_settings) -> S3ObjectStore:
 
 
 @pytest.fixture
-def flaky(s3_settings, faulty_s3, waits) -> S3ObjectStore:
-    """A store talking to the server through the fault proxy, with small retry budgets."""
-    return S3ObjectStore(s3_settings(faulty_s3.endpoint), attempts=4, sdk_attempts=2, read_timeout=1)
+def flaky(s3_settings, faulty_s3) -> S3ObjectStore:
+    """A store talking to the server through the fault proxy; a hung answer is given up after 5 s (a healthy
+    one takes milliseconds, so even a loaded machine never times out by accident)."""
+    return S3ObjectStore(s3_settings(faulty_s3.endpoint), read_timeout=5)
+
+
+def _wait_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(WAIT_LINE)]
+
+
+def _until(condition, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def _admin(settings: Settings):
@@ -144,11 +161,11 @@ def test_put_many_keeps_order_and_is_idempotent(store):
     assert store.get_bytes(new[0]) == b"chunk 99"  # the rest of the batch still landed
 
 
-def test_listing_of_more_than_1000_objects_is_paginated(store, s3_settings, faulty_s3, waits):
+def test_listing_of_more_than_1000_objects_is_paginated(store, s3_settings, faulty_s3):
     keys = {f"raw-transactions/year=2026/month=11/day=26/f3-{i:06d}.parquet" for i in range(1050)}
     store.put_many([(k, b"x") for k in sorted(keys)])
     store.put_bytes("quarantine/other.json", b"{}")
-    flaky = S3ObjectStore(s3_settings(faulty_s3.endpoint), attempts=4, sdk_attempts=1)
+    flaky = S3ObjectStore(s3_settings(faulty_s3.endpoint))
     faulty_s3.inject("GET", 503, 1, path="continuation-token")
     listed = list(flaky.list_keys("raw-transactions/"))
     assert sorted(listed) == sorted(keys)  # all of them, none twice, a failed page retried
@@ -161,7 +178,7 @@ def test_listing_of_more_than_1000_objects_is_paginated(store, s3_settings, faul
 
 
 @pytest.mark.parametrize("fault", [503, 500, "reset"])
-def test_transient_put_faults_are_retried_and_written_once(flaky, faulty_s3, fault):
+def test_transient_put_faults_are_retried_and_written_once(flaky, faulty_s3, fault, caplog):
     key = "raw-transactions/year=2026/month=11/day=26/f4-000001.parquet"
     faulty_s3.inject("PUT", fault, 3)
     assert flaky.put_bytes(key, b"chunk") is True
@@ -169,6 +186,22 @@ def test_transient_put_faults_are_retried_and_written_once(flaky, faulty_s3, fau
     puts = faulty_s3.requests("PUT")
     assert [p.fault for p in puts] == [fault] * 3 + [None]
     assert [p.status for p in puts if p.status is not None] == [200]
+    # One wait per faulted request: botocore sent each request once, only our policy retried.
+    lines = _wait_lines(caplog)
+    assert len(lines) == 3 and all(f"{faulty_s3.endpoint}/{flaky.bucket} (put {key})" in x for x in lines)
+    assert [int(x.split("; attempt ")[1].split(",")[0]) for x in lines] == [2, 3, 4]
+
+
+def test_botocore_sends_each_request_once(s3_settings, faulty_s3):
+    """Retries off in botocore: with our policy not waiting at all, one call is exactly one HTTP request."""
+    once = S3ObjectStore(s3_settings(faulty_s3.endpoint), give_up_after=0)
+    key = "raw-transactions/year=2026/month=11/day=26/f4-000002.parquet"
+    for fault, method in ((503, "PUT"), ("reset", "PUT"), (500, "GET")):
+        faulty_s3.clear()
+        faulty_s3.inject(method, fault, 10)
+        with pytest.raises(RetryableError, match=rf"S3 (put|get) {key} at {faulty_s3.endpoint}/{once.bucket}"):
+            once.put_bytes(key, b"x") if method == "PUT" else once.get_bytes(key)
+        assert len(faulty_s3.requests(method)) == 1, (fault, faulty_s3.requests(method))
 
 
 def test_lost_answer_then_retry_writes_nothing_twice(flaky, faulty_s3):
@@ -184,7 +217,7 @@ def test_lost_answer_then_retry_writes_nothing_twice(flaky, faulty_s3):
 def test_transient_get_faults_and_timeouts_are_retried(flaky, store, faulty_s3):
     key = "pattern-detections/patid1/_summary/monthly_stats.json"
     store.put_bytes(key, b'{"n": 3}')
-    faulty_s3.hang_seconds = 1.5
+    faulty_s3.hang_seconds = 60.0  # far past the client's 5 s read timeout, even on a loaded machine
     faulty_s3.inject("GET", "reset", 2)
     faulty_s3.inject("GET", 503, 2)
     faulty_s3.inject("GET", "hang", 1)
@@ -193,24 +226,59 @@ def test_transient_get_faults_and_timeouts_are_retried(flaky, store, faulty_s3):
 
 
 @pytest.mark.parametrize(("method", "fault"), [("PUT", 503), ("PUT", "reset"), ("GET", 503), ("GET", "reset")])
-def test_exhausted_retries_raise_retryable_error(flaky, store, faulty_s3, waits, caplog, method, fault):
+def test_an_outage_is_waited_out_until_the_server_is_back(s3_settings, store, faulty_s3, caplog, method, fault):
+    """Transient is never permanent: the call waits (one log line per wait) for as long as the fault lasts."""
     key = "raw-transactions/year=2026/month=11/day=26/f6-000001.parquet"
     if method == "GET":
         store.put_bytes(key, b"chunk")
-    faulty_s3.inject(method, fault, 1000)
-    with pytest.raises(RetryableError, match=rf"s3://{flaky.bucket}/{key} still failing after 4 attempts") as err:
-        flaky.put_bytes(key, b"chunk") if method == "PUT" else flaky.get_bytes(key)
-    assert "\n" not in str(err.value) and TEST_SECRET_KEY not in str(err.value)
-    assert len(faulty_s3.requests(method)) == 4 * 2  # our attempts x botocore's
-    assert len(waits) == 3 and all(0 < w <= flaky.max_backoff for w in waits)
-    retries = [m.group(1) for r in caplog.records if (m := re.search(r"; retry (\d/\d) in ", r.getMessage()))]
-    assert retries == ["1/3", "2/3", "3/3"]
+    stop = threading.Event()
+    flaky = S3ObjectStore(s3_settings(faulty_s3.endpoint), stop=stop)
+    caplog.set_level(logging.INFO, logger=retry.__name__)
+    faulty_s3.inject(method, fault, 10_000)
+    result: list[object] = []
 
-    faulty_s3.clear()  # the next poll: the server is back
-    if method == "PUT":
-        assert flaky.put_bytes(key, b"chunk") is True
-    assert flaky.get_bytes(key) == b"chunk"
-    assert list(flaky.list_keys("raw-transactions/")) == [key]
+    def call() -> None:
+        try:
+            result.append(flaky.put_bytes(key, b"chunk") if method == "PUT" else flaky.get_bytes(key))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertions below
+            result.append(exc)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    _until(lambda: len(faulty_s3.requests(method, faulted=True)) >= 6, "six faulted requests")
+    assert worker.is_alive() and not result  # still waiting, not failed
+    faulty_s3.clear()  # the server is back
+    worker.join(DEADLINE)
+    assert result == ([True] if method == "PUT" else [b"chunk"])
+    lines = _wait_lines(caplog)
+    assert len(lines) >= 6 and all(TEST_SECRET_KEY not in x and "\n" not in x for x in lines)
+    assert any(r.getMessage().startswith(f"S3 at {faulty_s3.endpoint}/{flaky.bucket} is back") for r in caplog.records)
+    assert store.get_bytes(key) == b"chunk"
+    assert list(store.list_keys("raw-transactions/")) == [key]
+
+
+def test_stop_ends_the_wait_with_retryable_error(s3_settings, faulty_s3):
+    stop = threading.Event()
+    flaky = S3ObjectStore(s3_settings(faulty_s3.endpoint), stop=stop)
+    faulty_s3.inject("PUT", 503, 10_000)
+    key = "raw-transactions/year=2026/month=11/day=26/f6-000002.parquet"
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            flaky.put_bytes(key, b"chunk")
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertions below
+            errors.append(exc)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    _until(lambda: len(faulty_s3.requests("PUT")) >= 2, "two attempts")
+    stop.set()
+    worker.join(DEADLINE)
+    assert not worker.is_alive()
+    (err,) = errors
+    assert isinstance(err, RetryableError) and "SlowDown" in str(err) and "\n" not in str(err)
+    assert TEST_SECRET_KEY not in str(err)
 
 
 def test_server_without_conditional_writes_falls_back_to_compare(flaky, faulty_s3):
@@ -231,6 +299,12 @@ def test_check_writable(store, s3_settings, flaky, faulty_s3):
     store.check_writable()
     assert store.exists(s3_utils.HEALTH_KEY)
 
+    faulty_s3.inject("HEAD", 503, 2)  # the server still starting: waited out, not a settings error
+    faulty_s3.inject("PUT", "reset", 1)
+    flaky.check_writable()
+    assert [s.fault for s in faulty_s3.requests("HEAD")][:3] == [503, 503, None]
+    faulty_s3.clear()
+
     missing = S3ObjectStore(s3_settings(S3_BUCKET_NAME="tp-no-such-bucket"))
     with pytest.raises(LakeError) as err:
         missing.check_writable()
@@ -246,10 +320,46 @@ def test_check_writable(store, s3_settings, flaky, faulty_s3):
 
 
 def test_open_lake_follows_the_settings(s3_settings, tmp_path):
-    assert isinstance(open_lake(s3_settings()), S3ObjectStore)
+    stop = threading.Event()
+    lake = open_lake(s3_settings(), stop=stop)
+    assert isinstance(lake, S3ObjectStore) and lake.stop is stop
     local = Settings.from_env({"LOCAL_LAKE_DIR": str(tmp_path / "lake")}, dotenv=Path("/nonexistent"))
     lake = open_lake(local)
     assert isinstance(lake, LocalObjectStore) and lake.root == (tmp_path / "lake").resolve()
+
+
+def test_endpoint_userinfo_never_reaches_logs_or_errors(s3_settings, s3_server, caplog):
+    host = s3_server.split("://", 1)[1]
+    store = S3ObjectStore(s3_settings(f"http://user:pw-in-url@{host}"), give_up_after=0)
+    assert "pw-in-url" not in store.describe() and host in store.describe()
+    with pytest.raises(LakeError) as err:  # a missing bucket: the one-line error names the endpoint
+        S3ObjectStore(s3_settings(f"http://user:pw-in-url@{host}", S3_BUCKET_NAME="tp-none")).check_writable()
+    assert host in str(err.value) and "pw-in-url" not in str(err.value) and "pw-in-url" not in caplog.text
+
+
+def test_fetch_jars_with_a_bad_setting_prints_one_line_and_exits_2(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "AWS_", "SPARK_JARS"))}
+    env.update({"PYTHONPATH": str(ROOT), "BATCH_SIZE": "lots", "DATA_DIR": str(tmp_path)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.utils.spark_utils", "fetch-jars"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: BATCH_SIZE=") and "Traceback" not in proc.stderr
+
+
+def test_s3a_retries_outlast_a_long_outage(s3_settings):
+    """Spark's reads retry inside the JVM with Hadoop's exponential backoff, which sleeps
+    base * 2^(k+1) * U(0.5, 1.5) before retry k: even its least total must outlast a 90 s outage."""
+    conf = s3a_conf(s3_settings())
+    p = "spark.hadoop.fs.s3a."
+    for kind in ("retry", "retry.throttle"):
+        base = float(conf[f"{p}{kind}.interval"].removesuffix("ms")) / 1000
+        limit = int(conf[f"{p}{kind}.limit"])
+        assert 0 < limit < 63  # Hadoop refuses more
+        assert sum(base * 2 ** (k + 1) * 0.5 for k in range(limit)) >= 180, kind
+    assert int(conf[p + "attempts.maximum"]) <= 3  # the SDK below S3A barely retries: no deep nesting
 
 
 # -- Spark through s3a:// ----------------------------------------------------------------
@@ -291,13 +401,13 @@ SPARK_READER = r"""
 import json, os, sys, time
 from pathlib import Path
 from config.config import Settings
-from config.spark_config import build_spark_session
+from src.utils.spark_utils import start_session
 from src.schemas.transaction_schemas import chunk_spark_schema
 
 settings = Settings.from_env(dotenv=Path(sys.argv[1]))
-assert "AWS_SECRET_ACCESS_KEY" not in os.environ  # keys only in .env: build_spark_session exports them
+assert "AWS_SECRET_ACCESS_KEY" not in os.environ  # keys only in .env: start_session exports them
 t0 = time.monotonic()
-spark = build_spark_session(settings, app_name="s3a-test")
+spark = start_session(settings, app_name="s3a-test")
 t1 = time.monotonic()
 df = spark.read.schema(chunk_spark_schema()).parquet(sys.argv[2])
 rows = df.groupBy("day").agg({"amount": "sum", "*": "count"}).orderBy("day").collect()
@@ -388,3 +498,25 @@ def test_first_start_fetches_hadoop_aws_into_data_dir(s3_settings, hadoop_aws_ja
     assert result["packages"] is None  # files on the class path, not Spark's per-start resolution
     manifest = data_dir / "ivy" / f"hadoop-aws-{bundled_hadoop_version()}.classpath"
     assert any(Path(j).name.startswith("hadoop-aws-") for j in manifest.read_text().split(os.pathsep))
+
+
+def _imports(module: str) -> set[str]:
+    """Every module `module` imports, at its top or inside a function (a lazy import is still an edge)."""
+    import ast
+
+    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_lake_and_spark_modules_have_no_import_cycle():
+    assert "src.utils.s3_utils" not in _imports("src.utils.object_store")
+    assert "src.utils.object_store" in _imports("src.utils.s3_utils")  # the one direction
+    assert not {m for m in _imports("config.spark_config") if m.startswith("src")}  # config never imports src
+    assert "config.spark_config" in _imports("src.utils.spark_utils")  # the one direction
+    assert "src.resources" not in _imports("src.utils.s3_utils") | _imports("src.utils.gdrive_source")

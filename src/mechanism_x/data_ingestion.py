@@ -43,7 +43,6 @@ from src.mechanism_x.csv_parser import (
 )
 from src.mechanism_x.file_monitor import FileMonitor, FileWork
 from src.mechanism_x.importance import copy_importance
-from src.mechanism_x.sources import Source, SourceFile, md5_file
 from src.schemas.transaction_schemas import QUARANTINE_SCHEMA, QUARANTINE_TABLE_COLUMNS
 from src.utils import lake_paths
 from src.utils.db import CHUNK_CHANNEL, Database, copy_rows
@@ -51,6 +50,7 @@ from src.utils.object_store import ObjectStore, parquet_bytes
 from src.utils.quality_report import reject_counts, write_quality_report
 from src.utils.retry import brief
 from src.utils.runtime import CONSUMER_READY_TIMEOUT, READY_FILE_ENV, drain_parser
+from src.utils.sources import Source, SourceFile, md5_file
 
 log = logging.getLogger(__name__)
 COMPONENT = "mechanism_x"
@@ -265,7 +265,7 @@ class Ingestor:
         except Exception as exc:  # noqa: BLE001 - transient faults go up; anything else is counted per file
             if is_retryable(exc):
                 raise
-            from src.mechanism_x.sources import SourceError
+            from src.utils.sources import SourceError
 
             if isinstance(exc, SourceError):
                 self._fail_file(f, str(exc))  # the source says this file cannot be had (404, not CSV, ...)
@@ -645,15 +645,14 @@ class _RunningMd5:
 
 def run_worker(settings: Settings, *, drain: bool, stop: threading.Event | None = None) -> int:
     """Build X's resources from the settings and run until stopped (or drained)."""
-    from src.mechanism_x.file_monitor import make_source
-    from src.utils.object_store import open_lake
+    from src.resources import open_lake, open_source
 
     stop = stop or threading.Event()
     db = Database(settings, stop=stop)
     db.apply_schema()
     db.hold_lock(SINGLE_X_LOCK, who="Mechanism X")
-    store = open_lake(settings)
-    source = make_source(settings, db)
+    store = open_lake(settings, stop=stop)
+    source = open_source(settings, db, stop=stop)
     log.info("mechanism X: reading %s, writing %s", source.describe(), store.describe())
     try:
         return Ingestor(settings, db, store, source, stop).run(drain=drain)
@@ -676,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from src.utils.runtime import worker_main
+    from src.worker import worker_main
 
     return worker_main(
         "mechanism X",

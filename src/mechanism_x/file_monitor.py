@@ -12,10 +12,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from config.config import Settings
 from src import ledger
-from src.mechanism_x.sources import LocalInboxSource, Source, SourceFile
 from src.utils.db import Database
+from src.utils.sources import Source, SourceFile
 
 log = logging.getLogger(__name__)
 COMPONENT = "mechanism_x"
@@ -26,17 +25,6 @@ class FileWork:
     file: SourceFile
     record: dict[str, Any] | None  # the ledger row, None for a new file
     why: str  # new | changed | resume | retry
-
-
-def make_source(settings: Settings, db: Database) -> Source:
-    """The source the settings name: the Drive folder when GDRIVE_FOLDER_ID is set, else the local inbox."""
-    if settings.gdrive_folder_id:
-        from src.mechanism_x.gdrive_source import GoogleDriveSource
-
-        source = GoogleDriveSource(settings, db)
-        source.check()
-        return source
-    return LocalInboxSource(settings.local_inbox_dir)
 
 
 class FileMonitor:

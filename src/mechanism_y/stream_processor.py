@@ -698,14 +698,16 @@ def run_worker(
     stop: threading.Event | None = None,
     drain_requested: threading.Event | None = None,
 ) -> int:
-    from config.spark_config import build_spark_session
-    from src.utils.object_store import open_lake
+    from src.resources import open_lake
+    from src.utils.spark_utils import start_session
 
     stop = stop or threading.Event()
     db = Database(settings, stop=stop)
     db.apply_schema()
-    store = open_lake(settings)
-    spark = build_spark_session(settings, app_name="mechanism-y")
+    store = open_lake(settings, stop=stop)
+    from src.observability.logs import spark_logging_conf
+
+    spark = start_session(settings, app_name="mechanism-y", extra_conf=spark_logging_conf(settings))
     processor = StreamProcessor(settings, db, store, spark, stop)
     if drain_requested is not None:
         processor.drain_requested = drain_requested
@@ -732,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from src.utils.runtime import worker_main
+    from src.worker import worker_main
 
     def run(settings: Settings, args: argparse.Namespace, stop: threading.Event) -> int:
         # Under `main.py --drain`, Y learns that X is done from the supervisor's file (runtime.x_finished).

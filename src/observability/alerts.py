@@ -341,9 +341,10 @@ class LedgerProbe:
     """The snapshot's facts that come from outside the supervisor: the ledger summary, PostgreSQL and lake
     reachability. Keeps one connection, reopened after a failure; probes the lake every `lake_every` s."""
 
-    def __init__(self, settings: Any, *, lake_every: float = 30.0) -> None:
+    def __init__(self, settings: Any, *, lake_every: float = 30.0, open_lake: Callable[..., Any] | None = None) -> None:
         self.settings = settings
         self.lake_every = lake_every
+        self.open_lake = open_lake  # src.resources.open_lake, handed in by the supervisor
         self._db = None
         self._lake = None
         self._lake_checked = float("-inf")
@@ -372,11 +373,14 @@ class LedgerProbe:
             return None
         self._lake_checked = time.monotonic()
         from src.errors import ProcessorError
-        from src.utils.object_store import open_lake
 
+        if self.open_lake is None:
+            return None
         try:
             if self._lake is None:
-                self._lake = open_lake(self.settings)
+                once = threading.Event()
+                once.set()  # one attempt per probe: report an outage, never wait it out here
+                self._lake = self.open_lake(self.settings, stop=once)
             self._lake.put_bytes("_health/alert-probe", b"ok", overwrite=True)
             self._lake.delete("_health/alert-probe")
             return True
@@ -469,11 +473,13 @@ def worker_facts(workers: Iterable[Any]) -> list[dict[str, Any]]:
     ]
 
 
-def start_alerts(settings: Any, workers: Callable[[], Iterable[Any]]) -> AlertManager | None:
+def start_alerts(
+    settings: Any, workers: Callable[[], Iterable[Any]], *, open_lake: Callable[..., Any] | None = None
+) -> AlertManager | None:
     """The supervisor's hook: an evaluating AlertManager when ALERT_WEBHOOK_URL is set, else None."""
     if not settings.alert_webhook_url:
         return None
-    probe = LedgerProbe(settings)
+    probe = LedgerProbe(settings, open_lake=open_lake)
 
     def snapshot() -> dict[str, Any]:
         snap = probe()

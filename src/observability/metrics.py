@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -50,6 +50,14 @@ RETRIES = Counter(
     "Retries of calls to a dependency, by outcome (retry: one wait; recovered; gave_up).",
     ["dependency", "outcome"],
 )
+# 1 while a worker waits for a dependency (between a failed call and its recovery): how the supervisor knows
+# Drive's health without talking to Drive itself (Mechanism X is the one that does).
+WAITING = Gauge(
+    "tp_worker_waiting_for",
+    "1 while a worker is waiting out a fault of this dependency.",
+    ["dependency"],
+    multiprocess_mode="livemax",
+)
 _installed = False
 
 
@@ -67,7 +75,9 @@ def observe_chunk_latency(seconds: float) -> None:
 
 def record_retry(dependency: str, outcome: str) -> None:
     """The retry listener (src.utils.retry.add_listener): one call per wait, recovery or give-up."""
-    RETRIES.labels(dependency.strip().lower(), outcome).inc()
+    dependency = dependency.strip().lower()
+    RETRIES.labels(dependency, outcome).inc()
+    WAITING.labels(dependency).set(1 if outcome == "retry" else 0)
 
 
 def install_worker_metrics() -> None:

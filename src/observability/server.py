@@ -92,9 +92,12 @@ class Probes:
 class MetricsServer:
     """Started and stopped by the Supervisor (main.py); reads its workers, restarts and ready file."""
 
-    def __init__(self, settings: Any, supervisor: Any) -> None:
+    def __init__(self, settings: Any, supervisor: Any, *, open_lake: Callable[..., Any] | None = None) -> None:
+        """`open_lake(settings, stop=...)` builds the lake for the writable check (`src.resources.open_lake`,
+        handed in by main.py so that this package depends on no worker)."""
         self.settings = settings
         self.supervisor = supervisor
+        self.open_lake = open_lake
         self.addr = parse_addr(settings.metrics_addr)
         self.multiproc_dir = Path(settings.data_dir) / "run" / f"prometheus-{os.getpid()}"
         self._stop = threading.Event()
@@ -170,7 +173,7 @@ class MetricsServer:
                 kwargs.setdefault("connect_timeout", 5)
                 kwargs["options"] = "-c statement_timeout=5000"
                 kwargs["application_name"] = "transaction-processor-metrics"
-                self._db = Database(self.settings, attempts=1, kwargs=kwargs)
+                self._db = Database(self.settings, kwargs=kwargs, attempts=1)
             try:
                 return self._db.query(sql)
             except Exception:
@@ -198,21 +201,20 @@ class MetricsServer:
         self._query("SELECT 1")
 
     def _check_lake(self) -> None:
-        from src.utils.object_store import open_lake
-
-        open_lake(self.settings).check_writable()
+        if self.open_lake is None:
+            raise RuntimeError("no lake probe configured")
+        once = threading.Event()
+        once.set()  # one attempt: a probe reports an outage, it does not wait it out
+        self.open_lake(self.settings, stop=once).check_writable()
 
     def _check_drive(self) -> None:
-        from src.mechanism_x.gdrive_source import GoogleDriveSource
-        from src.utils.db import Database
-
-        db = Database(self.settings, attempts=1)
-        source = GoogleDriveSource(self.settings, db)
-        try:
-            source.check()
-        finally:
-            source.close()
-            db.close()
+        """Mechanism X is the one that talks to Drive: it is down while X waits out a Drive fault."""
+        for family in MultiProcessCollector(None, path=str(self.multiproc_dir)).collect():
+            if family.name != "tp_worker_waiting_for":
+                continue
+            for sample in family.samples:
+                if sample.labels.get("dependency") == "drive" and sample.value >= 1:
+                    raise RuntimeError("mechanism X is waiting for Google Drive (see its 'waiting for Drive' lines)")
 
     # ---------------------------------------------------------------- health
 

@@ -111,10 +111,17 @@ class Database:
     """One connection to PostgreSQL, rebuilt with backoff whenever it is lost; see the module docstring."""
 
     def __init__(
-        self, settings: Settings, *, stop: threading.Event | None = None, kwargs: dict[str, Any] | None = None
+        self,
+        settings: Settings,
+        *,
+        stop: threading.Event | None = None,
+        kwargs: dict[str, Any] | None = None,
+        attempts: int | None = None,
     ) -> None:
+        """`attempts`: give up after this many tries (a probe, a status read); None waits as long as it takes."""
         self.settings = settings
         self.stop = stop
+        self.attempts = attempts
         self._kwargs = kwargs or connection_kwargs(settings)
         self._conn: psycopg2.extensions.connection | None = None
         self._hooks: list[Callable[[psycopg2.extensions.connection], None]] = []
@@ -134,7 +141,9 @@ class Database:
             conn.autocommit = autocommit
             return conn
 
-        return call_with_retry(attempt, dependency="PostgreSQL", what="connect", target=self.target, stop=self.stop)
+        return call_with_retry(
+            attempt, dependency="PostgreSQL", what="connect", target=self.target, stop=self.stop, attempts=self.attempts
+        )
 
     def on_connect(self, hook: Callable[[psycopg2.extensions.connection], None]) -> None:
         """Run `hook(conn)` now (if connected) and on every new connection."""
@@ -173,7 +182,9 @@ class Database:
                     self.reset()
                 raise
 
-        return call_with_retry(attempt, dependency="PostgreSQL", what=what, target=self.target, stop=self.stop)
+        return call_with_retry(
+            attempt, dependency="PostgreSQL", what=what, target=self.target, stop=self.stop, attempts=self.attempts
+        )
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg2.extensions.cursor]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from datetime import date
 
+from src.errors import LakeError
+
 RAW_PREFIX = "raw-transactions/"
 PROCESSING_LOG_KEY = "raw-transactions/_log/processing_log.json"
 DETECTIONS_PREFIX = "pattern-detections/"
@@ -42,3 +44,12 @@ def detection_key(pattern_id: str, year: int, month: int, first_id: int, last_id
 
 def monthly_stats_key(pattern_id: str) -> str:
     return f"{pattern_folder(pattern_id)}_summary/monthly_stats.json"
+
+
+def validate_key(key: str) -> str:
+    """A lake key is a relative '/'-path without empty, '.' or '..' parts: it can never leave the lake root
+    (local directory) or alias another key (S3). Every store checks each key with this one rule."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise LakeError(f"invalid lake key {key!r}: keys are relative paths without empty, '.' or '..' parts")
+    return key

@@ -1,4 +1,5 @@
-"""The lake behind one small interface: a local directory twin and S3 (`s3_utils`).
+"""The lake behind one small interface: a local directory twin and S3 (`s3_utils`); `src.resources.open_lake`
+picks one from the settings.
 
 Keys are '/'-separated paths relative to the lake root (`raw-transactions/year=2026/...`).
 Writes are atomic (a reader never sees half an object) and idempotent: putting the same
@@ -8,17 +9,30 @@ bytes again is a no-op, putting different bytes at a key that must not change ra
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from src.errors import LakeError, ObjectConflict
+from src.errors import LakeError, ObjectConflict, RetryableError, is_retryable
+from src.utils.lake_paths import validate_key
+from src.utils.retry import brief, call_with_retry
+
+if TYPE_CHECKING:
+    pass
+
+T = TypeVar("T")
+# A full disk or quota waits for an operator, not for time: the write fails loudly (the worker exits, the
+# supervisor restarts it with backoff and the restarts alert) instead of waiting silently in place.
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class ObjectStore(ABC):
@@ -67,28 +81,42 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _validate_key(key: str) -> str:
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise LakeError(f"invalid lake key {key!r}")
-    return key
-
-
 class LocalObjectStore(ObjectStore):
-    """The lake as a local directory (the embedded default and the tests)."""
+    """The lake as a local directory (the embedded default and the tests).
 
-    def __init__(self, root: Path) -> None:
+    Transient OS errors (a network file system timing out, EAGAIN) are waited out by the product's retry
+    policy (dependency "lake"); a full disk is not transient (see `_FULL`) and raises `LakeError`.
+    """
+
+    def __init__(self, root: Path, *, stop: threading.Event | None = None) -> None:
         self.root = Path(root).resolve()
+        self.stop = stop
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LakeError(f"LOCAL_LAKE_DIR={self.root} cannot be created: {exc.strerror}") from None
 
     def _path(self, key: str) -> Path:
-        return self.root / _validate_key(key)
+        return self.root / validate_key(key)
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return call_with_retry(fn, dependency="lake", what=what, target=str(self.root), stop=self.stop)
+        except OSError as exc:
+            if exc.errno in _FULL:
+                raise LakeError(
+                    f"lake directory {self.root} is full ({exc.strerror}) during {what}: free space or move "
+                    "LOCAL_LAKE_DIR to a larger disk"
+                ) from None
+            if is_retryable(exc):  # only when stopping
+                raise RetryableError(f"lake {what} at {self.root} not done: {brief(exc)}") from exc
+            raise
 
     def put_bytes(self, key: str, data: bytes, *, overwrite: bool = False) -> bool:
         path = self._path(key)
+        return self._call(f"put {key}", lambda: self._put_once(key, path, data, overwrite))
+
+    def _put_once(self, key: str, path: Path, data: bytes, overwrite: bool) -> bool:
         if path.exists():
             old = path.read_bytes()
             if old == data:
@@ -96,7 +124,8 @@ class LocalObjectStore(ObjectStore):
             if not overwrite:
                 raise ObjectConflict(
                     f"lake object {key} already exists with different content "
-                    f"(md5 {hashlib.md5(old).hexdigest()} != {hashlib.md5(data).hexdigest()}); not overwritten"
+                    f"(sha256 {hashlib.sha256(old).hexdigest()[:16]}... != "
+                    f"{hashlib.sha256(data).hexdigest()[:16]}...); not overwritten"
                 )
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write beside the target under a name no dataset reader picks up, then rename:
@@ -117,10 +146,12 @@ class LocalObjectStore(ObjectStore):
         return True
 
     def get_bytes(self, key: str) -> bytes:
-        return self._path(key).read_bytes()
+        path = self._path(key)
+        return self._call(f"get {key}", path.read_bytes)
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        path = self._path(key)
+        return self._call(f"head {key}", path.is_file)
 
     def list_keys(self, prefix: str) -> Iterator[str]:
         base = self.root / prefix if prefix else self.root
@@ -136,22 +167,11 @@ class LocalObjectStore(ObjectStore):
                     yield key
 
     def delete(self, key: str) -> None:
-        try:
-            self._path(key).unlink()
-        except FileNotFoundError:
-            pass
+        path = self._path(key)
+        self._call(f"delete {key}", lambda: path.unlink(missing_ok=True))
 
     def spark_uri(self, key: str) -> str:
         return "file://" + str(self._path(key))  # Spark/Hadoop want '=' unescaped
 
     def describe(self) -> str:
         return f"local lake at {self.root}"
-
-
-def open_lake(settings) -> ObjectStore:
-    """The lake the settings name: S3 when S3_BUCKET_NAME is set, else LOCAL_LAKE_DIR."""
-    if settings.s3_bucket_name:
-        from src.utils.s3_utils import S3ObjectStore
-
-        return S3ObjectStore(settings)
-    return LocalObjectStore(settings.local_lake_dir)

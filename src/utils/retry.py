@@ -80,20 +80,23 @@ def call_with_retry(
     target: str | None = None,
     stop: threading.Event | None = None,
     give_up_after: float | None = None,
+    attempts: int | None = None,
     max_delay: float | None = None,
     retryable: Callable[[BaseException], bool] = is_retryable,
 ) -> T:
     """Call `fn` until it succeeds or fails permanently.
 
-    A transient error (`retryable`) is retried with backoff until `give_up_after` seconds have passed
-    (None: for as long as it lasts) or `stop` is set; then the last error is raised. Any other error is
-    raised at once.
+    A transient error (`retryable`) is retried with backoff until `give_up_after` seconds have passed or
+    `attempts` calls were made (None: for as long as it lasts) or `stop` is set; then the last error is
+    raised. Any other error is raised at once.
     """
     where = f"{dependency} at {target}" if target else dependency
     started = time.monotonic()
 
     def should_stop(state: tenacity.RetryCallState) -> bool:
         if stop is not None and stop.is_set():
+            return True
+        if attempts is not None and state.attempt_number >= attempts:
             return True
         return give_up_after is not None and time.monotonic() - started >= give_up_after
 

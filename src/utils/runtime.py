@@ -30,20 +30,6 @@ _PR_SET_PDEATHSIG = 1
 log = logging.getLogger(__name__)
 
 
-def configure_logging(level: str = "INFO", fmt: str = "text", worker: str = "supervisor", settings=None) -> None:
-    """Configure the root logger once per process (src/observability/logs.py); `settings` adds LOG_FILE."""
-    from src.observability.logs import configure_logging as configure
-
-    params = {"log_level": level, "log_format": fmt}
-    if settings is not None:
-        params.update(
-            log_file=settings.log_file,
-            log_file_max_bytes=settings.log_file_max_bytes,
-            log_file_backups=settings.log_file_backups,
-        )
-    configure(params, worker)
-
-
 def install_stop_handlers(stop: threading.Event, name: str) -> None:
     """SIGTERM and SIGINT set `stop`; the worker finishes its current step and exits cleanly."""
 
@@ -122,55 +108,6 @@ def watch_parent(stop: threading.Event, name: str, *, interval: float = 1.0) -> 
     thread = threading.Thread(target=watch, name="parent-watch", daemon=True)
     thread.start()
     return thread
-
-
-def worker_id(name: str) -> str:
-    """ "mechanism Y" -> "mechanism_y": the `worker` field of log lines and metrics."""
-    return name.strip().lower().replace(" ", "_")
-
-
-def worker_main(name: str, parser, argv: list[str] | None, run: Callable[..., int]) -> int:
-    """Entry point shared by the workers: settings, logging, stop signals, and exit codes the supervisor reads.
-
-    `run(settings, args, stop)` does the work. Exit 2 means "these settings cannot work" (the supervisor
-    stops instead of restarting); exit 3 (EXIT_DRAIN_IMPOSSIBLE, returned by `run`) "this drain cannot finish"
-    (final too); exit 1 is any other failure (restarted with backoff). Under the supervisor, the worker stops
-    when the supervisor dies (`watch_parent`).
-    """
-    from config.config import Settings
-    from src.errors import ProcessorError, SettingsError
-
-    stop = threading.Event()
-    install_stop_handlers(stop, name)  # first: a SIGTERM from the supervisor is never fatal mid-start
-    watch_parent(stop, name)
-    args = parser.parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except ProcessorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level, settings.log_format, worker_id(name), settings)
-    from src.observability.metrics import install_worker_metrics
-
-    install_worker_metrics()
-    try:
-        return run(settings, args, stop)
-    except SettingsError as exc:
-        log.error("%s cannot start: %s", name, exc)
-        return 2
-    except ProcessorError as exc:
-        if stop.is_set():
-            log.info("%s stopped: %s", name, exc)
-            return 0
-        log.error("%s stopped: %s", name, exc)
-        return 1
-    except Exception as exc:
-        from src.errors import is_retryable
-
-        if stop.is_set() and is_retryable(exc):  # asked to stop while waiting for a dependency: not a crash
-            log.info("%s stopped while waiting: %s", name, exc)
-            return 0
-        raise
 
 
 def drain_parser(prog: str, description: str, *, drain_help: str) -> argparse.ArgumentParser:

@@ -6,10 +6,12 @@ again are a no-op. Servers without conditional writes get a HEAD-and-compare ins
 Each object carries its SHA-256 in its metadata for that comparison, and a CRC32 that S3
 verifies on upload and botocore verifies on download.
 
-Transient faults (throttling, 5xx, resets, timeouts) are retried twice over: botocore's
-standard mode absorbs short blips, and a logged, capped backoff around each call rides
-out longer outages. When both give up the error is `RetryableError`: the caller keeps the
-chunk pending and tries again on its next poll.
+Transient faults (throttling, 5xx, resets, timeouts) are waited out by the product's one retry
+policy (`src.utils.retry.call_with_retry`), once per public operation: botocore's own retries are
+off (one HTTP request per call), so nothing multiplies a request. An outage of any length only
+delays the work; when the worker is stopping, the wait ends with `RetryableError` (not done, try
+again later). What waiting cannot fix (access denied, no such bucket, a conflicting object) is
+raised at once as `LakeError`/`ObjectConflict`, in one line naming bucket, region and permission.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import base64
 import hashlib
 import io
 import logging
-import random
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -29,22 +31,18 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
-    BotoCoreError,
     ClientError,
     FlexibleChecksumError,
-    HTTPClientError,
     IncompleteReadError,
     NoCredentialsError,
     PartialCredentialsError,
-    ResponseStreamingError,
-)
-from botocore.exceptions import (
-    ConnectionError as BotoConnectionError,
 )
 
-from config.config import Settings
-from src.errors import LakeError, ObjectConflict, RetryableError
-from src.utils.object_store import ObjectStore, _validate_key
+from config.config import Settings, redact_url
+from src.errors import LakeError, ObjectConflict, RetryableError, is_retryable
+from src.utils.lake_paths import validate_key
+from src.utils.object_store import ObjectStore
+from src.utils.retry import brief, call_with_retry
 
 log = logging.getLogger(__name__)
 
@@ -54,33 +52,13 @@ MB = 1024 * 1024
 MULTIPART_THRESHOLD = 8 * MB
 SHA_META = "sha256"  # x-amz-meta-sha256
 HEALTH_KEY = "_health/writable"
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 30.0
 
-_TRANSIENT_CODES = {
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "RequestLimitExceeded",
-    "TooManyRequests",
-    "ServiceUnavailable",
-    "InternalError",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "OperationAborted",
-    "ConditionalRequestConflict",  # a concurrent conditional write is in flight: retry, then compare
-}
-_TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
-_TRANSIENT_EXC = (
-    BotoConnectionError,
-    HTTPClientError,
-    IncompleteReadError,
-    ResponseStreamingError,
-    FlexibleChecksumError,  # a corrupted download: fetch it again
-    ConnectionError,
-    TimeoutError,
-)
-
-# Patched by tests so that backoff does not wait for real.
-_sleep = time.sleep
+GET_PERMISSION = "s3:GetObject on arn:aws:s3:::{bucket}/*"
+PUT_PERMISSION = "s3:PutObject on arn:aws:s3:::{bucket}/*"
+LIST_PERMISSION = "s3:ListBucket on arn:aws:s3:::{bucket}"
+DELETE_PERMISSION = "s3:DeleteObject on arn:aws:s3:::{bucket}/*"
 
 
 def _code(exc: ClientError) -> str:
@@ -91,16 +69,18 @@ def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 
 
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, ClientError):
-        return _code(exc) in _TRANSIENT_CODES or _status(exc) in _TRANSIENT_STATUS
-    return isinstance(exc, _TRANSIENT_EXC)
+def _missing(exc: ClientError) -> bool:
+    return _status(exc) == 404 or _code(exc) in ("404", "NoSuchKey", "NotFound")
 
 
-def _brief(exc: BaseException) -> str:
-    if isinstance(exc, ClientError):
-        return f"{_code(exc) or 'HTTP ' + str(_status(exc))} (HTTP {_status(exc)})"
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+def _retryable(exc: BaseException) -> bool:
+    """`is_retryable`, plus what only an S3 client meets: a body cut short or corrupted on the way (fetch it
+    again) and a concurrent conditional write still in flight (retry, then compare)."""
+    if isinstance(exc, (IncompleteReadError, FlexibleChecksumError)):
+        return True
+    if isinstance(exc, ClientError) and _code(exc) == "ConditionalRequestConflict":
+        return True
+    return is_retryable(exc)
 
 
 def _crc32_b64(data: bytes) -> str:
@@ -108,18 +88,20 @@ def _crc32_b64(data: bytes) -> str:
 
 
 class S3ObjectStore(ObjectStore):
-    """The lake in `S3_BUCKET_NAME` (at `S3_ENDPOINT_URL` when set)."""
+    """The lake in `S3_BUCKET_NAME` (at `S3_ENDPOINT_URL` when set).
+
+    `stop` ends a wait for S3 (the worker is stopping); `give_up_after` (seconds) bounds it, for tools
+    and tests that must not wait for ever. Either way the operation then raises `RetryableError`.
+    """
 
     def __init__(
         self,
         settings: Settings,
         *,
-        attempts: int = 5,
-        sdk_attempts: int = 3,
-        backoff: float = 1.0,
-        max_backoff: float = 20.0,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 30.0,
+        stop: threading.Event | None = None,
+        give_up_after: float | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT,
         multipart_threshold: int = MULTIPART_THRESHOLD,
     ) -> None:
         if not settings.s3_bucket_name:
@@ -128,10 +110,12 @@ class S3ObjectStore(ObjectStore):
         self.region = settings.aws_region
         self.endpoint = settings.s3_endpoint_url
         self.max_workers = settings.max_workers
-        self.attempts = max(1, attempts)
-        self.backoff = backoff
-        self.max_backoff = max_backoff
+        self.stop = stop
+        self.give_up_after = give_up_after
         self.multipart_threshold = multipart_threshold
+        self.target = (
+            f"{redact_url(self.endpoint).rstrip('/')}/{self.bucket}" if self.endpoint else f"s3://{self.bucket}"
+        )
         # Flipped off the first time the server answers "not implemented" to If-None-Match.
         self.conditional_writes = True
 
@@ -142,7 +126,8 @@ class S3ObjectStore(ObjectStore):
         )
         config = Config(
             region_name=settings.aws_region,
-            retries={"total_max_attempts": max(1, sdk_attempts), "mode": "standard"},
+            # One HTTP request per call: the waiting is done once, by call_with_retry, never nested.
+            retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             max_pool_connections=max(10, self.max_workers * (self.max_workers + 1)),
@@ -160,47 +145,66 @@ class S3ObjectStore(ObjectStore):
             use_threads=True,
         )
 
-    # -- retries -------------------------------------------------------------------------
+    # -- the one retry layer ---------------------------------------------------------------
 
-    def _retrying(self, op: str, key: str, call: Callable[[], T]) -> T:
-        """Run one S3 call, retrying transient faults with a capped, logged backoff."""
-        wait = self.backoff
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return call()
-            except (NoCredentialsError, PartialCredentialsError):
-                raise LakeError(
-                    f"no AWS credentials for S3 bucket {self.bucket} (region {self.region}): set "
-                    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or configure the AWS credential chain"
-                ) from None
-            except (ClientError, BotoCoreError, OSError) as exc:
-                if not _is_transient(exc):
-                    raise
-                if attempt == self.attempts:
-                    raise RetryableError(
-                        f"S3 {op} s3://{self.bucket}/{key} still failing after {attempt} attempts "
-                        f"({_brief(exc)}); will retry on the next poll"
-                    ) from exc
-                delay = min(wait, self.max_backoff) * (0.5 + random.random() / 2)
-                log.warning(
-                    "S3 %s s3://%s/%s failed: %s; retry %d/%d in %.1fs",
-                    op, self.bucket, key, _brief(exc), attempt, self.attempts - 1, delay,
-                )  # fmt: skip
-                _sleep(delay)
-                wait *= 2
-        raise AssertionError("unreachable")
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run one public operation under the product's retry policy; translate what it cannot fix."""
+        try:
+            return call_with_retry(
+                fn,
+                dependency="S3",
+                what=what,
+                target=self.target,
+                stop=self.stop,
+                give_up_after=self.give_up_after,
+                retryable=_retryable,
+            )
+        except (NoCredentialsError, PartialCredentialsError):
+            raise LakeError(
+                f"no AWS credentials for S3 bucket {self.bucket} (region {self.region}): set "
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or configure the AWS credential chain"
+            ) from None
+        except Exception as exc:
+            if not _retryable(exc):
+                raise
+            # Only when stopping (or past give_up_after): the operation is not done, the caller tries later.
+            raise RetryableError(f"S3 {what} at {self.target} not done: {brief(exc)}") from exc
 
-    def _denied(self, op: str, key: str, exc: ClientError, permission: str) -> LakeError:
+    def _refuse(self, exc: ClientError, op: str, key: str, permission: str) -> None:
+        """Raise the one-line LakeError for what no retry can fix (access denied, no such bucket)."""
+        if _status(exc) == 403 or _code(exc) in ("AccessDenied", "Forbidden", "403"):
+            raise LakeError(
+                f"S3 {op} on s3://{self.bucket}/{key} refused ({_code(exc) or 'HTTP 403'}, region {self.region}): "
+                f"grant {permission.format(bucket=self.bucket)} (see docs/s3.md)"
+            ) from None
+        if _code(exc) == "NoSuchBucket":
+            raise self._no_bucket() from None
+
+    def _no_bucket(self) -> LakeError:
+        where = f" at {redact_url(self.endpoint)}" if self.endpoint else ""
         return LakeError(
-            f"S3 {op} on s3://{self.bucket}/{key} refused ({_brief(exc)}, region {self.region}): "
-            f"grant {permission} (see docs/s3.md)"
+            f"S3 bucket {self.bucket} does not exist (region {self.region}{where}): create it or fix S3_BUCKET_NAME"
         )
+
+    def _head(self, key: str) -> dict | None:
+        """The object's HEAD, None when absent (one request, no retry: the caller's operation retries)."""
+        try:
+            return self._client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _missing(exc):
+                return None
+            self._refuse(exc, "head", key, GET_PERMISSION)
+            raise
 
     # -- writes --------------------------------------------------------------------------
 
     def put_bytes(self, key: str, data: bytes, *, overwrite: bool = False) -> bool:
-        _validate_key(key)
+        validate_key(key)
         sha = hashlib.sha256(data).hexdigest()
+        return self._call(f"put {key}", lambda: self._put_once(key, data, sha, overwrite))
+
+    def _put_once(self, key: str, data: bytes, sha: str, overwrite: bool) -> bool:
+        """One attempt at a put; safe to repeat (a lost answer is found again by the 412 or the compare)."""
         if overwrite or not self.conditional_writes:
             same = self._same_content(key, data, sha)
             if same:
@@ -219,9 +223,9 @@ class S3ObjectStore(ObjectStore):
                     return False
                 raise self._conflict(key, data) from None
             if _code(exc) == "NotImplemented" or _status(exc) == 501:
-                log.info("S3 endpoint %s has no conditional writes: comparing before each put", self.endpoint)
+                log.info("S3 endpoint %s has no conditional writes: comparing before each put", self.target)
                 self.conditional_writes = False
-                return self.put_bytes(key, data, overwrite=overwrite)
+                return self._put_once(key, data, sha, overwrite)
             raise
 
     def put_many(self, items: list[tuple[str, bytes]], *, overwrite: bool = False) -> list[bool]:
@@ -241,13 +245,12 @@ class S3ObjectStore(ObjectStore):
         return [f.result() for f in futures]
 
     def _upload(self, key: str, data: bytes, sha: str, *, conditional: bool) -> None:
-        if len(data) > self.multipart_threshold:
-            client = self._cond_client if conditional else self._client
-            extra = {"Metadata": {SHA_META: sha}, "ChecksumAlgorithm": "CRC32"}
-
-            def call() -> None:
+        try:
+            if len(data) > self.multipart_threshold:
+                client = self._cond_client if conditional else self._client
+                extra = {"Metadata": {SHA_META: sha}, "ChecksumAlgorithm": "CRC32"}
                 client.upload_fileobj(io.BytesIO(data), self.bucket, key, ExtraArgs=extra, Config=self._transfer)
-        else:
+                return
             args = {
                 "Bucket": self.bucket,
                 "Key": key,
@@ -258,36 +261,23 @@ class S3ObjectStore(ObjectStore):
             }
             if conditional:
                 args["IfNoneMatch"] = "*"
-
-            def call() -> None:
-                self._client.put_object(**args)
-
-        try:
-            self._retrying("put", key, call)
+            self._client.put_object(**args)
         except ClientError as exc:
-            if _code(exc) in ("AccessDenied", "Forbidden", "403") or _status(exc) == 403:
-                raise self._denied("put", key, exc, f"s3:PutObject on arn:aws:s3:::{self.bucket}/*") from None
-            if _code(exc) == "NoSuchBucket":
-                raise self._no_bucket() from None
+            self._refuse(exc, "put", key, PUT_PERMISSION)
             raise
 
     def _same_content(self, key: str, data: bytes, sha: str) -> bool | None:
         """True/False when `key` exists with the same/different bytes; None when absent."""
-        try:
-            head = self._retrying("head", key, lambda: self._client.head_object(Bucket=self.bucket, Key=key))
-        except ClientError as exc:
-            if _status(exc) == 404 or _code(exc) in ("404", "NoSuchKey", "NotFound"):
-                return None
-            if _status(exc) == 403:
-                raise self._denied("head", key, exc, f"s3:GetObject on arn:aws:s3:::{self.bucket}/*") from None
-            raise
+        head = self._head(key)
+        if head is None:
+            return None
         stored = head.get("Metadata", {}).get(SHA_META)
         if stored:
             return stored == sha
         etag = head.get("ETag", "").strip('"')
         if etag and "-" not in etag:
-            return etag == hashlib.md5(data).hexdigest()
-        return self.get_bytes(key) == data  # written by another tool, multipart: compare the bytes
+            return etag == hashlib.md5(data).hexdigest()  # noqa: S324 - S3's ETag is an MD5, not a secret
+        return self._get_once(key) == data  # written by another tool, multipart: compare the bytes
 
     def _conflict(self, key: str, data: bytes) -> ObjectConflict:
         return ObjectConflict(
@@ -295,41 +285,25 @@ class S3ObjectStore(ObjectStore):
             f"(new sha256 {hashlib.sha256(data).hexdigest()[:16]}...); not overwritten"
         )
 
-    def _no_bucket(self) -> LakeError:
-        where = f" at {self.endpoint}" if self.endpoint else ""
-        return LakeError(
-            f"S3 bucket {self.bucket} does not exist (region {self.region}{where}): create it or fix S3_BUCKET_NAME"
-        )
-
     # -- reads ---------------------------------------------------------------------------
 
     def get_bytes(self, key: str) -> bytes:
-        _validate_key(key)
+        validate_key(key)
+        return self._call(f"get {key}", lambda: self._get_once(key))
 
-        def call() -> bytes:
+    def _get_once(self, key: str) -> bytes:
+        try:
             resp = self._client.get_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
             return resp["Body"].read()
-
-        try:
-            return self._retrying("get", key, call)
         except ClientError as exc:
-            if _code(exc) in ("NoSuchKey", "404") or _status(exc) == 404:
+            if _missing(exc):
                 raise FileNotFoundError(f"s3://{self.bucket}/{key}") from None
-            if _status(exc) == 403:
-                raise self._denied("get", key, exc, f"s3:GetObject on arn:aws:s3:::{self.bucket}/*") from None
+            self._refuse(exc, "get", key, GET_PERMISSION)
             raise
 
     def exists(self, key: str) -> bool:
-        _validate_key(key)
-        try:
-            self._retrying("head", key, lambda: self._client.head_object(Bucket=self.bucket, Key=key))
-            return True
-        except ClientError as exc:
-            if _status(exc) == 404 or _code(exc) in ("404", "NoSuchKey", "NotFound"):
-                return False
-            if _status(exc) == 403:
-                raise self._denied("head", key, exc, f"s3:GetObject on arn:aws:s3:::{self.bucket}/*") from None
-            raise
+        validate_key(key)
+        return self._call(f"head {key}", lambda: self._head(key)) is not None
 
     def list_keys(self, prefix: str) -> Iterator[str]:
         """Every key under `prefix`, one page (up to 1,000 keys) per request, each page retried."""
@@ -340,28 +314,31 @@ class S3ObjectStore(ObjectStore):
             if token:
                 args["ContinuationToken"] = token
             page += 1
-            try:
-                resp = self._retrying(f"list (page {page})", prefix, lambda a=args: self._client.list_objects_v2(**a))
-            except ClientError as exc:
-                if _status(exc) == 403:
-                    raise self._denied("list", prefix, exc, f"s3:ListBucket on arn:aws:s3:::{self.bucket}") from None
-                if _code(exc) == "NoSuchBucket":
-                    raise self._no_bucket() from None
-                raise
+            resp = self._call(f"list {prefix or '/'} (page {page})", lambda a=args: self._list_once(a))
             for item in resp.get("Contents", []):
                 yield item["Key"]
             if not resp.get("IsTruncated"):
                 return
             token = resp["NextContinuationToken"]
 
-    def delete(self, key: str) -> None:
-        _validate_key(key)
+    def _list_once(self, args: dict) -> dict:
         try:
-            self._retrying("delete", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
+            return self._client.list_objects_v2(**args)
         except ClientError as exc:
-            if _status(exc) == 403:
-                raise self._denied("delete", key, exc, f"s3:DeleteObject on arn:aws:s3:::{self.bucket}/*") from None
+            self._refuse(exc, "list", args["Prefix"], LIST_PERMISSION)
             raise
+
+    def delete(self, key: str) -> None:
+        validate_key(key)
+
+        def once() -> None:
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+            except ClientError as exc:
+                self._refuse(exc, "delete", key, DELETE_PERMISSION)
+                raise
+
+        self._call(f"delete {key}", once)
 
     # -- identity ------------------------------------------------------------------------
 
@@ -370,36 +347,37 @@ class S3ObjectStore(ObjectStore):
         return f"s3a://{self.bucket}/{key}" if key else f"s3a://{self.bucket}/"
 
     def describe(self) -> str:
-        where = f"endpoint {self.endpoint}" if self.endpoint else "AWS"
+        where = f"endpoint {redact_url(self.endpoint)}" if self.endpoint else "AWS"
         return f"S3 lake s3://{self.bucket} (region {self.region}, {where})"
 
     def check_writable(self) -> None:
         """Fail fast, in one line naming bucket, region and permission, when the lake is unusable.
 
-        Needs only the permissions the daemon needs (ListBucket, PutObject, GetObject): the
+        A transient fault (the server not up yet) is waited out like any other; only what waiting cannot
+        fix fails. Needs only the permissions the daemon needs (ListBucket, PutObject, GetObject): the
         probe object is overwritten on every start rather than deleted.
         """
+        self._call("head-bucket", self._head_bucket_once)
+        stamp = f"ok {time.time_ns()}\n".encode()  # new bytes every time: the put is really made (PutObject)
+        self.put_bytes(HEALTH_KEY, stamp, overwrite=True)
+        self.get_bytes(HEALTH_KEY)
+
+    def _head_bucket_once(self) -> None:
         try:
-            self._retrying("head-bucket", "", lambda: self._client.head_bucket(Bucket=self.bucket))
+            self._client.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
+            if _retryable(exc):
+                raise
             status = _status(exc)
             if status == 404 or _code(exc) in ("NoSuchBucket", "404"):
                 raise self._no_bucket() from None
-            if status == 403:
-                raise self._denied("head-bucket", "", exc, f"s3:ListBucket on arn:aws:s3:::{self.bucket}") from None
+            self._refuse(exc, "head-bucket", "", LIST_PERMISSION)
             if status == 301:
                 actual = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
                 raise LakeError(
                     f"S3 bucket {self.bucket} is in region {actual or 'another region'}, not AWS_REGION={self.region}"
                 ) from None
-            raise LakeError(f"S3 bucket {self.bucket} (region {self.region}) cannot be used: {_brief(exc)}") from None
-        except BotoCoreError as exc:
-            raise LakeError(
-                f"S3 bucket {self.bucket} (region {self.region}) unreachable at {self.endpoint or 'AWS'}: {_brief(exc)}"
-            ) from None
-        stamp = f"ok {time.time():.0f}\n".encode()
-        self._upload(HEALTH_KEY, stamp, hashlib.sha256(stamp).hexdigest(), conditional=False)
-        self.get_bytes(HEALTH_KEY)
+            raise LakeError(f"S3 bucket {self.bucket} (region {self.region}) cannot be used: {brief(exc)}") from None
 
 
 def _add_if_none_match(params: dict, **_: object) -> None:

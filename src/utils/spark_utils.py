@@ -4,7 +4,7 @@ hadoop-aws must be the exact Hadoop version bundled with pyspark; it pulls in th
 bundle (~690 MB). Where the jars come from, in order:
 
 1. SPARK_JARS (comma-separated paths or globs): machines without internet;
-2. the Ivy cache `DATA_DIR/ivy`: `build_spark_session` calls `fetch_hadoop_aws_jars` before the
+2. the Ivy cache `DATA_DIR/ivy`: `start_session` calls `fetch_hadoop_aws_jars` before the
    JVM starts, which downloads them there from Maven Central the first time only;
 3. `spark.jars.packages` (Spark resolving them into the same cache), when `s3a_conf` is used
    without that fetch.
@@ -18,6 +18,18 @@ the executors (same JVM) see them without any copy.
 Credentials never go into the Spark conf (it is printed by `spark-submit --verbose`, the
 environment tab and our own start-up logs): the JVM reads them from its environment
 (`s3a_env`), or from the standard AWS chain when no keys are set.
+
+`start_session` is how the product gets its SparkSession: it checks Java, exports the S3 credentials,
+has the jars local, and hands the S3A and logging settings to `config.spark_config.build_spark_session`
+(dependencies run one way: `src` imports `config`, never the reverse).
+
+S3A retries (inside the JVM, where our Python retry policy cannot reach) are set so that a lake
+outage of several minutes delays a Spark read instead of failing it: the AWS SDK tries each request
+twice (`attempts.maximum`), then S3A retries connection failures, resets and 5xx (`retry.*`) and
+throttling (`retry.throttle.*`) with Hadoop's uncapped exponential backoff, which sleeps
+interval * 2^(k+1) * U(0.5, 1.5) before retry k: 500 ms and 9 retries wait at least 255 s in all
+(about 8.5 min on average), so a 90 s outage is ridden out with a wide margin. The price of an
+uncapped backoff: after a long outage a read may sleep on for up to about as long again.
 """
 
 from __future__ import annotations
@@ -31,10 +43,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from config.config import Settings
-from src.errors import ProcessorError
+from src.errors import ProcessorError, SettingsError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +59,19 @@ HADOOP_AWS = "org.apache.hadoop:hadoop-aws"
 ENV_CREDENTIALS = "software.amazon.awssdk.auth.credentials.EnvironmentVariableCredentialsProvider"
 DEFAULT_CREDENTIALS = "software.amazon.awssdk.auth.credentials.DefaultCredentialsProvider"
 REDACTION_REGEX = r"(?i)secret|password|token|access[.]?key|credential"
+
+
+S3A_RETRY_INTERVAL = "500ms"
+S3A_RETRY_LIMIT = 9  # Hadoop refuses 63 or more
+S3A_THROTTLE_INTERVAL = "500ms"
+S3A_THROTTLE_LIMIT = 9
+
+
+def find_java() -> str | None:
+    """The `java` Spark and Ivy will run: $JAVA_HOME/bin/java, else the one on PATH."""
+    java_home = os.environ.get("JAVA_HOME")
+    java = os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
+    return java if java and os.path.exists(java) else None
 
 
 def pyspark_jars_dir() -> Path:
@@ -100,8 +129,7 @@ def fetch_hadoop_aws_jars(settings: Settings, *, timeout: float = 1800) -> list[
     jars = cached_hadoop_aws_jars(settings)
     if jars:
         return jars
-    java_home = os.environ.get("JAVA_HOME")
-    java = os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
+    java = find_java()
     ivy_jars = sorted(pyspark_jars_dir().glob("ivy-*.jar"))
     if not java or not ivy_jars:
         raise ProcessorError("cannot fetch hadoop-aws: Java or pyspark's ivy jar is missing (or set SPARK_JARS)")
@@ -146,7 +174,7 @@ def _expand(spec: str) -> list[Path]:
             continue
         matches = sorted(glob.glob(os.path.expanduser(item))) if glob.has_magic(item) else [os.path.expanduser(item)]
         if not matches:
-            raise ProcessorError(f"SPARK_JARS entry {item!r} matches no file")
+            raise SettingsError(f"SPARK_JARS entry {item!r} matches no file: fix the path or unset SPARK_JARS")
         out += [Path(m) for m in matches]
     return out
 
@@ -170,9 +198,14 @@ def s3a_conf(settings: Settings) -> dict[str, str]:
             prefix + "aws.credentials.provider": ENV_CREDENTIALS if settings.aws_access_key_id else DEFAULT_CREDENTIALS,
             prefix + "connection.maximum": str(max(32, settings.max_workers * 4)),
             prefix + "threads.max": str(max(16, settings.max_workers * 2)),
-            prefix + "attempts.maximum": "5",
-            prefix + "retry.limit": "7",
-            prefix + "retry.throttle.limit": "20",
+            # Ride out a lake outage of minutes (see the module docstring): the SDK tries twice, S3A waits.
+            prefix + "attempts.maximum": "2",
+            prefix + "retry.interval": S3A_RETRY_INTERVAL,
+            prefix + "retry.limit": str(S3A_RETRY_LIMIT),
+            prefix + "retry.throttle.interval": S3A_THROTTLE_INTERVAL,
+            prefix + "retry.throttle.limit": str(S3A_THROTTLE_LIMIT),
+            prefix + "connection.establish.timeout": "5s",
+            prefix + "connection.timeout": "60s",
             prefix + "input.stream.type": "classic",
             "spark.redaction.regex": REDACTION_REGEX,
         }
@@ -198,6 +231,52 @@ def s3a_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def check_java() -> None:
+    """Spark needs a JVM; say what to install instead of a Py4J stack trace."""
+    if find_java() is None:
+        raise ProcessorError(
+            "Java is not installed (Spark needs Java 17 or 21): install it, e.g. "
+            "`apt-get install openjdk-17-jre-headless`, or set JAVA_HOME"
+        )
+
+
+def prepare_s3a(settings: Settings) -> None:
+    """Before the JVM starts: export the S3 credentials to its environment and have the hadoop-aws jars local.
+
+    The keys go to the environment only (the JVM inherits it at launch), never into the conf, which Spark
+    prints. The jars are fetched once into DATA_DIR/ivy so the session starts with files on the class path
+    instead of resolving packages on every start; SPARK_JARS skips that.
+    """
+    os.environ.update(s3a_env(settings))
+    if not settings.spark_jars:
+        jars = fetch_hadoop_aws_jars(settings)
+        log.info("hadoop-aws for s3a://%s: %d jars cached in %s", settings.s3_bucket_name, len(jars), ivy_dir(settings))
+
+
+def session_conf(settings: Settings, app_name: str) -> dict[str, str]:
+    """Everything set on the product's session by the settings: their own conf and S3A's."""
+    from config.spark_config import spark_conf
+
+    conf = spark_conf(settings, app_name)
+    if settings.s3_bucket_name:
+        conf.update(s3a_conf(settings))
+    return conf
+
+
+def start_session(
+    settings: Settings, app_name: str = "transaction-processor", *, extra_conf: dict[str, str] | None = None
+) -> "SparkSession":
+    """The product's SparkSession (built by `config.spark_config.build_spark_session`); `extra_conf` is what
+    the caller adds, e.g. the worker's JSON log layout (`src.observability.logs.spark_logging_conf`)."""
+    from config.spark_config import build_spark_session
+
+    check_java()
+    if settings.s3_bucket_name:
+        prepare_s3a(settings)
+    conf = {**session_conf(settings, app_name), **(extra_conf or {})}
+    return build_spark_session(settings, app_name, extra_conf=conf)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -209,7 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["fetch-jars"])
     parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    jars = fetch_hadoop_aws_jars(Settings.from_env())
+    try:
+        jars = fetch_hadoop_aws_jars(Settings.from_env())
+    except SettingsError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except ProcessorError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
     sys.stdout.write(",".join(str(j) for j in jars) + "\n")
     return 0
 

@@ -3,31 +3,36 @@
 The first poll of a process lists the folder in full; later polls read only the Drive Changes
 feed from a page token kept in PostgreSQL (`kv_state`), so a poll costs O(changes), not
 O(folder). Downloads are streamed in Range chunks to a temporary file under
-DATA_DIR/downloads, checked against Drive's md5Checksum, and retried with a capped, logged
-backoff; a file that still fails raises `DownloadFailed` so the caller can mark it and go on.
+DATA_DIR/downloads and checked against Drive's md5Checksum.
+
+Every Drive request (list, changes, get, download chunk, export) goes once through the product's
+retry policy (`call_with_retry`, dependency "Drive"), honouring Retry-After; googleapiclient's and
+httplib2's own retries are off. A Drive outage of any length only delays the work: a download
+resumes at the first byte not yet received. `DownloadFailed` (the caller marks the file failed) is
+kept for what waiting cannot fix: the file is gone (404), Drive refuses it (a 403 that is not a rate
+limit), its md5 still differs after re-downloads, or a Sheet is too large to export.
 Google Sheets are exported as CSV (first tab only; Drive caps exports at 10 MB). A Sheet has no
 md5Checksum, so each new version is exported once while listing and the md5 of that CSV is its
 checksum (the ledger then sees an unchanged Sheet as unchanged).
 
 The service-account key is never logged or put in an error message: errors name the key's
-path and the account's client_email, nothing else from the file.
+path and the account's client_email, nothing else from the file. The account is logged once, when
+the folder is checked at start; `describe()` (which lands in the lake's processing log) names only
+the folder and the endpoint, never the account.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import http.client
 import json
 import logging
 import os
 import re
-import socket
 import ssl
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -42,9 +47,10 @@ from googleapiclient.discovery import build
 from googleapiclient.errors import HttpError
 from googleapiclient.http import MediaIoBaseDownload
 
-from config.config import Settings
-from src.errors import RetryableError, SettingsError, SourceError
-from src.mechanism_x.sources import Source, SourceFile
+from config.config import Settings, redact_url
+from src.errors import RetryableError, SettingsError, SourceError, is_retryable
+from src.utils.retry import brief, call_with_retry
+from src.utils.sources import Source, SourceFile
 
 log = logging.getLogger(__name__)
 
@@ -63,26 +69,11 @@ PAGE_SIZE = 1000
 
 CHUNK_SIZE = 8 * 1024 * 1024  # bytes per Range request: bounds memory per download
 HTTP_TIMEOUT = 60.0  # seconds per HTTP request
-ATTEMPTS = 6  # per call (or per download chunk)
 MD5_ATTEMPTS = 3  # full downloads before a checksum mismatch is final
-BACKOFF_BASE = 1.0
-BACKOFF_CAP = 32.0
 TEMP_SUFFIX = ".csv.part"
 
-_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
-_RATE_REASONS = {"rateLimitExceeded", "userRateLimitExceeded"}
-_RETRY_ERRNOS = {errno.ETIMEDOUT, errno.EPIPE, errno.ECONNABORTED, errno.ECONNREFUSED, errno.ECONNRESET}
-
-_IO_ERRORS = (
-    HttpError,
-    OSError,
-    http.client.HTTPException,
-    httplib2.HttpLib2Error,
-    google.auth.exceptions.GoogleAuthError,
-)
-
-# Patched by the tests so backoff costs no time.
-_sleep: Callable[[float], None] = time.sleep
+# httplib2 silently repeats a request once on some socket errors: a second retry layer under ours.
+httplib2.RETRIES = 1
 
 T = TypeVar("T")
 
@@ -128,32 +119,14 @@ def _describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
-def is_transient(exc: BaseException) -> bool:
-    """429, 5xx, 403 rate limits, timeouts and dropped connections: worth another try."""
-    if isinstance(exc, HttpError):
-        status = exc.resp.status
-        return status in _RETRY_STATUS or status >= 500 or (status == 403 and _http_reason(exc) in _RATE_REASONS)
+def _retryable(exc: BaseException) -> bool:
+    """`is_retryable`, plus the transport faults only this client meets: the token service unreachable
+    or answering 5xx, a body cut short (IncompleteRead), a TLS record broken mid-stream."""
     if isinstance(exc, google.auth.exceptions.RefreshError):
         return bool(getattr(exc, "retryable", False))
-    if isinstance(exc, google.auth.exceptions.TransportError):
+    if isinstance(exc, (google.auth.exceptions.TransportError, http.client.HTTPException, ssl.SSLError)):
         return True
-    if isinstance(exc, (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException, ssl.SSLError)):
-        return True
-    if isinstance(exc, httplib2.HttpLib2Error):
-        return True
-    if isinstance(exc, OSError):
-        return exc.errno in _RETRY_ERRNOS
-    return False
-
-
-def _retry_after(exc: BaseException) -> float | None:
-    if isinstance(exc, HttpError):
-        value = exc.resp.get("retry-after")
-        try:
-            return float(value) if value is not None else None
-        except ValueError:
-            return None
-    return None
+    return is_retryable(exc)
 
 
 def _parse_time(value: str | None) -> datetime:
@@ -246,7 +219,11 @@ class _HashingWriter:
 
 
 class GoogleDriveSource(Source):
-    """The files directly in GDRIVE_FOLDER_ID, as seen by the service account of GOOGLE_CREDENTIALS_PATH."""
+    """The files directly in GDRIVE_FOLDER_ID, as seen by the service account of GOOGLE_CREDENTIALS_PATH.
+
+    `stop` ends a wait for Drive (the worker is stopping); `give_up_after` (seconds) bounds it, for
+    tools and tests. Either way the call then raises `RetryableError`: not done, try on a later poll.
+    """
 
     kind = "gdrive"
 
@@ -255,9 +232,10 @@ class GoogleDriveSource(Source):
         settings: Settings,
         db: Any,
         *,
+        stop: threading.Event | None = None,
+        give_up_after: float | None = None,
         chunk_size: int = CHUNK_SIZE,
         timeout: float = HTTP_TIMEOUT,
-        attempts: int = ATTEMPTS,
     ) -> None:
         if not settings.gdrive_folder_id:
             raise SettingsError("GDRIVE_FOLDER_ID is not set: the Google Drive source needs a folder id")
@@ -266,9 +244,10 @@ class GoogleDriveSource(Source):
         self.folder_id = settings.gdrive_folder_id
         endpoint = settings.gdrive_api_endpoint or DEFAULT_API_ENDPOINT
         self.api_endpoint = endpoint if endpoint.endswith("/") else endpoint + "/"
+        self.stop = stop
+        self.give_up_after = give_up_after
         self.chunk_size = chunk_size
         self.timeout = timeout
-        self.attempts = max(1, attempts)
         self.downloads = settings.data_dir / "downloads"
         self._creds: service_account.Credentials | None = None
         self._local = threading.local()
@@ -331,7 +310,7 @@ class GoogleDriveSource(Source):
                     self._service()
                     .files()
                     .get(fileId=self.folder_id, fields="id,name,mimeType,trashed", supportsAllDrives=True)
-                    .execute()
+                    .execute(num_retries=0)
                 ),
             )
         except HttpError as exc:
@@ -361,10 +340,8 @@ class GoogleDriveSource(Source):
         log.info("Google Drive folder %s (%s) is readable by %s", self.folder_id, meta.get("name", ""), email)
 
     def describe(self) -> str:
-        try:
-            return f"Google Drive folder {self.folder_id} as {self.client_email} via {self.api_endpoint}"
-        except SettingsError:
-            return f"Google Drive folder {self.folder_id} via {self.api_endpoint}"
+        """Folder and endpoint only: this text goes into the lake's processing log, the account must not."""
+        return f"Google Drive folder {self.folder_id} via {redact_url(self.api_endpoint)}"
 
     def close(self) -> None:
         with self._lock:
@@ -378,22 +355,7 @@ class GoogleDriveSource(Source):
             self._https.clear()
         self._local = threading.local()
 
-    # -- retries --------------------------------------------------------------------------------
-
-    def _backoff(self, what: str, exc: BaseException, attempt: int) -> None:
-        delay = min(BACKOFF_BASE * 2 ** (attempt - 1), BACKOFF_CAP)
-        hint = _retry_after(exc)
-        if hint is not None:
-            delay = min(max(delay, hint), BACKOFF_CAP)
-        log.warning(
-            "Drive %s failed (attempt %d/%d): %s; retrying in %.1fs",
-            what,
-            attempt,
-            self.attempts,
-            _describe_error(exc),
-            delay,
-        )
-        _sleep(delay)
+    # -- the one retry layer ---------------------------------------------------------------------
 
     def _refused(self, exc: BaseException) -> SettingsError:
         return SettingsError(
@@ -402,25 +364,29 @@ class GoogleDriveSource(Source):
         )
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run one Drive request with capped exponential backoff on transient errors.
+        """Run one Drive request under the product's retry policy, waiting out transient faults.
 
-        After the last attempt a transient fault becomes RetryableError; a refused key becomes
-        SettingsError; other errors pass through.
+        A refused key becomes SettingsError; a transient fault still there when the worker stops
+        becomes RetryableError; every other error passes through at once.
         """
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return fn()
-            except Exception as exc:
-                if isinstance(exc, google.auth.exceptions.RefreshError) and not is_transient(exc):
-                    raise self._refused(exc) from None
-                if not is_transient(exc):
-                    raise
-                if attempt == self.attempts:
-                    raise RetryableError(
-                        f"Drive {what} still failing after {attempt} attempts: {_describe_error(exc)}"
-                    ) from None
-                self._backoff(what, exc, attempt)
-        raise AssertionError("unreachable")
+        try:
+            return call_with_retry(
+                fn,
+                dependency="Drive",
+                what=what,
+                target=redact_url(self.api_endpoint),
+                stop=self.stop,
+                give_up_after=self.give_up_after,
+                retryable=_retryable,
+            )
+        except google.auth.exceptions.RefreshError as exc:
+            if _retryable(exc):
+                raise RetryableError(f"Drive {what} not done: {_describe_error(exc)}") from exc
+            raise self._refused(exc) from None
+        except Exception as exc:
+            if not _retryable(exc):
+                raise
+            raise RetryableError(f"Drive {what} not done: {brief(exc)}") from exc
 
     # -- discovery ------------------------------------------------------------------------------
 
@@ -438,7 +404,7 @@ class GoogleDriveSource(Source):
     def _start_token(self) -> str:
         resp = self._call(
             "changes.getStartPageToken",
-            lambda: self._service().changes().getStartPageToken(supportsAllDrives=True).execute(),
+            lambda: self._service().changes().getStartPageToken(supportsAllDrives=True).execute(num_retries=0),
         )
         return str(resp["startPageToken"])
 
@@ -457,7 +423,7 @@ class GoogleDriveSource(Source):
             }
             if page_token:
                 kwargs["pageToken"] = page_token
-            resp = self._call("files.list", lambda kw=kwargs: self._service().files().list(**kw).execute())
+            resp = self._call("files.list", lambda kw=kwargs: self._service().files().list(**kw).execute(num_retries=0))
             pages += 1
             for meta in resp.get("files", []):
                 if _is_candidate(meta):
@@ -484,7 +450,7 @@ class GoogleDriveSource(Source):
         sink = _HashingWriter(_NullFile())
         try:
             self._download_once(f, sink, exported=True)
-        except (DownloadFailed, RetryableError) as exc:
+        except DownloadFailed as exc:  # not a RetryableError: an outage fails the poll, not this version
             log.warning("Drive sheet %s (%s) cannot be exported as CSV: %s", f.file_id, f.name, exc)
             return (version, None, str(exc), 0)
         log.info("Drive sheet %s (%s) version %s: CSV export md5 %s", f.file_id, f.name, version, sink.md5.hexdigest())
@@ -509,7 +475,7 @@ class GoogleDriveSource(Source):
                         supportsAllDrives=True,
                         includeItemsFromAllDrives=True,
                     )
-                    .execute()
+                    .execute(num_retries=0)
                 ),
             )
             for change in resp.get("changes", []):
@@ -622,40 +588,35 @@ class GoogleDriveSource(Source):
                 log.warning(
                     "Drive file %s: %s (download %d/%d); downloading again", f.file_id, reason, round_, MD5_ATTEMPTS
                 )
-                _sleep(min(BACKOFF_BASE * 2 ** (round_ - 1), BACKOFF_CAP))
 
     def _download_once(self, f: SourceFile, out: _HashingWriter, exported: bool) -> None:
+        """Every byte of one download into `out`: each Range request is retried by `_call`, and a retry
+        resumes at the first byte not yet received (the downloader only advances after a whole chunk)."""
         files = self._service().files()
         if exported:
             request = files.export_media(fileId=f.file_id, mimeType=CSV_MIME)
         else:
             request = files.get_media(fileId=f.file_id, supportsAllDrives=True)
         downloader = MediaIoBaseDownload(out, request, chunksize=self.chunk_size)
-        what = f"download of {f.file_id}"
-        failures = 0
+        what = f"{'export' if exported else 'download'} of {f.file_id}"
         done = False
         while not done:
             try:
-                _, done = downloader.next_chunk()
-                failures = 0  # the budget is per chunk: a long download may meet several faults
-            except _IO_ERRORS as exc:
-                if isinstance(exc, google.auth.exceptions.RefreshError) and not is_transient(exc):
-                    raise self._refused(exc) from None
-                if not is_transient(exc):
-                    if isinstance(exc, HttpError) and exc.resp.status == 404:
-                        raise DownloadFailed(f"Drive file {f.file_id} ({f.name}) is gone: HTTP 404") from None
-                    if isinstance(exc, HttpError) and _http_reason(exc) == "exportSizeLimitExceeded":
-                        raise DownloadFailed(
-                            f"Drive file {f.file_id} ({f.name}): the Sheet is larger than Drive's 10 MB CSV "
-                            "export limit; download it as CSV and put the .csv in the folder instead"
-                        ) from None
-                    raise DownloadFailed(f"Drive file {f.file_id} ({f.name}): {_describe_error(exc)}") from None
-                failures += 1
-                if failures >= self.attempts:
-                    raise DownloadFailed(
-                        f"Drive file {f.file_id} ({f.name}): {_describe_error(exc)} after {failures} attempts"
-                    ) from None
-                self._backoff(what, exc, failures)  # the next call resumes at the first missing byte
+                _, done = self._call(what, lambda: downloader.next_chunk(num_retries=0))
+            except HttpError as exc:
+                raise self._unfetchable(f, exc) from None
+
+    def _unfetchable(self, f: SourceFile, exc: HttpError) -> DownloadFailed:
+        """What a permanent HTTP answer to a download means for the file, in one line."""
+        where = f"Drive file {f.file_id} ({f.name})"
+        if exc.resp.status == 404:
+            return DownloadFailed(f"{where} is gone: HTTP 404")
+        if _http_reason(exc) == "exportSizeLimitExceeded":
+            return DownloadFailed(
+                f"{where}: the Sheet is larger than Drive's 10 MB CSV export limit; download it as CSV and put "
+                "the .csv in the folder instead"
+            )
+        return DownloadFailed(f"{where}: {_describe_error(exc)}")
 
 
-__all__ = ["DownloadFailed", "GoogleDriveSource", "is_transient", "load_credentials"]
+__all__ = ["DownloadFailed", "GoogleDriveSource", "load_credentials"]
