@@ -69,7 +69,7 @@ class Worker:
 
     def start(self, env: dict[str, str]) -> None:
         """Start the worker tied to this process: it gets SIGTERM if the supervisor dies (see runtime.child_of)."""
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # noqa: S603 - our own worker module; argv from constants
             [sys.executable, "-m", self.module, *self.args],
             env=env,
             cwd=str(ROOT),

@@ -475,7 +475,7 @@ class Ingestor:
                 lake_paths.quarantine_key("ingest", file_id, chunk_seq), parquet_bytes(bad), overwrite=True
             )
         self.store.put_bytes(key, payload)
-        return hashlib.md5(payload).hexdigest()
+        return hashlib.md5(payload, usedforsecurity=False).hexdigest()
 
     def _await_consumer(self) -> None:
         """Under the supervisor, hold the first release until Mechanism Y reports ready (see main.py)."""
@@ -616,7 +616,7 @@ class _RunningMd5:
 
     def __init__(self, path: Path) -> None:
         self._fh = open(path, "rb")  # noqa: SIM115 - closed by __exit__
-        self._md5 = hashlib.md5()
+        self._md5 = hashlib.md5(usedforsecurity=False)
         self.pos = 0
 
     def __enter__(self) -> _RunningMd5:

@@ -194,7 +194,7 @@ class _StrayOutput:
                 record = _stray_record(text, name)
                 try:
                     root.handle(record)
-                except Exception:  # noqa: BLE001 - a log line must never kill the pump
+                except Exception:  # noqa: BLE001, S110 - a log line must never kill the pump
                     pass
 
     def restore(self, timeout: float = 0.3) -> None:

@@ -203,7 +203,7 @@ class _HashingWriter:
 
     def __init__(self, fh: Any) -> None:
         self.fh = fh
-        self.md5 = hashlib.md5()
+        self.md5 = hashlib.md5(usedforsecurity=False)
         self.size = 0
 
     def write(self, data: bytes) -> int:
@@ -214,7 +214,7 @@ class _HashingWriter:
     def restart(self) -> None:
         self.fh.seek(0)
         self.fh.truncate()
-        self.md5 = hashlib.md5()
+        self.md5 = hashlib.md5(usedforsecurity=False)
         self.size = 0
 
 
@@ -523,7 +523,6 @@ class GoogleDriveSource(Source):
             self._files = self._full_listing()
             self._token = token
             self._listed = True
-        assert self._token is not None
         try:
             new_token = self._apply_changes(self._token)
         except HttpError as exc:

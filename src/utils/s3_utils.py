@@ -276,7 +276,7 @@ class S3ObjectStore(ObjectStore):
             return stored == sha
         etag = head.get("ETag", "").strip('"')
         if etag and "-" not in etag:
-            return etag == hashlib.md5(data).hexdigest()  # noqa: S324 - S3's ETag is an MD5, not a secret
+            return etag == hashlib.md5(data, usedforsecurity=False).hexdigest()  # noqa: S324 - S3's ETag is an MD5, not a secret
         return self._get_once(key) == data  # written by another tool, multipart: compare the bytes
 
     def _conflict(self, key: str, data: bytes) -> ObjectConflict:

@@ -58,7 +58,7 @@ def local_file_id(name: str) -> str:
 
 def md5_file(path: Path, *, limit: int | None = None, block: int = 1 << 20) -> str:
     """MD5 of the file, or of its first `limit` bytes."""
-    digest = hashlib.md5()
+    digest = hashlib.md5(usedforsecurity=False)
     remaining = limit
     with open(path, "rb") as fh:
         while remaining is None or remaining > 0:

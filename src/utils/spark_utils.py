@@ -148,7 +148,7 @@ def fetch_hadoop_aws_jars(settings: Settings, *, timeout: float = 1800) -> list[
         "-confs", "default", "-types", "jar", "-cachepath", tmp,
     ]  # fmt: skip
     try:
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)  # noqa: S603 - spark-submit of pyspark with our own args
         if proc.returncode != 0 or not Path(tmp).read_text().strip():
             tail = " | ".join(line.strip() for line in (proc.stdout + proc.stderr).splitlines()[-3:])
             raise ProcessorError(
