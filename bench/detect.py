@@ -500,7 +500,8 @@ def print_issue12(
     """Each target of issue 12 as a ratio to its anchor, measured in this run."""
     b, a_total, c = anchor["chunk_job_s"], anchor["total_s"], anchor["catch_up_pass_s"]
     c_per = c / anchor["catch_up_chunks"]
-    alone = [x["ms"] / 1000 for x in yb if x["k"] == 1]
+    # The first batch is left out: at interval 0 there is no warm-up and it pays for Spark's first plans.
+    alone = [x["ms"] / 1000 for x in yb[1:] if x["k"] == 1]
     multi = [x for x in yb if x["k"] > 1]
     lines = [
         f"anchor (a)      bare SparkSession + spark.range(1).count() in a fresh process: {a_total:.2f} s "
@@ -513,22 +514,29 @@ def print_issue12(
     if alone:
         m = statistics.median(alone)
         lines.append(
-            f"1 Y alone       a chunk processed alone (batch of 1, Y's own time): median {m:.3f} s of {len(alone)} "
+            f"1 Y alone       a chunk processed alone (batch of 1 after the first, Y's own time): median {m:.3f} s "
+            f"of {len(alone)} "
             f"= {m / b:.2f}x (b)  (target <= {T12_ALONE_X}x: {_pf(m / b <= T12_ALONE_X)})"
         )
     else:
-        lines.append("1 Y alone       no batch of 1 chunk in this run (run --interval 1)")
+        lines.append("1 Y alone       no batch of 1 chunk after the first batch in this run (run --interval 1)")
     if args.interval == 1:
         lines.append(
             f"1 latency p95   {p95:.3f} s = {p95 / b:.2f}x (b)  (target <= {T12_P95_X}x: {_pf(p95 / b <= T12_P95_X)});"
             f" backlog max {max(at_writes)} (target <= {T12_BACKLOG_1}: {_pf(max(at_writes) <= T12_BACKLOG_1)})"
         )
     if args.interval == 0.5:
-        first, last = max(at_writes[:10]), max(at_writes[-10:])
-        ok = max(at_writes) <= T12_BACKLOG_05 and last <= first
+        first, last = statistics.mean(at_writes[:10]), statistics.mean(at_writes[-10:])
+        judged = len(at_writes) >= 20  # below 20 chunks the first and last 10 overlap
+        ok = max(at_writes) <= T12_BACKLOG_05 and (not judged or last <= first)
+        growth = (
+            f"mean after the first 10 writes {first:.1f}, after the last 10 {last:.1f}"
+            if judged
+            else "growth not judged: fewer than 20 chunks"
+        )
         lines.append(
-            f"1 backlog @0.5  max {max(at_writes)} outstanding after a write; first 10 writes max {first}, "
-            f"last 10 max {last}  (target <= {T12_BACKLOG_05}, no growth: {_pf(ok)})"
+            f"1 backlog @0.5  max {max(at_writes)} outstanding after a write; {growth}  "
+            f"(target <= {T12_BACKLOG_05}, no growth: {_pf(ok)})"
         )
     limit = a_total + T12_STARTUP_PLUS_S
     lines.append(
