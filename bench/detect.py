@@ -12,6 +12,11 @@ psutil for the supervisor, for X's and Y's process trees (Spark's JVM is a child
 process) and for the embedded PostgreSQL's processes. Chunk figures come from the ledger after
 the run: latency is `chunks.processed_at - chunks.written_at` (recorded by X -> its detections
 committed by Y); the backlog is computed from the same timestamps.
+
+Issue 12: after the daemon has exited, the anchors of `bench/anchors.py` are measured (a bare session,
+one minimal job per chunk, one catch-up pass over the run's chunks) and every target is printed as a
+ratio to its anchor, PASS or FAIL. `--profile` adds Spark's event log (through SPARK_CONF_DIR) and, with
+`--py-spy PATH`, py-spy samples of Y's main thread, summarised per job kind, per batch and per phase.
 """
 
 from __future__ import annotations
