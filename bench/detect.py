@@ -12,12 +12,19 @@ psutil for the supervisor, for X's and Y's process trees (Spark's JVM is a child
 process) and for the embedded PostgreSQL's processes. Chunk figures come from the ledger after
 the run: latency is `chunks.processed_at - chunks.written_at` (recorded by X -> its detections
 committed by Y); the backlog is computed from the same timestamps.
+
+Issue 12: after the daemon has exited, the anchors of `bench/anchors.py` are measured (a bare session,
+one minimal job per chunk, one catch-up pass over the run's chunks) and every target is printed as a
+ratio to its anchor, PASS or FAIL. `--profile` adds Spark's event log (through SPARK_CONF_DIR) and, with
+`--py-spy PATH`, py-spy samples of Y's main thread, summarised per job kind, per batch and per phase.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -25,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
@@ -34,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import anchors  # noqa: E402
 from bench.ingest import IMPORTANCE, TRANSACTIONS, sample_dir  # noqa: E402
 from src.sample_data import DEFAULT_ROWS, DEFAULT_SEED  # noqa: E402
 
@@ -45,6 +53,16 @@ TARGET_P95_S = 1.0
 TARGET_DRIFT = 1.3
 TARGET_RSS_MIB = 3 * 1024
 TARGET_BACKLOG = 2
+# Targets of issue 12, each a ratio to an anchor measured in the same run (bench/anchors.py).
+T12_ALONE_X = 1.5  # Y's time for a chunk processed alone <= 1.5x one minimal Spark job per chunk (b)
+T12_P95_X = 2.0  # latency p95 at --interval 1 <= 2x (b)
+T12_BACKLOG_1 = 1  # backlog at --interval 1
+T12_BACKLOG_05 = 3  # backlog at --interval 0.5, and no growth from the first 10 chunks to the last 10
+T12_STARTUP_PLUS_S = 3.0  # start-up <= bare session + trivial job (a) + 3 s
+T12_CATCH_UP_X = 2.0  # Y's time per chunk in batches <= 2x (one pass over all rows (c)) / chunks
+T12_RSS_GIB = {594_643: 3, 3_000_000: 4}
+# Y's own line per chunk: "[batch of K: T ms in Y (read R, fold F, detect D, commit C)]"
+BATCH_LINE = re.compile(r"batch of (\d+): (\d+) ms in Y \(read (\d+), fold (\d+), detect (\d+), commit (\d+)\)")
 
 
 def _tree_rss(proc: psutil.Process) -> int:
@@ -156,6 +174,154 @@ def backlog(chunks: list[tuple]) -> tuple[int, int]:
     return after_processing, at_write
 
 
+def outstanding_at_writes(chunks: list[tuple]) -> list[int]:
+    """For each chunk in write order: chunks written and not yet processed right after its write (incl. it)."""
+    processed = sorted(c[2] for c in chunks)
+    out = []
+    for c in sorted(chunks, key=lambda c: c[1]):
+        n_written = sum(1 for d in chunks if d[1] <= c[1])
+        out.append(n_written - sum(1 for p in processed if p < c[1]))
+    return out
+
+
+def spark_profile(events: Path, chunks: list[tuple]) -> dict | None:
+    """Spark's event log of Y's session -> jobs, stages, tasks and job time per kind, and per Y batch.
+
+    A job belongs to the first batch whose processed_at is at or after the job's submission (so the
+    first batch also carries the warm-up's jobs); the per-batch figures are medians over the later batches.
+    """
+    logs = sorted(f for f in events.rglob("*") if f.is_file())
+    if not logs:
+        return None
+    jobs: dict[int, dict] = {}
+    stage_job: dict[int, int] = {}
+    stages = tasks = 0
+    for f in logs:
+        for line in f.read_text(errors="replace").splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            kind = ev.get("Event")
+            if kind == "SparkListenerJobStart":
+                names = [st.get("Stage Name", "?") for st in ev.get("Stage Infos", [])]
+                site = (ev.get("Properties") or {}).get("callSite.short") or (names[-1] if names else "?")
+                site = re.sub(r" at \S*/", " at ", site)  # "collect at stream_processor.py:423"
+                jobs[ev["Job ID"]] = {"start": ev["Submission Time"], "site": site, "stages": 0, "tasks": 0}
+                for sid in ev.get("Stage IDs", []):
+                    stage_job[sid] = ev["Job ID"]
+            elif kind == "SparkListenerJobEnd" and ev["Job ID"] in jobs:
+                jobs[ev["Job ID"]]["end"] = ev["Completion Time"]
+            elif kind == "SparkListenerStageCompleted":
+                info = ev["Stage Info"]
+                stages += 1
+                tasks += info.get("Number of Tasks", 0)
+                job = jobs.get(stage_job.get(info.get("Stage ID"), -1))
+                if job is not None:
+                    job["stages"] += 1
+                    job["tasks"] += info.get("Number of Tasks", 0)
+    ends = sorted({c[2].timestamp() * 1000 for c in chunks if c[2] is not None})
+    per_batch: list[dict] = [{"jobs": 0, "stages": 0, "tasks": 0, "ms": 0.0, "kinds": {}} for _ in ends]
+    kinds: dict[str, list[float]] = {}
+    for job in jobs.values():
+        ms = job.get("end", job["start"]) - job["start"]
+        kinds.setdefault(job["site"], []).append(ms)
+        i = next((n for n, e in enumerate(ends) if job["start"] <= e), None)
+        if i is not None:
+            per_batch[i]["jobs"] += 1
+            per_batch[i]["stages"] += job["stages"]
+            per_batch[i]["tasks"] += job["tasks"]
+            per_batch[i]["ms"] += ms
+            per_batch[i]["kinds"][job["site"]] = per_batch[i]["kinds"].get(job["site"], 0) + 1
+    # Stage and task counts per job come from the stage events, matched through the job's stage ids.
+    return {"jobs": len(jobs), "stages": stages, "tasks": tasks, "kinds": kinds, "per_batch": per_batch}
+
+
+# Y's main thread, by phase: an outer frame first (warm-up, start-up), else the innermost known frame.
+OUTER = (
+    ("build_spark_session", "start: Spark session"),
+    ("warm_up", "start: warm-up"),
+    ("_load_state", "start: load state"),
+    ("_refresh_weights", "load weights"),
+)
+INNER = (
+    ("_commit", "commit (PostgreSQL)"),
+    ("collect", "detect: collect (Spark job)"),
+    ("detect_batch", "detect: plan"),
+    ("first_hits", "detect: first hits"),
+    ("localCheckpoint", "fold: localCheckpoint (Spark job)"),
+    ("fold_batch", "fold: plan"),
+    ("_fold_input", "fold: createDataFrame from Arrow"),
+    ("_read_batch", "read: Spark read + toArrow + sort"),
+    ("_write_rejected_objects", "rejected rows"),
+    ("write_quality_report", "quality report"),
+    ("process_batch", "process_batch: other"),
+)
+
+
+def py_spy_summary(path: Path) -> dict[str, int] | None:
+    """py-spy's raw collapsed stacks (idle included: a py4j call waits on a socket) -> samples of Y's main
+    thread per phase; other threads (listener, py4j, metrics) are left out."""
+    if not path.is_file():
+        return None
+    counts: dict[str, int] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        funcs = [f.split(" (", 1)[0].rsplit(".", 1)[-1] for f in stack.split(";")]
+        if not n.isdigit() or "worker_main" not in funcs:
+            continue
+        label = next((lab for name, lab in OUTER if name in funcs), None)
+        if label is None:
+            label = next((lab for f in reversed(funcs) for name, lab in INNER if f == name), "main loop: other")
+        counts[label] = counts.get(label, 0) + int(n)
+    return counts
+
+
+def y_batches(log_text: str) -> list[dict[str, int]]:
+    """Y's own timing per batch from its chunk lines (each of a batch's K lines repeats the batch's figures)."""
+    out: list[dict[str, int]] = []
+    lines = [m for m in BATCH_LINE.finditer(log_text)]
+    i = 0
+    while i < len(lines):
+        k, total, read, fold, detect, commit = (int(g) for g in lines[i].groups())
+        out.append({"k": k, "ms": total, "read": read, "fold": fold, "detect": detect, "commit": commit})
+        i += k
+    return out
+
+
+def write_profile_conf(work: Path) -> tuple[Path, Path]:
+    """A SPARK_CONF_DIR whose spark-defaults.conf turns Spark's event log on (the product has no extra-conf hook)."""
+    conf_dir, events = work / "spark-conf", work / "spark-events"
+    conf_dir.mkdir()
+    events.mkdir()
+    (conf_dir / "spark-defaults.conf").write_text(
+        f"spark.eventLog.enabled true\nspark.eventLog.dir {events.as_uri()}\nspark.eventLog.compress false\n"
+    )
+    return conf_dir, events
+
+
+class PySpy(threading.Thread):
+    """Once Y's Python process exists under the supervisor, record it with py-spy (raw collapsed stacks)."""
+
+    def __init__(self, exe: str, supervisor: psutil.Process, out: Path) -> None:
+        super().__init__(daemon=True)
+        self.exe, self.supervisor, self.out = exe, supervisor, out
+        self.proc: subprocess.Popen | None = None
+
+    def run(self) -> None:
+        for _ in range(600):
+            try:
+                ys = [c for c in self.supervisor.children() if "src.mechanism_y" in " ".join(c.cmdline())]
+            except psutil.Error:
+                return
+            if ys:
+                cmd = [self.exe, "record", "-p", str(ys[0].pid), "-f", "raw", "-r", "50", "--idle", "-o", str(self.out)]
+                self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                self.proc.wait()
+                return
+            time.sleep(0.1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python bench/detect.py",
@@ -169,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
     parser.add_argument("--log", type=Path, help="write the daemon's output here (default: a temp file)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--profile", action="store_true", help="Spark event log (via SPARK_CONF_DIR) and a per-batch job summary"
+    )
+    parser.add_argument("--py-spy", help="path to a py-spy binary: record Y's driver with it (with --profile)")
+    parser.add_argument("--no-anchors", action="store_true", help="skip the issue-12 anchors (bench/anchors.py)")
     args = parser.parse_args(argv)
 
     sample = sample_dir(args.rows, args.seed)
@@ -188,8 +359,14 @@ def main(argv: list[str] | None = None) -> int:
             "POSTGRES_HOST": "",
             "GDRIVE_FOLDER_ID": "",
             "SPARK_LOCAL_IP": env.get("SPARK_LOCAL_IP", "127.0.0.1"),
+            "LOG_FORMAT": "text",
         }
     )
+    anchor_env = dict(env)
+    events = None
+    if args.profile:
+        conf_dir, events = write_profile_conf(work)
+        env["SPARK_CONF_DIR"] = str(conf_dir)
     db_name = env.get("POSTGRES_DB") or "transactions"
     log_path = args.log or work / "daemon.log"
     print(
@@ -199,11 +376,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with open(log_path, "wb") as log_file:
             started = time.perf_counter()
+            launched = datetime.now(timezone.utc)
             proc = subprocess.Popen(
                 [sys.executable, "main.py", "--drain"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
             )
             sampler = MemorySampler(psutil.Process(proc.pid), data / "postgres")
             sampler.start()
+            spy = None
+            if args.profile and args.py_spy:
+                spy = PySpy(args.py_spy, psutil.Process(proc.pid), work / "py-spy.txt")
+                spy.start()
             try:
                 code = proc.wait(timeout=args.timeout)
             except subprocess.TimeoutExpired:
@@ -217,7 +399,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"python main.py --drain exited with {code}; last lines of {log_path}:")
             print("\n".join(Path(log_path).read_text(errors="replace").splitlines()[-30:]))
             return 1
+        if spy is not None:
+            spy.join(60)
         chunks, detections = read_ledger(data / "postgres", db_name)
+        log_text = Path(log_path).read_text(errors="replace")
+        profile = spark_profile(events, chunks) if events else None
+        stacks = py_spy_summary(work / "py-spy.txt") if spy is not None else None
+        anchor = None
+        if not args.no_anchors:
+            print("measuring the anchors (bench/anchors.py) ...", flush=True)
+            anchor = anchors.bare_session(anchor_env)
+            anchor.update(anchors.warm(anchor_env, work / "lake", inbox / IMPORTANCE))
     finally:
         if args.keep:
             print(f"kept {work}")
@@ -287,7 +479,128 @@ def main(argv: list[str] | None = None) -> int:
         f"  (target < {TARGET_RSS_MIB / 1024:.0f} GiB: {verdict(sampler.peak_total / MIB < TARGET_RSS_MIB)})",
     ]
     print("\n".join(["", "== bench/detect.py " + "=" * 60, *lines, "=" * 79]))
+    yb = y_batches(log_text)
+    if anchor is not None:
+        startup = (done[0][2] - launched).total_seconds()
+        print_issue12(args, anchor, yb, p95, outstanding_at_writes(done), startup, sampler.peak_total, len(done))
+    if profile is not None or stacks is not None:
+        print_profile(profile, stacks, yb)
     return 0
+
+
+def _pf(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def print_issue12(
+    args: argparse.Namespace,
+    anchor: dict,
+    yb: list[dict[str, int]],
+    p95: float,
+    at_writes: list[int],
+    startup: float,
+    peak_total: int,
+    n_chunks: int,
+) -> None:
+    """Each target of issue 12 as a ratio to its anchor, measured in this run."""
+    b, a_total, c = anchor["chunk_job_s"], anchor["total_s"], anchor["catch_up_pass_s"]
+    c_per = c / anchor["catch_up_chunks"]
+    # The first batch is left out: at interval 0 there is no warm-up and it pays for Spark's first plans.
+    alone = [x["ms"] / 1000 for x in yb[1:] if x["k"] == 1]
+    # Catch-up from batches after the first (at interval 0 the first pays for Spark's cold plans, which (c)
+    # leaves out too); the first is used only when no later batch holds more than one chunk.
+    multi = [x for x in yb[1:] if x["k"] > 1] or [x for x in yb[:1] if x["k"] > 1]
+    cold = bool(multi) and multi[0] is yb[0]
+    lines = [
+        f"anchor (a)      bare SparkSession + spark.range(1).count() in a fresh process: {a_total:.2f} s "
+        f"(session up at {anchor['session_s']:.2f} s)",
+        f"anchor (b)      one minimal job per chunk on a warm session (read chunk, group by merchant, count, "
+        f"collect): median {b:.3f} s of {len(anchor['chunk_job_all'])}",
+        f"anchor (c)      one pass fold_batch+detect_batch, one cut, over all {anchor['catch_up_chunks']} chunks: "
+        f"{c:.2f} s = {c_per:.3f} s per chunk ({anchor['catch_up_detections']} detections)",
+    ]
+    if alone:
+        m = statistics.median(alone)
+        lines.append(
+            f"1 Y alone       a chunk processed alone (batch of 1 after the first, Y's own time): median {m:.3f} s "
+            f"of {len(alone)} "
+            f"= {m / b:.2f}x (b)  (target <= {T12_ALONE_X}x: {_pf(m / b <= T12_ALONE_X)})"
+        )
+    else:
+        lines.append("1 Y alone       no batch of 1 chunk after the first batch in this run (run --interval 1)")
+    if args.interval == 1:
+        lines.append(
+            f"1 latency p95   {p95:.3f} s = {p95 / b:.2f}x (b)  (target <= {T12_P95_X}x: {_pf(p95 / b <= T12_P95_X)});"
+            f" backlog max {max(at_writes)} (target <= {T12_BACKLOG_1}: {_pf(max(at_writes) <= T12_BACKLOG_1)})"
+        )
+    if args.interval == 0.5:
+        first, last = statistics.mean(at_writes[:10]), statistics.mean(at_writes[-10:])
+        judged = len(at_writes) >= 20  # below 20 chunks the first and last 10 overlap
+        ok = max(at_writes) <= T12_BACKLOG_05 and (not judged or last <= first)
+        growth = (
+            f"mean after the first 10 writes {first:.1f}, after the last 10 {last:.1f}"
+            if judged
+            else "growth not judged: fewer than 20 chunks"
+        )
+        lines.append(
+            f"1 backlog @0.5  max {max(at_writes)} outstanding after a write; {growth}  "
+            f"(target <= {T12_BACKLOG_05}, no growth: {_pf(ok)})"
+        )
+    limit = a_total + T12_STARTUP_PLUS_S
+    lines.append(
+        f"2 start-up      python main.py launch -> first chunk processed (ledger): {startup:.2f} s vs (a) + "
+        f"{T12_STARTUP_PLUS_S:g} s = {limit:.2f} s  ({startup / limit:.2f}x: {_pf(startup <= limit)})"
+    )
+    if multi:
+        per = sum(x["ms"] for x in multi) / 1000 / sum(x["k"] for x in multi)
+        lines.append(
+            f"3 catch-up      Y per chunk in {len(multi)} batch(es) of >1 chunk"
+            + (" (the first batch, cold)" if cold else " after the first")
+            + f": {per:.3f} s = {per / c_per:.2f}x "
+            f"(c)/chunks  (target <= {T12_CATCH_UP_X}x: {_pf(per / c_per <= T12_CATCH_UP_X)})"
+        )
+    else:
+        lines.append("3 catch-up      no batch of more than one chunk in this run (run --interval 0)")
+    gib = T12_RSS_GIB.get(args.rows, 3 if args.rows < 3_000_000 else 4)
+    note = "" if args.rows in T12_RSS_GIB else f" (targets are set for {', '.join(f'{r:,}' for r in T12_RSS_GIB)} rows)"
+    lines.append(
+        f"5 memory        peak of the summed RSS {peak_total / MIB:,.0f} MiB vs {gib} GiB{note}  "
+        f"({_pf(peak_total / MIB < gib * 1024)})"
+    )
+    print("\n".join(["", f"== issue 12 targets, {n_chunks} chunks " + "=" * 50, *lines, "=" * 79]))
+
+
+def print_profile(profile: dict | None, stacks: dict[str, int] | None, yb: list[dict[str, int]]) -> None:
+    """Where Y's time per batch goes: Y's own phases, Spark's jobs (event log), py-spy's samples."""
+    lines = []
+    later = yb[1:] or yb
+    if later:
+        for key in ("ms", "read", "fold", "detect", "commit"):
+            vals = [x[key] / x["k"] for x in later]
+            lines.append(f"Y per chunk     {key:<7} median {statistics.median(vals):7.0f} ms (batches after the first)")
+    if profile is not None:
+        lines.append(
+            f"Spark           {profile['jobs']} jobs, {profile['stages']} stages completed, {profile['tasks']} tasks"
+        )
+        pb = profile["per_batch"][1:] or profile["per_batch"]
+        if pb:
+            lines.append(
+                f"  per batch     median {statistics.median(x['jobs'] for x in pb):g} jobs, "
+                f"{statistics.median(x['stages'] for x in pb):g} stages, {statistics.median(x['tasks'] for x in pb):g} "
+                "tasks, "
+                f"{statistics.median(x['ms'] for x in pb):.0f} ms inside jobs (batches after the first)"
+            )
+        for site, times in sorted(profile["kinds"].items(), key=lambda kv: -sum(kv[1])):
+            lines.append(
+                f"  {site[:60]:<60} {len(times):>4} jobs, median {statistics.median(times):6.0f} ms, "
+                f"total {sum(times) / 1000:6.1f} s"
+            )
+    if stacks:
+        total = sum(stacks.values())
+        lines.append(f"py-spy          {total} samples of Y's main thread (50 Hz, idle included)")
+        for label, n in sorted(stacks.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {label:<44}{n:>7} ({100 * n / total:4.1f} %)")
+    print("\n".join(["", "== profile " + "=" * 68, *lines, "=" * 79]))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ IMPORTANCE = "CustomerImportance.csv"
 # Targets of issue 2.
 TARGET_ROWS_PER_S = 500_000
 TARGET_RATIO = 1 / 3
+# Targets of issue 12: X against pyarrow measured in the same run.
+T12_DRAIN_RATIO = 0.5  # whole-process drain (both files) vs pyarrow reading and writing both files
+T12_POLL_RATIO = 0.67  # Ingestor.poll_once() on transactions.csv vs pyarrow on that file
 
 
 def sample_dir(rows: int, seed: int) -> Path:
@@ -75,18 +78,11 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def bench_mechanism_x(sample: Path, work: Path, batch_size: int) -> dict:
-    from config.config import Settings
-    from src.mechanism_x.data_ingestion import Ingestor
-    from src.resources import open_lake, open_source
-    from src.utils.db import DSN_ENV, Database, start_embedded
-
-    inbox, lake, data = work / "inbox", work / "lake", work / "data"
-    inbox.mkdir(parents=True)
-    env = {
-        "LOCAL_INBOX_DIR": str(inbox),
-        "LOCAL_LAKE_DIR": str(lake),
-        "DATA_DIR": str(data),
+def _x_env(work: Path, batch_size: int) -> dict[str, str]:
+    return {
+        "LOCAL_INBOX_DIR": str(work / "inbox"),
+        "LOCAL_LAKE_DIR": str(work / "lake"),
+        "DATA_DIR": str(work / "data"),
         "CHUNK_INTERVAL_SECONDS": "0",
         "BATCH_SIZE": str(batch_size),
         "S3_BUCKET_NAME": "",
@@ -94,6 +90,49 @@ def bench_mechanism_x(sample: Path, work: Path, batch_size: int) -> dict:
         "GDRIVE_FOLDER_ID": "",
         "LOG_LEVEL": "WARNING",
     }
+
+
+def bench_drain(sample: Path, work: Path, batch_size: int) -> dict:
+    """`python -m src.mechanism_x.data_ingestion --drain` on both files, from process launch to exit.
+
+    The embedded PostgreSQL is started first, untimed, and handed over through TP_DATABASE_URL, as the
+    supervisor does; the schema, the importance load and the chunking are all inside the process's time.
+    """
+    from config.config import Settings
+    from src.utils.db import DSN_ENV, start_embedded
+
+    (work / "inbox").mkdir(parents=True)
+    for name in (IMPORTANCE, TRANSACTIONS):
+        shutil.copy2(sample / name, work / "inbox" / name)
+    xenv = _x_env(work, batch_size)
+    settings = Settings.from_env(xenv, dotenv=Path("/nonexistent"))
+    dsn = start_embedded(settings)
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "JAVA_HOME", "PYTHONPATH", "TMPDIR")
+    env = {k: v for k, v in os.environ.items() if k in keep} | xenv | {DSN_ENV: dsn}
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "src.mechanism_x.data_ingestion", "--drain"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"the drain exited {done.returncode}: {done.stderr[-800:]}")
+    return {"seconds": elapsed}
+
+
+def bench_mechanism_x(sample: Path, work: Path, batch_size: int) -> dict:
+    from config.config import Settings
+    from src.mechanism_x.data_ingestion import Ingestor
+    from src.resources import open_lake, open_source
+    from src.utils.db import DSN_ENV, Database, start_embedded
+
+    inbox = work / "inbox"
+    inbox.mkdir(parents=True)
+    env = _x_env(work, batch_size)
     settings = Settings.from_env(env, dotenv=Path("/nonexistent"))
     os.environ[DSN_ENV] = start_embedded(settings)
     db = Database(settings)
@@ -151,6 +190,19 @@ def bench_pyarrow(csv_path: Path, out: Path, batch_size: int) -> dict:
     return {"rows": table.num_rows, "files": files, "seconds": elapsed}
 
 
+def bench_pyarrow_importance(csv_path: Path, out: Path) -> dict:
+    """The importance file the same way: typed read, quotes stripped, one Parquet file (X loads it into PostgreSQL)."""
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    types = {"Source": pa.string(), "Target": pa.string(), "Weight": pa.decimal128(18, 2), "typeTrans": pa.string()}
+    table = pacsv.read_csv(csv_path, convert_options=pacsv.ConvertOptions(column_types=types | {"fraud": pa.int8()}))
+    for name in ("Source", "Target", "typeTrans"):
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, name, pc.utf8_trim(table.column(name), characters="'"))
+    pq.write_table(table, out / "importance.parquet", compression="snappy")
+    return {"rows": table.num_rows, "seconds": time.perf_counter() - started}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python bench/ingest.py",
@@ -168,9 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="tp-bench-ingest-"))
     rss_start = peak_rss_mib()
     try:
+        drain = bench_drain(sample, work / "drain", args.batch_size)
         x = bench_mechanism_x(sample, work / "x", args.batch_size)
         rss_x = peak_rss_mib()
         arrow = bench_pyarrow(sample / TRANSACTIONS, work / "pyarrow", args.batch_size)
+        arrow_imp = bench_pyarrow_importance(sample / IMPORTANCE, work / "pyarrow")
         rss_all = peak_rss_mib()
     finally:
         if args.keep:
@@ -200,6 +254,18 @@ def main(argv: list[str] | None = None) -> int:
         f"X / pyarrow     {ratio:.2f}  (target >= {TARGET_RATIO:.2f}: {ok_ratio})",
         f"peak RSS        {rss_start:,.0f} MiB after imports, {rss_x:,.0f} MiB after Mechanism X, "
         f"{rss_all:,.0f} MiB after pyarrow (this process; PostgreSQL not included)",
+    ]
+    both = arrow["seconds"] + arrow_imp["seconds"]
+    drain_ratio, poll_ratio = both / drain["seconds"], ratio
+    lines += [
+        "issue 12        X against pyarrow in this run (time ratios: pyarrow's time / X's time)",
+        f"  drain         python -m src.mechanism_x.data_ingestion --drain, both files, launch -> exit: "
+        f"{drain['seconds']:.2f} s",
+        f"  pyarrow both  {both:.2f} s (transactions {arrow['seconds']:.2f} s + importance {arrow_imp['seconds']:.2f} s,"
+        f" {arrow_imp['rows']:,} rows)",
+        f"  drain ratio   {drain_ratio:.2f}  (target >= {T12_DRAIN_RATIO}: {'PASS' if drain_ratio >= T12_DRAIN_RATIO else 'FAIL'})",
+        f"  poll_once     {poll_ratio:.2f} of pyarrow on transactions.csv  "
+        f"(target >= {T12_POLL_RATIO}: {'PASS' if poll_ratio >= T12_POLL_RATIO else 'FAIL'})",
     ]
     print("\n".join(["", "== bench/ingest.py " + "=" * 60, *lines, "=" * 79]))
     return 0 if x["status"] == "done" else 1
