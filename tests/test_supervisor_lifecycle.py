@@ -133,7 +133,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from config.config import Settings
 from main import Supervisor, Worker
-sup = Supervisor(Settings.from_env({"DATA_DIR": sys.argv[2]}, dotenv=Path("/nonexistent")), drain=False)
+sup = Supervisor(Settings.from_env({"DATA_DIR": sys.argv[2], "METRICS_ADDR": "off"}, dotenv=Path("/nonexistent")), drain=False)
 sup.x = Worker("sleeper", "tests.test_supervisor_lifecycle", ["sleep"])
 sup.y = Worker("stubborn", "tests.test_supervisor_lifecycle", ["stubborn"])
 sys.exit(sup.run())
@@ -199,7 +199,7 @@ def test_the_s3_endpoint_is_logged_without_its_userinfo(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="supervisor")
     describe_setup(settings)
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "lake: s3://lake (us-east-1) via http://127.0.0.1:9000/base" in text
+    assert "lake: s3://lake (us-east-1) via http://***@127.0.0.1:9000/base" in text
     assert "s3cr3t" not in text and "alice" not in text
 
 
