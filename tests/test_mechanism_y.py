@@ -64,6 +64,7 @@ class Run:
     conn: psycopg2.extensions.connection
     inbox: Path
     lake: Path
+    spark_state: list[tuple] | None = None  # Spark's in-memory state after the run (run_y)
 
     def rows(self, sql: str, params=None) -> list[tuple]:
         with self.conn.cursor() as cur:
@@ -104,7 +105,7 @@ def run_x(settings) -> None:
     assert run_worker(settings, drain=True) == 0
 
 
-def run_y(settings, spark) -> None:
+def run_y(settings, spark) -> list[tuple]:
     """Mechanism Y in this process, on the session's SparkSession, until the ledger is drained."""
     from src.mechanism_y.stream_processor import StreamProcessor
     from src.resources import open_lake
@@ -116,6 +117,8 @@ def run_y(settings, spark) -> None:
         processor = StreamProcessor(settings, db, open_lake(settings), spark, threading.Event())
         assert processor.run(drain=True) == 0
         processor.write_quality_report()
+        # Spark's own running state, as the next batch would fold into it.
+        return sorted(tuple(r) for r in processor.state.collect())
     finally:
         db.close()
 
@@ -164,6 +167,29 @@ def assert_detections_match_replay(run: Run, settings=None) -> dict:
     actions = run.rows("SELECT DISTINCT pattern_id, action_type FROM pattern_detections")
     assert all(ACTIONS[p] == a for p, a in actions), actions
     return expected
+
+
+def state_from_sources(run: Run) -> list[tuple]:
+    """(merchant, customer, n, amount sum, ever F, ever M) per pair, from the test's own reading of the CSVs."""
+    files, _ = inbox_files(run.inbox)
+    _, txns = read_transactions(files, run.settings.batch_size)
+    pairs: dict[tuple[str, str], list] = {}
+    for t in txns:
+        p = pairs.setdefault((t.merchant, t.customer), [0, Decimal(0), False, False])
+        p[0] += 1
+        p[1] += t.amount
+        p[2] |= t.gender == "F"
+        p[3] |= t.gender == "M"
+    return sorted((m, c, n, a, f, g) for (m, c), (n, a, f, g) in pairs.items())
+
+
+def assert_state_matches_sources(run: Run) -> None:
+    """Spark's in-memory state, its durable twin in PostgreSQL and the state the test derives from the CSVs
+    itself are one and the same."""
+    expected = state_from_sources(run)
+    durable = sorted(run.rows("SELECT merchant, customer, n, amount_sum, has_f, has_m FROM y_state"))
+    assert durable == expected, "y_state differs from the state of the source rows"
+    assert run.spark_state == expected, "Spark's in-memory state differs from the state of the source rows"
 
 
 def assert_state_matches_transactions(run: Run) -> None:
@@ -307,7 +333,7 @@ def generated_run(pg_server, spark, tmp_path_factory):
     with product_run(pg_server, tmp_path_factory.mktemp("generated"), GENERATED_ENV) as run:
         generate(run.inbox, rows=GENERATED_ROWS, seed=GENERATED_SEED)
         run_x(run.settings)
-        run_y(run.settings, spark)
+        run.spark_state = run_y(run.settings, spark)
         yield run
 
 
@@ -316,7 +342,7 @@ def handcrafted_run(pg_server, spark, tmp_path_factory):
     with product_run(pg_server, tmp_path_factory.mktemp("handcrafted"), HAND_ENV) as run:
         write_handcrafted_inbox(run.inbox)
         run_x(run.settings)
-        run_y(run.settings, spark)
+        run.spark_state = run_y(run.settings, spark)
         yield run
 
 
@@ -388,6 +414,7 @@ def test_handcrafted_detections_match_reference_replay(handcrafted_run):
 
 
 def test_generated_state_equals_group_by_over_transactions(generated_run):
+    assert_state_matches_sources(generated_run)
     assert_state_matches_transactions(generated_run)
     (valid,) = generated_run.rows("SELECT sum(rows_valid) FROM chunks")[0]
     (txns,) = generated_run.rows("SELECT count(*) FROM transactions")[0]
@@ -395,6 +422,7 @@ def test_generated_state_equals_group_by_over_transactions(generated_run):
 
 
 def test_handcrafted_state_equals_group_by_over_transactions(handcrafted_run):
+    assert_state_matches_sources(handcrafted_run)
     assert_state_matches_transactions(handcrafted_run)
     rows = handcrafted_run.rows("SELECT n, has_f, has_m FROM y_state WHERE merchant = 'M_F' AND customer = 'FF1'")
     assert rows == [(3, True, False)]
