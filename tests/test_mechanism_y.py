@@ -925,3 +925,68 @@ def test_a_chunk_postgresql_refuses_is_failed_after_max_attempts_and_later_chunk
     assert stored == [2, 3, 4, 5]
     quarantined = run.rows("SELECT reason FROM quarantine WHERE file_id = %s AND chunk_seq = 1", (file_id,))
     assert len(quarantined) == 1 and "rejected after 2 attempts" in quarantined[0][0]
+
+
+TX_HEADER = "step,customer,age,gender,zipcodeOri,merchant,zipMerchant,category,amount,fraud"
+CI_HEADER = "Source,Target,Weight,typeTrans,fraud"
+
+
+def test_y_picks_up_new_weights_mid_run(pg_server, spark, tmp_path):
+    """CustomerImportance replaced while Y runs: the chunks after the reload are judged with the new weights.
+
+    M1 crosses T > 10 only in the second file, so PatId1 is first judged after the reload. With the old
+    weights C1 (the top count) has the lowest weight and would be an UPGRADE; with the new ones the highest,
+    and is not. The reference, fed each weight file, says so too (so the test can tell them apart)."""
+    env = {"BATCH_SIZE": "4", "PATID1_MIN_MERCHANT_TXNS": "10", "PATID2_MIN_TXNS": "1000"}
+    env["PATID3_MIN_FEMALE_CUSTOMERS"] = "1000"
+    with product_run(pg_server, tmp_path, env) as run:
+        from src.mechanism_y.stream_processor import StreamProcessor
+        from src.resources import open_lake
+        from src.utils.db import Database
+
+        others = ["C2", "C3", "C4", "C5"]
+        old = ["'C1','M1',0.10,'es_food',0", *(f"'{c}','M1',1.00,'es_food',0" for c in others)]
+        new = ["'C1','M1',5.00,'es_food',0", *(f"'{c}','M1',1.00,'es_food',0" for c in others)]
+        now = time.time()
+        write_csv(run.inbox / "CustomerImportance.csv", CI_HEADER, old, now - 100)
+        first = [txn("C1", "M1", "M", "30.00")] * 4 + [txn(c, "M1", "F", "30.00") for c in others]
+        write_csv(run.inbox / "t1.csv", TX_HEADER, first, now - 90)
+        run_x(run.settings)
+
+        db = Database(run.settings)
+        stop = threading.Event()
+        processor = StreamProcessor(run.settings, db, open_lake(run.settings), spark, stop)
+        worker = threading.Thread(target=processor.run, kwargs={"drain": False}, daemon=True)
+        worker.start()
+        try:
+            deadline = time.monotonic() + 300
+            while run.rows("SELECT count(*) FROM chunks WHERE processed_at IS NULL")[0][0]:
+                assert worker.is_alive() and time.monotonic() < deadline, "Y did not process the first file"
+                time.sleep(0.2)
+            assert processor.weights_version == 1
+
+            write_csv(run.inbox / "CustomerImportance.csv", CI_HEADER, new, now - 10)
+            write_csv(run.inbox / "t2.csv", TX_HEADER, [txn("C1", "M1", "M", "30.00")] * 3, now - 5)
+            run_x(run.settings)  # reloads the weights (version 2), then writes t2's chunk
+            while run.rows("SELECT count(*) FROM chunks WHERE processed_at IS NULL")[0][0]:
+                assert worker.is_alive() and time.monotonic() < deadline, "Y did not process the second file"
+                time.sleep(0.2)
+            assert processor.weights_version == 2
+        finally:
+            stop.set()
+            worker.join(120)
+            db.close()
+        assert not worker.is_alive()
+
+        found = {k for k in emitted(run) if k[0] == "PatId1"}
+        files, _ = inbox_files(run.inbox)
+        chunks, txns = read_transactions(files, run.settings.batch_size)
+
+        def patid1_with(weights: list[str]) -> set:
+            path = tmp_path / "weights.csv"
+            path.write_text("\n".join([CI_HEADER, *weights]) + "\n")
+            got = expected_detections(run.conn, chunks, txns, read_importance(path), limits_of(run.settings))
+            return {k for k in got if k[0] == "PatId1"}
+
+        assert patid1_with(old) == {("PatId1", "C1", "M1")}, "the data no longer tells old weights from new"
+        assert found == patid1_with(new) == set()
