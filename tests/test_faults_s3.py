@@ -22,7 +22,7 @@ import pytest
 from config.config import Settings
 from src.resources import open_lake
 from tests.conftest import run_env
-from tests.reference import reference_detections
+from tests.reference import credited_chunks, expected_detections, limits_of, read_importance, read_transactions
 from tests.s3_fixtures import *  # noqa: F403
 from tests.s3_fixtures import TEST_ACCESS_KEY, TEST_SECRET_KEY, use_shared_ivy
 
@@ -34,7 +34,6 @@ SEED = 7
 BATCH = 5_000
 OUTAGE_SECONDS = 90.0
 THRESHOLDS = {"PATID1_MIN_MERCHANT_TXNS": "3000", "PATID2_MIN_TXNS": "40", "PATID3_MIN_FEMALE_CUSTOMERS": "5"}
-REFERENCE_THRESHOLDS = {"min_merchant_txns": 3000, "min_txns": 40, "min_female_customers": 5}
 
 
 def _second_chunk_put(method: str, path: str) -> bool:
@@ -125,9 +124,11 @@ def test_drain_rides_out_s3_faults_and_a_90s_outage(
             chunks = cur.fetchall()
             cur.execute("SELECT pattern_id, customer_name, merchant_id FROM pattern_detections")
             found = cur.fetchall()
-        expected = set().union(
-            *(reference_detections(conn, upto_chunk_id=seq, **REFERENCE_THRESHOLDS) for seq, *_ in chunks)
-        )
+        settings = Settings.from_env(env, dotenv=Path("/nonexistent"))
+        ref_chunks, txns = read_transactions([tmp_path / "inbox" / "transactions.csv"], settings.batch_size)
+        importance = read_importance(tmp_path / "inbox" / "CustomerImportance.csv")
+        expected = expected_detections(conn, ref_chunks, txns, importance, limits_of(settings))
+        credited = credited_chunks(conn)
     finally:
         conn.close()
     assert files == {"done": 2}, files
@@ -142,7 +143,8 @@ def test_drain_rides_out_s3_faults_and_a_90s_outage(
     # The detections are the contract's, each once.
     assert len(found) == len(set(found))
     assert {p for p, _, _ in found} == {"PatId1", "PatId2", "PatId3"}
-    assert set(found) == expected
+    assert set(found) == set(expected)
+    assert credited == {d: e.chunk for d, e in expected.items()}  # and each credited to the reference's chunk
     sys.stderr.write(
         f"\nS3 drain through a {OUTAGE_SECONDS:.0f} s outage and {len(faulted)} faulted requests: {seconds:.1f} s\n"
     )
