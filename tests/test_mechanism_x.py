@@ -921,3 +921,112 @@ def test_first_release_waits_for_mechanism_y(make_settings, inbox, pg_conn, monk
         x.join(30)
     assert codes == [0]
     assert [c["status"] for c in chunk_records(pg_conn)] == ["written", "written"]
+
+
+def _pending_again(conn, lake: Path, seq: int) -> bytes:
+    """The state a crash leaves between a chunk's ledger commit and its object: pending, no object."""
+    (key,) = query(conn, "SELECT object_key FROM chunks WHERE seq = %s", (seq,))[0]
+    data = (lake / key).read_bytes()
+    (lake / key).unlink()
+    with conn.cursor() as cur:
+        cur.execute("UPDATE chunks SET status = 'pending', written_at = NULL WHERE seq = %s", (seq,))
+    return data
+
+
+def _ingestor(settings, inbox: Path, lake: Path):
+    import threading
+
+    from src.mechanism_x.data_ingestion import Ingestor
+    from src.utils.db import Database
+    from src.utils.object_store import LocalObjectStore
+    from src.utils.sources import LocalInboxSource
+
+    db = Database(settings)
+    db.apply_schema()
+    return Ingestor(settings, db, LocalObjectStore(lake), LocalInboxSource(inbox), threading.Event()), db
+
+
+def test_recover_keeps_a_chunk_pending_while_its_file_is_briefly_missing(make_settings, inbox, lake, pg_conn):
+    """A pending chunk is rebuilt from its own byte range only: its file missing from one listing keeps it
+    pending (not failed), and bytes appended after it that are not even UTF-8 do not stop its rebuild."""
+    write_csv(inbox / "tx.csv", rows(6))
+    settings = make_settings(BATCH_SIZE="3")
+    ingest(settings)
+    first = chunk_records(pg_conn)[0]
+    original = _pending_again(pg_conn, lake, first["seq"])
+    ingestor, db = _ingestor(settings, inbox, lake)
+    try:
+        away = inbox.parent / "moved-away.csv"
+        (inbox / "tx.csv").rename(away)
+        ingestor.recover()
+        assert query(pg_conn, "SELECT status FROM chunks WHERE seq = %s", (first["seq"],)) == [("pending",)]
+        away.rename(inbox / "tx.csv")
+        with open(inbox / "tx.csv", "ab") as fh:
+            fh.write(b"1,'C9','3','M','28007','M200','28007','es_food',\xff\xfe,0\n")  # appended, not UTF-8
+        ingestor.recover()
+    finally:
+        db.close()
+    assert query(pg_conn, "SELECT status FROM chunks WHERE seq = %s", (first["seq"],)) == [("written",)]
+    assert (lake / first["object_key"]).read_bytes() == original  # the very same object
+
+
+def test_giving_up_a_chunk_takes_its_rows_out_of_the_file_counts(make_settings, inbox, lake, pg_conn, monkeypatch):
+    """A chunk that cannot be rebuilt (its file gone past the grace period) is failed, and the file's counters
+    no longer claim its rows: the ledger never claims rows the lake lacks."""
+    from src.mechanism_x import data_ingestion
+
+    write_csv(inbox / "tx.csv", rows(6))
+    settings = make_settings(BATCH_SIZE="3")
+    ingest(settings)
+    before = file_record(pg_conn, "tx.csv")
+    first = chunk_records(pg_conn)[0]
+    _pending_again(pg_conn, lake, first["seq"])
+    (inbox / "tx.csv").unlink()
+    monkeypatch.setattr(data_ingestion, "MISSING_FILE_GRACE_SECONDS", 0.0)
+    ingestor, db = _ingestor(settings, inbox, lake)
+    try:
+        ingestor.recover()
+    finally:
+        db.close()
+    status, error = query(pg_conn, "SELECT status, last_error FROM chunks WHERE seq = %s", (first["seq"],))[0]
+    assert status == "failed" and "missing" in error
+    after = file_record(pg_conn, "tx.csv")
+    assert after["rows_ingested"] == before["rows_ingested"] - first["rows_valid"] == 3
+    assert after["lines_done"] == before["lines_done"] - first["rows_total"]
+    assert "lines 2-4 could not be written" in after["reason"]
+    assert events(pg_conn, "chunk_lost")
+
+
+def test_a_second_mechanism_x_waits_for_the_first(product_env, inbox, pg_conn):
+    """One X per database: a second one started on the same database waits for the first one's lock."""
+    write_csv(inbox / "tx.csv", rows(3))
+    env = dict(product_env, PROCESSING_INTERVAL="0.2", LOG_FORMAT="text")
+    cmd = [sys.executable, "-m", "src.mechanism_x.data_ingestion"]
+    first = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = None
+    try:
+        deadline = time.monotonic() + 120
+        while not query(pg_conn, "SELECT 1 FROM pg_tables WHERE tablename = 'chunks'") or not query(
+            pg_conn, "SELECT 1 FROM chunks WHERE status = 'written'"
+        ):
+            assert first.poll() is None and time.monotonic() < deadline, "the first X did not get going"
+            time.sleep(0.2)
+        second = subprocess.Popen(
+            [*cmd, "--drain"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        line = ""
+        while "holds the lock" not in line:
+            line = second.stdout.readline()
+            assert line or second.poll() is None, "the second X ended without waiting"
+            assert time.monotonic() < deadline, "the second X never said it waits"
+        assert second.poll() is None  # waiting, not refused and not working
+        first.terminate()
+        first.wait(60)
+        out, _ = second.communicate(timeout=120)
+        assert second.returncode == 0, out
+        assert "the lock is free" in out
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
