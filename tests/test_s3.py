@@ -464,8 +464,8 @@ def test_spark_reads_store_objects_through_s3a(s3_settings, hadoop_aws_jars, tmp
     assert lake_paths.PROCESSING_LOG_KEY == "raw-transactions/_log/processing_log.json"
     store.put_bytes(lake_paths.PROCESSING_LOG_KEY, json.dumps({"files": []}).encode(), overwrite=True)
     fs = pafs.S3FileSystem(
-        access_key=settings.aws_access_key_id.get(),
-        secret_key=settings.aws_secret_access_key.get(),
+        access_key=settings.aws_access_key_id.get_secret_value(),
+        secret_key=settings.aws_secret_access_key.get_secret_value(),
         endpoint_override=settings.s3_endpoint_url,
         region=settings.aws_region,
     )
