@@ -57,9 +57,9 @@ def worker_main(name: str, parser, argv: list[str] | None, run: Callable[..., in
         log.error("%s stopped: %s", name, exc)
         return 1
     except Exception as exc:
-        from src.errors import is_retryable
-
-        if stop.is_set() and is_retryable(exc):  # asked to stop while waiting for a dependency: not a crash
-            log.info("%s stopped while waiting: %s", name, exc)
+        if stop.is_set():  # asked to stop mid-step (a wait, a cancelled Spark job): not a crash
+            log.info(
+                "%s stopped mid-step: %s", name, str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            )
             return 0
         raise

@@ -223,6 +223,9 @@ class StreamProcessor:
                 return
 
     def run(self, *, drain: bool) -> int:
+        # A stop request cancels the Spark jobs under way, so Y stops within seconds even in the middle of a
+        # long batch; the batch then never commits, and is redone from the committed state on the next start.
+        threading.Thread(target=self._cancel_jobs_on_stop, name="y-stop", daemon=True).start()
         self.start()
         waiting_since: float | None = None
         try:
@@ -269,6 +272,9 @@ class StreamProcessor:
         try:
             self.process_batch(batch)
         except Exception as exc:  # noqa: BLE001 - sorted below: transient, or counted against a chunk
+            if self.stop.is_set():
+                log.info("batch from chunk %d abandoned: stopping (%s)", batch[0].seq, brief(exc))
+                return
             if is_retryable(exc):
                 self._fault_delay = min(self.settings.retry_max_delay_seconds, max(0.5, self._fault_delay * 2))
                 log.warning(
@@ -295,6 +301,13 @@ class StreamProcessor:
             return
         self._fault_delay = 0.0
         self._isolate = False
+
+    def _cancel_jobs_on_stop(self) -> None:
+        self.stop.wait()
+        try:
+            self.spark.sparkContext.cancelAllJobs()
+        except Exception:  # noqa: BLE001 - the session may be stopping already
+            log.debug("cancelling Spark jobs on stop failed", exc_info=True)
 
     def _chunk_attempt_failed(self, c: ChunkRef, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {brief(exc)}"
