@@ -27,7 +27,13 @@ THIS = "tests.test_supervisor_lifecycle"
 def _settings(tmp_path: Path, **extra: str):
     from config.config import Settings
 
-    return Settings.from_env({"DATA_DIR": str(tmp_path / "data"), **extra}, dotenv=Path("/nonexistent"))
+    env = {
+        "DATA_DIR": str(tmp_path / "data"),
+        "LOCAL_LAKE_DIR": str(tmp_path / "lake"),  # never the project's own data/
+        "LOCAL_INBOX_DIR": str(tmp_path / "inbox"),
+        "METRICS_ADDR": "off",
+    }
+    return Settings.from_env({**env, **extra}, dotenv=Path("/nonexistent"))
 
 
 def _supervisor(tmp_path: Path, *workers, drain: bool = False):
