@@ -99,6 +99,7 @@ class StreamProcessor:
         self.weights_version: int | None = None
         self.emitted: set[tuple[str, str, str]] = set()
         self._listen: Listener | None = None
+        self._running = False
         self._isolate = False  # after a failed batch: take one chunk at a time, so the failure finds its chunk
         self._fault_delay = 0.0
 
@@ -225,7 +226,14 @@ class StreamProcessor:
     def run(self, *, drain: bool) -> int:
         # A stop request cancels the Spark jobs under way, so Y stops within seconds even in the middle of a
         # long batch; the batch then never commits, and is redone from the committed state on the next start.
+        self._running = True
         threading.Thread(target=self._cancel_jobs_on_stop, name="y-stop", daemon=True).start()
+        try:
+            return self._run(drain=drain)
+        finally:
+            self._running = False
+
+    def _run(self, *, drain: bool) -> int:
         self.start()
         waiting_since: float | None = None
         try:
@@ -303,11 +311,23 @@ class StreamProcessor:
         self._isolate = False
 
     def _cancel_jobs_on_stop(self) -> None:
+        """After a stop request, cancel Spark's jobs for a while: also those submitted after the first cancel,
+        by a phase of the batch that was already planning when the request came."""
         self.stop.wait()
-        try:
-            self.spark.sparkContext.cancelAllJobs()
-        except Exception:  # noqa: BLE001 - the session may be stopping already
-            log.debug("cancelling Spark jobs on stop failed", exc_info=True)
+        for _ in range(40):
+            if not self._running:
+                return  # run() is over: the session's later jobs are someone else's (tests share it)
+            try:
+                self.spark.sparkContext.cancelAllJobs()
+            except Exception:  # noqa: BLE001 - the session may be stopping already
+                log.debug("cancelling Spark jobs on stop failed", exc_info=True)
+                return
+            time.sleep(0.25)
+
+    def _stop_point(self) -> None:
+        """Between the phases of a batch: a stop request abandons it (nothing is committed before the end)."""
+        if self.stop.is_set():
+            raise ProcessorError("stop requested")
 
     def _chunk_attempt_failed(self, c: ChunkRef, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {brief(exc)}"
@@ -424,6 +444,7 @@ class StreamProcessor:
         k = len(batch)
         batch_id = uuid.uuid4().hex[:16]
         t_read = time.perf_counter()
+        self._stop_point()
         problem = rows.column(PROBLEM)
         clean_mask = pc.is_null(problem)
         clean = rows.filter(clean_mask).drop_columns([PROBLEM])
@@ -433,8 +454,10 @@ class StreamProcessor:
         # history, and it keeps the merchant partitioning, so the detection reads it without a shuffle.
         versions = patterns.fold_batch(self.state, self._fold_input(clean), k).localCheckpoint(eager=True)
         t_fold = time.perf_counter()
+        self._stop_point()
         found = patterns.first_hits(patterns.detect_batch(versions, self.weights, k, self.thresholds).collect())
         t_spark = time.perf_counter()
+        self._stop_point()
         new = sorted((cut, key) for key, cut in found.items() if key not in self.emitted)
 
         per_cut_clean = _counts(clean.column(CUT), k)
