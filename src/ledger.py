@@ -14,6 +14,9 @@ per chunk, whose `seq` is the global order Y follows. The guarantees rest on how
   gives up on takes its rows back out of its file's counters, so the ledger never claims rows the lake
   lacks.
 
+The operator's views (the status page and command, the metrics, the quality report, X's processing log)
+read through the functions at the end of this module (`file_summaries`, `chunk_totals`, ...).
+
 Functions taking a `cur` join the caller's transaction; those taking a `db` run their own (redone on a
 new connection after a fault, so each is written to be harmless when redone).
 """

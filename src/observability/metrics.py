@@ -179,17 +179,16 @@ class LedgerCollector(Collector):
         )
         yield _quarantined(reading.quarantined)
         detections = CounterMetricFamily("tp_detections", "Detections emitted, by pattern.", labels=["pattern"])
-        counts = dict.fromkeys(PATTERNS, 0)
-        counts.update(reading.detections)
-        for pattern, n in sorted(counts.items()):
-            detections.add_metric([pattern], n)
-        yield detections
+        yield _every_label(detections, PATTERNS, reading.detections)
         files = GaugeMetricFamily("tp_files", "Transaction files in the ledger, by status.", labels=["status"])
-        by_status = dict.fromkeys(FILE_STATUSES, 0)
-        by_status.update(reading.files_by_status)
-        for status, n in sorted(by_status.items()):
-            files.add_metric([status], n)
-        yield files
+        yield _every_label(files, FILE_STATUSES, reading.files_by_status)
+
+
+def _every_label(family: Any, labels: tuple[str, ...], counts: dict[str, int]) -> Any:
+    """`family` with one sample per label, 0 for those absent from `counts` (a series must not appear late)."""
+    for label, n in sorted({**dict.fromkeys(labels, 0), **counts}.items()):
+        family.add_metric([label], n)
+    return family
 
 
 def _quarantined(rows: list[tuple[str, str, int]]) -> CounterMetricFamily:

@@ -28,19 +28,6 @@ QUARANTINE_MINUTES = 15  # the quarantine ratio the alert watches is over chunks
 TABLE_LIMIT = 20
 STATEMENT_TIMEOUT_MS = 10_000
 
-_TOTAL_KEYS = (
-    "chunks_written",
-    "rows_ingested",
-    "rows_quarantined",
-    "chunks_processed",
-    "rows_processed",
-    "backlog_chunks",
-    "pending_chunks",
-    "failed_chunks",
-    "seconds_since_last_processed",
-    "oldest_waiting_seconds",
-)
-
 _DETECTION_SERIES_SQL = f"""
 SELECT date_trunc('minute', detection_time), pattern_id, count(*) FROM pattern_detections
 WHERE detection_time >= date_trunc('minute', now()) - interval '{WINDOW_MINUTES - 1} minutes'
@@ -129,19 +116,18 @@ def _collect(cur: Any) -> dict[str, Any]:
 
 
 def _totals(t: ledger.ChunkTotals) -> dict[str, Any]:
-    values = (
-        t.written,
-        t.rows_written,
-        t.rows_quarantined_written,
-        t.processed,
-        t.rows_processed,
-        t.backlog,
-        t.pending,
-        t.failed,
-        t.seconds_since_last_processed,
-        t.oldest_waiting_seconds,
-    )
-    return dict(zip(_TOTAL_KEYS, values))
+    return {
+        "chunks_written": t.written,
+        "rows_ingested": t.rows_written,
+        "rows_quarantined": t.rows_quarantined_written,
+        "chunks_processed": t.processed,
+        "rows_processed": t.rows_processed,
+        "backlog_chunks": t.backlog,
+        "pending_chunks": t.pending,
+        "failed_chunks": t.failed,
+        "seconds_since_last_processed": t.seconds_since_last_processed,
+        "oldest_waiting_seconds": t.oldest_waiting_seconds,
+    }
 
 
 def _latency(cur: Any) -> dict[str, Any]:
