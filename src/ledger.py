@@ -14,6 +14,9 @@ per chunk, whose `seq` is the global order Y follows. The guarantees rest on how
   gives up on takes its rows back out of its file's counters, so the ledger never claims rows the lake
   lacks.
 
+The operator's views (the status page and command, the metrics, the quality report, X's processing log)
+read through the functions at the end of this module (`file_summaries`, `chunk_totals`, ...).
+
 Functions taking a `cur` join the caller's transaction; those taking a `db` run their own (redone on a
 new connection after a fault, so each is written to be harmless when redone).
 """
@@ -23,7 +26,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg2.extensions
 
@@ -391,8 +394,236 @@ def fail_unreadable_chunk(cur: Cursor, seq: int, reason: str) -> None:
 
 def processed_totals(db: Database) -> tuple[int, int, int]:
     """(chunks processed, clean rows, rejected rows) over the whole ledger."""
-    row = db.query(
-        "SELECT count(*) FILTER (WHERE processed_at IS NOT NULL), coalesce(sum(y_rows_clean), 0), "
-        "coalesce(sum(y_rows_rejected), 0) FROM chunks"
-    )[0]
-    return int(row[0]), int(row[1]), int(row[2])
+    t = db.run(chunk_totals, what="count the processed chunks")
+    return t.processed, t.rows_clean, t.rows_rejected
+
+
+class ChunkIds(Protocol):
+    """What identifies a chunk in a log line (PendingChunk and ChunkRef both have it)."""
+
+    seq: int
+    file_id: str
+
+
+def give_up_chunk(
+    cur: Cursor,
+    db: Database,
+    c: ChunkIds,
+    event: str,
+    message: str,
+    *,
+    component: str,
+    reason: str | None = None,
+    rollback_counters: bool = False,
+) -> None:
+    """Give a chunk up for good in the caller's transaction: mark it failed (unless `reason` is None, when
+    `note_chunk_failure` already did) and record `event` in processing_logs, so the two commit together.
+    The caller logs its own line after the commit: a redone transaction must not log twice."""
+    if reason is not None:
+        fail_chunk(cur, c.seq, reason, rollback_counters=rollback_counters)
+    db.log_event(component, "ERROR", event, message, file_id=c.file_id, chunk_id=c.seq, cur=cur)
+
+
+# ---------------------------------------------------------------------- reads for the operator's views
+# The status page, the metrics, the processing log and the quality report read the ledger through these,
+# in the caller's transaction (the status page reads them all in one snapshot).
+
+FILE_SUMMARY_KEYS = (
+    "file_id",
+    "name",
+    "kind",
+    "status",
+    "rows_ingested",
+    "rows_quarantined",
+    "chunks",
+    "lines_done",
+    "reason",
+    "updated_at",
+)
+_NEEDS_ATTENTION_FIRST = "(status IN ('failed', 'conflict', 'ingesting')) DESC, updated_at DESC"
+
+
+def file_summaries(cur: Cursor, *, attention_first: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
+    """One dict per file (FILE_SUMMARY_KEYS, `updated_at` a datetime): in the order files were first seen,
+    or with `attention_first` the failed, conflicting and ingesting ones first, then the latest updated."""
+    order = _NEEDS_ATTENTION_FIRST if attention_first else "first_seen, file_id"
+    cur.execute(
+        f"SELECT {', '.join(FILE_SUMMARY_KEYS)} FROM source_files ORDER BY {order} LIMIT %s",  # noqa: S608 - constants
+        (limit,),
+    )
+    return [dict(zip(FILE_SUMMARY_KEYS, r)) for r in cur.fetchall()]
+
+
+def file_counts_by_status(cur: Cursor, *, kind: str | None = None) -> dict[str, int]:
+    """How many files are in each status (only those of `kind` when given)."""
+    if kind is None:
+        cur.execute("SELECT status, count(*) FROM source_files GROUP BY status")
+    else:
+        cur.execute("SELECT status, count(*) FROM source_files WHERE kind = %s GROUP BY status", (kind,))
+    return dict(cur.fetchall())
+
+
+def file_reject_totals(cur: Cursor) -> tuple[int, int]:
+    """(rows X quarantined, files failed) over every file."""
+    cur.execute(
+        "SELECT coalesce(sum(rows_quarantined), 0), count(*) FILTER (WHERE status = 'failed') FROM source_files"
+    )
+    rows, failed = cur.fetchone()
+    return int(rows), int(failed)
+
+
+def failed_files(cur: Cursor, limit: int) -> list[tuple[str, str, str, str | None, datetime]]:
+    """(file_id, name, kind, reason, updated_at) of the failed files, latest first."""
+    cur.execute(
+        "SELECT file_id, name, kind, reason, updated_at FROM source_files WHERE status = 'failed' "
+        "ORDER BY updated_at DESC, file_id LIMIT %s",
+        (limit,),
+    )
+    return cur.fetchall()
+
+
+def files_with_rejects(cur: Cursor, limit: int) -> list[tuple[str, str, str, int, int]]:
+    """(file_id, name, kind, rows_ingested, rows_quarantined) of the files with quarantined rows, latest first."""
+    cur.execute(
+        "SELECT file_id, name, kind, rows_ingested, rows_quarantined FROM source_files "
+        "WHERE rows_quarantined > 0 ORDER BY updated_at DESC, file_id LIMIT %s",
+        (limit,),
+    )
+    return cur.fetchall()
+
+
+@dataclass(frozen=True)
+class ChunkTotals:
+    """The chunk counters over the whole ledger, from one scan of `chunks`."""
+
+    written: int  # objects in the lake and not given up (status `written`), processed or not
+    rows_written: int
+    rows_quarantined_written: int
+    ever_written: int  # objects ever written, including those Y failed afterwards
+    rows_ever_written: int
+    processed: int
+    rows_processed: int  # rows_valid of processed chunks
+    rows_clean: int  # rows Y kept in its state
+    rows_rejected: int  # rows Y excluded
+    backlog: int  # written and not yet processed
+    pending: int
+    failed: int
+    seconds_since_last_processed: float | None
+    oldest_waiting_seconds: float | None  # age of the oldest chunk in the backlog
+
+
+def chunk_totals(cur: Cursor) -> ChunkTotals:
+    cur.execute(
+        """
+SELECT
+    count(*) FILTER (WHERE status = 'written'),
+    coalesce(sum(rows_valid) FILTER (WHERE status = 'written'), 0),
+    coalesce(sum(rows_quarantined) FILTER (WHERE status = 'written'), 0),
+    count(*) FILTER (WHERE written_at IS NOT NULL),
+    coalesce(sum(rows_valid) FILTER (WHERE written_at IS NOT NULL), 0),
+    count(*) FILTER (WHERE processed_at IS NOT NULL),
+    coalesce(sum(rows_valid) FILTER (WHERE processed_at IS NOT NULL), 0),
+    coalesce(sum(y_rows_clean), 0),
+    coalesce(sum(y_rows_rejected), 0),
+    count(*) FILTER (WHERE status = 'written' AND processed_at IS NULL),
+    count(*) FILTER (WHERE status = 'pending'),
+    count(*) FILTER (WHERE status = 'failed'),
+    extract(epoch FROM now() - max(processed_at)),
+    extract(epoch FROM now() - min(written_at) FILTER (WHERE status = 'written' AND processed_at IS NULL))
+FROM chunks
+"""
+    )
+    row = cur.fetchone()
+    *counts, since_processed, oldest = row
+    return ChunkTotals(*(int(n) for n in counts), _seconds(since_processed), _seconds(oldest))
+
+
+def _seconds(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+CHUNK_SERIES_KEYS = ("t", "ingested_chunks", "ingested_rows", "processed_chunks", "processed_rows", "backlog_chunks")
+
+
+def chunk_series(cur: Cursor, minutes: int) -> list[dict[str, Any]]:
+    """Per minute of the last `minutes` (CHUNK_SERIES_KEYS): chunks and rows written by X, processed by Y,
+    and the backlog at the end of the minute."""
+    cur.execute(
+        """
+WITH minutes AS (
+    SELECT generate_series(
+        date_trunc('minute', now()) - (%(minutes)s - 1) * interval '1 minute',
+        date_trunc('minute', now()), interval '1 minute') AS t
+), recent AS (
+    SELECT written_at, processed_at, rows_valid, status FROM chunks
+    WHERE written_at IS NOT NULL
+      AND (processed_at IS NULL OR processed_at >= now() - (%(minutes)s + 1) * interval '1 minute')
+)
+SELECT m.t,
+    count(r.written_at) FILTER (WHERE r.written_at >= m.t AND r.written_at < m.t + interval '1 minute'),
+    coalesce(sum(r.rows_valid) FILTER (WHERE r.written_at >= m.t AND r.written_at < m.t + interval '1 minute'), 0),
+    count(r.processed_at) FILTER (WHERE r.processed_at >= m.t AND r.processed_at < m.t + interval '1 minute'),
+    coalesce(sum(r.rows_valid) FILTER (WHERE r.processed_at >= m.t AND r.processed_at < m.t + interval '1 minute'), 0),
+    count(*) FILTER (WHERE r.status = 'written' AND r.written_at < least(m.t + interval '1 minute', now())
+                     AND (r.processed_at IS NULL OR r.processed_at >= least(m.t + interval '1 minute', now())))
+FROM minutes m LEFT JOIN recent r ON true
+GROUP BY m.t ORDER BY m.t
+""",
+        {"minutes": minutes},
+    )
+    return [dict(zip(CHUNK_SERIES_KEYS, r)) for r in cur.fetchall()]
+
+
+def chunk_latency(cur: Cursor, last: int) -> tuple[Any, Any, int]:
+    """(p50, p95, n): seconds from written to processed over the `last` chunks processed."""
+    cur.execute(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY s), percentile_cont(0.95) WITHIN GROUP (ORDER BY s), "
+        "count(*) FROM (SELECT extract(epoch FROM processed_at - written_at) AS s FROM chunks "
+        "WHERE processed_at IS NOT NULL AND written_at IS NOT NULL ORDER BY processed_at DESC LIMIT %s) recent",
+        (last,),
+    )
+    return cur.fetchone()
+
+
+def rows_written_since(cur: Cursor, minutes: int) -> tuple[int, int]:
+    """(rows, rows quarantined) of the chunks written in the last `minutes`."""
+    cur.execute(
+        "SELECT coalesce(sum(rows_total), 0), coalesce(sum(rows_quarantined), 0) FROM chunks "
+        "WHERE written_at >= now() - %s * interval '1 minute'",
+        (minutes,),
+    )
+    rows, bad = cur.fetchone()
+    return int(rows), int(bad)
+
+
+FAILED_CHUNK_KEYS = ("seq", "file_id", "name", "chunk_seq", "first_line", "last_line", "created_at")
+
+
+def failed_chunks(cur: Cursor, limit: int) -> list[dict[str, Any]]:
+    """The failed chunks (FAILED_CHUNK_KEYS), latest first."""
+    cur.execute(
+        "SELECT c.seq, c.file_id, f.name, c.chunk_seq, c.first_line, c.last_line, c.created_at "
+        "FROM chunks c JOIN source_files f USING (file_id) WHERE c.status = 'failed' ORDER BY c.seq DESC LIMIT %s",
+        (limit,),
+    )
+    return [dict(zip(FAILED_CHUNK_KEYS, r)) for r in cur.fetchall()]
+
+
+def oldest_pending_chunk(cur: Cursor) -> tuple[int, str, int, float] | None:
+    """(seq, file name, chunk_seq, seconds since recorded) of the first chunk X has not released, if any."""
+    cur.execute(
+        "SELECT c.seq, f.name, c.chunk_seq, extract(epoch FROM now() - c.created_at) FROM chunks c "
+        "JOIN source_files f USING (file_id) WHERE c.status = 'pending' ORDER BY c.seq LIMIT 1"
+    )
+    return cur.fetchone()
+
+
+def chunks_with_problems(cur: Cursor, limit: int) -> list[tuple[int, str, int, int, int | None, int | None]]:
+    """(seq, file_id, chunk_seq, rows_quarantined, y_rows_clean, y_rows_rejected) of the chunks with
+    rejected rows or failed, latest first."""
+    cur.execute(
+        "SELECT seq, file_id, chunk_seq, rows_quarantined, y_rows_clean, y_rows_rejected FROM chunks "
+        "WHERE rows_quarantined > 0 OR y_rows_rejected > 0 OR status = 'failed' ORDER BY seq DESC LIMIT %s",
+        (limit,),
+    )
+    return cur.fetchall()

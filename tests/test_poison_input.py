@@ -249,7 +249,7 @@ def test_max_line_bytes_setting_is_honoured(product_env, inbox, lake, pg_conn):
 
 def test_quality_report_keeps_the_top_reasons_and_sums_the_rest(make_settings, inbox, lake, pg_conn):
     from src.mechanism_x.data_ingestion import run_worker
-    from src.utils.quality_report import OTHER_REASONS, TOP_REASONS
+    from src.quality_report import OTHER_REASONS, TOP_REASONS
 
     distinct = TOP_REASONS + 10
     lines = [tx(step=b"x%d" % i) for i in range(distinct)] + [tx(step=b"-1")] * 3 + [tx(customer=b"C_OK")]

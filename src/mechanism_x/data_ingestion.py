@@ -43,11 +43,11 @@ from src.mechanism_x.csv_parser import (
 )
 from src.mechanism_x.file_monitor import FileMonitor, FileWork
 from src.mechanism_x.importance import copy_importance
+from src.quality_report import reject_counts, write_quality_report
 from src.schemas.transaction_schemas import QUARANTINE_SCHEMA, QUARANTINE_TABLE_COLUMNS
 from src.utils import lake_paths
 from src.utils.db import CHUNK_CHANNEL, Database, copy_rows
 from src.utils.object_store import ObjectStore, parquet_bytes
-from src.utils.quality_report import reject_counts, write_quality_report
 from src.utils.retry import brief
 from src.utils.runtime import CONSUMER_READY_TIMEOUT, READY_FILE_ENV, drain_parser
 from src.utils.sources import Source, SourceFile, md5_file
@@ -145,15 +145,9 @@ class Ingestor:
 
     def _give_up_chunk(self, c: ledger.PendingChunk, reason: str) -> None:
         def fn(cur) -> None:
-            ledger.fail_chunk(cur, c.seq, reason, rollback_counters=True)
-            self.db.log_event(
-                COMPONENT,
-                "ERROR",
-                "chunk_lost",
-                f"chunk {c.file_id}-{c.chunk_seq} cannot be rebuilt: {reason}",
-                file_id=c.file_id,
-                chunk_id=c.seq,
-                cur=cur,
+            message = f"chunk {c.file_id}-{c.chunk_seq} cannot be rebuilt: {reason}"
+            ledger.give_up_chunk(
+                cur, self.db, c, "chunk_lost", message, component=COMPONENT, reason=reason, rollback_counters=True
             )
 
         self.db.run(fn, what=f"give up chunk {c.seq}")
@@ -557,30 +551,19 @@ class Ingestor:
         )
 
     def _write_processing_log(self) -> None:
-        files = self.db.query(
-            "SELECT file_id, name, kind, status, rows_ingested, rows_quarantined, chunks, reason, "
-            "to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM source_files ORDER BY first_seen, file_id"
-        )
-        keys = (
-            "file_id",
-            "name",
-            "kind",
-            "status",
-            "rows_ingested",
-            "rows_quarantined",
-            "chunks",
-            "reason",
-            "updated_at",
-        )
+        files = self.db.run(ledger.file_summaries, what="read the files for the processing log")
+        for f in files:  # the log's own shape: no lines_done, times to the second
+            del f["lines_done"]
+            f["updated_at"] = f["updated_at"].astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         doc = {
             "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source": self.source.describe(),
-            "files": [dict(zip(keys, r)) for r in files],
+            "files": files,
             "totals": {
                 "files": len(files),
-                "rows_ingested": sum(r[4] for r in files),
-                "rows_quarantined": sum(r[5] for r in files),
-                "chunks": sum(r[6] for r in files),
+                "rows_ingested": sum(f["rows_ingested"] for f in files),
+                "rows_quarantined": sum(f["rows_quarantined"] for f in files),
+                "chunks": sum(f["chunks"] for f in files),
             },
         }
         data = json.dumps(doc, indent=2, default=str).encode()

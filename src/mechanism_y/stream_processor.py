@@ -40,6 +40,7 @@ from src.mechanism_y import pattern_detector as patterns
 from src.mechanism_y.data_validator import PROBLEM, annotate_problems, chunk_schema_problems, mark_duplicates
 from src.mechanism_y.detection_writer import DetectionWriter, ist
 from src.observability import metrics
+from src.quality_report import write_quality_report
 from src.schemas.transaction_schemas import (
     QUARANTINE_SCHEMA,
     QUARANTINE_TABLE_COLUMNS,
@@ -53,7 +54,6 @@ from src.schemas.transaction_schemas import (
 from src.utils import lake_paths
 from src.utils.db import CHUNK_CHANNEL, Database, Listener, copy_csv, copy_rows
 from src.utils.object_store import ObjectStore, parquet_bytes
-from src.utils.quality_report import write_quality_report
 from src.utils.retry import brief
 from src.utils.runtime import EXIT_DRAIN_IMPOSSIBLE, READY_FILE_ENV, drain_parser, x_finished
 
@@ -350,15 +350,7 @@ class StreamProcessor:
 
         def record(cur) -> None:
             _quarantine_whole_chunk(cur, c, f"rejected after {attempts} attempts: {error}")
-            self.db.log_event(
-                COMPONENT,
-                "ERROR",
-                "chunk_failed",
-                f"chunk {c.seq}: {error}",
-                file_id=c.file_id,
-                chunk_id=c.seq,
-                cur=cur,
-            )
+            ledger.give_up_chunk(cur, self.db, c, "chunk_failed", f"chunk {c.seq}: {error}", component=COMPONENT)
 
         self.db.run(record, what=f"quarantine chunk {c.seq}")
         log.error(
@@ -592,11 +584,8 @@ class StreamProcessor:
             message = f"chunk object {c.key} cannot be processed: {reason}"
 
             def fail(cur, c: ChunkRef = c, reason: str = reason, message: str = message) -> None:
-                ledger.fail_unreadable_chunk(cur, c.seq, message)
+                ledger.give_up_chunk(cur, self.db, c, "chunk_failed", message, component=COMPONENT, reason=message)
                 _quarantine_whole_chunk(cur, c, f"rejected: {reason}")
-                self.db.log_event(
-                    COMPONENT, "ERROR", "chunk_failed", message, file_id=c.file_id, chunk_id=c.seq, cur=cur
-                )
 
             self.db.run(fail, what=f"fail chunk {c.seq}")
             log.error(
@@ -667,7 +656,7 @@ class StreamProcessor:
             )
 
     def write_quality_report(self) -> None:
-        write_quality_report(self.db, self.store)  # X's and Y's rejects, one report (src/utils/quality_report.py)
+        write_quality_report(self.db, self.store)  # X's and Y's rejects, one report (src/quality_report.py)
 
 
 def _quarantine_whole_chunk(cur, c: ChunkRef, why: str) -> None:

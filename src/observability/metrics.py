@@ -15,11 +15,14 @@ import re
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from src import ledger
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +71,8 @@ def observe_batch(read_s: float, fold_s: float, detect_s: float, commit_s: float
 
 
 def observe_chunk_latency(seconds: float) -> None:
-    """Mechanism Y, once per chunk committed: written -> committed."""
-    if seconds == seconds:  # not NaN (a chunk without written_at)
-        CHUNK_LATENCY.observe(max(0.0, seconds))
+    """Mechanism Y, once per chunk committed: written -> committed (Y skips a chunk without `written_at`)."""
+    CHUNK_LATENCY.observe(max(0.0, seconds))
 
 
 def record_retry(dependency: str, outcome: str) -> None:
@@ -111,26 +113,37 @@ def reason_bucket(reason: str) -> str:
     return "_".join(words[:5])[:48].replace("-", "_") or "other"
 
 
-LEDGER_SQL = """
-SELECT
-  (SELECT coalesce(sum(rows_valid), 0) FROM chunks WHERE written_at IS NOT NULL),
-  (SELECT count(*) FROM chunks WHERE written_at IS NOT NULL),
-  (SELECT count(*) FROM chunks WHERE processed_at IS NOT NULL),
-  (SELECT count(*) FROM chunks WHERE status = 'written' AND processed_at IS NULL),
-  (SELECT count(*) FROM chunks WHERE status = 'failed'),
-  (SELECT coalesce(extract(epoch FROM now() - min(written_at)), 0) FROM chunks
-     WHERE status = 'written' AND processed_at IS NULL)
-"""
 QUARANTINE_SQL = "SELECT stage, reason, count(*) FROM quarantine GROUP BY stage, reason"
 DETECTIONS_SQL = "SELECT pattern_id, count(*) FROM pattern_detections GROUP BY pattern_id"
-FILES_SQL = "SELECT status, count(*) FROM source_files WHERE kind = 'transactions' GROUP BY status"
+
+
+@dataclass(frozen=True)
+class LedgerReading:
+    """What one scrape reads from PostgreSQL, in one transaction."""
+
+    chunks: ledger.ChunkTotals
+    files_by_status: dict[str, int]  # transactions files only
+    detections: dict[str, int]
+    quarantined: list[tuple[str, str, int]]  # (stage, reason, rows)
+
+
+def read_ledger(cur: Any) -> LedgerReading:
+    cur.execute(DETECTIONS_SQL)
+    detections = dict(cur.fetchall())
+    cur.execute(QUARANTINE_SQL)
+    quarantined = cur.fetchall()
+    return LedgerReading(
+        ledger.chunk_totals(cur), ledger.file_counts_by_status(cur, kind="transactions"), detections, quarantined
+    )
 
 
 class LedgerCollector(Collector):
-    """Counters read from PostgreSQL at scrape (cached `ttl` seconds); nothing is exported when it is down."""
+    """Counters read from PostgreSQL at scrape (cached `ttl` seconds); nothing is exported when it is down.
 
-    def __init__(self, query: Callable[[str], list[tuple]], ttl: float = 2.0) -> None:
-        self._query = query
+    `read(fn)` runs `fn(cursor)` in one transaction and returns its result."""
+
+    def __init__(self, read: Callable[[Callable[[Any], LedgerReading]], LedgerReading], ttl: float = 2.0) -> None:
+        self._read = read
         self._ttl = ttl
         self._lock = threading.Lock()
         self._cached: tuple[float, list] | None = None
@@ -150,49 +163,52 @@ class LedgerCollector(Collector):
             return self._cached[1]
 
     def _families(self) -> Iterable[Any]:
-        rows, written, processed, backlog, failed, oldest = self._query(LEDGER_SQL)[0]
-        yield _counter("tp_rows_ingested", "Rows in chunk objects X has written to the lake.", float(rows))
-        yield _counter("tp_chunks_written", "Chunks X has written to the lake.", written)
-        yield _counter("tp_chunks_processed", "Chunks Y has committed.", processed)
-        yield _counter("tp_chunks_failed", "Chunks marked failed (unreadable object, too many attempts).", failed)
-        yield _gauge("tp_backlog_chunks", "Chunks written by X and not yet processed by Y.", backlog)
+        reading = self._read(read_ledger)
+        c = reading.chunks
+        yield _counter(
+            "tp_rows_ingested", "Rows in chunk objects X has written to the lake.", float(c.rows_ever_written)
+        )
+        yield _counter("tp_chunks_written", "Chunks X has written to the lake.", c.ever_written)
+        yield _counter("tp_chunks_processed", "Chunks Y has committed.", c.processed)
+        yield _counter("tp_chunks_failed", "Chunks marked failed (unreadable object, too many attempts).", c.failed)
+        yield _gauge("tp_backlog_chunks", "Chunks written by X and not yet processed by Y.", c.backlog)
         yield _gauge(
             "tp_oldest_unprocessed_chunk_age_seconds",
             "Age of the oldest written chunk Y has not processed (0 when none waits).",
-            float(oldest),
+            c.oldest_waiting_seconds or 0.0,
         )
-        yield self._quarantined()
+        yield _quarantined(reading.quarantined)
         detections = CounterMetricFamily("tp_detections", "Detections emitted, by pattern.", labels=["pattern"])
-        counts = dict.fromkeys(PATTERNS, 0)
-        counts.update({p: n for p, n in self._query(DETECTIONS_SQL)})
-        for pattern, n in sorted(counts.items()):
-            detections.add_metric([pattern], n)
-        yield detections
+        yield _every_label(detections, PATTERNS, reading.detections)
         files = GaugeMetricFamily("tp_files", "Transaction files in the ledger, by status.", labels=["status"])
-        by_status = dict.fromkeys(FILE_STATUSES, 0)
-        by_status.update({s: n for s, n in self._query(FILES_SQL)})
-        for status, n in sorted(by_status.items()):
-            files.add_metric([status], n)
-        yield files
+        yield _every_label(files, FILE_STATUSES, reading.files_by_status)
 
-    def _quarantined(self) -> CounterMetricFamily:
-        family = CounterMetricFamily(
-            "tp_rows_quarantined",
-            "Rows quarantined, by stage (ingest: X, detect: Y) and reason (values stripped).",
-            labels=["stage", "reason"],
-        )
-        totals: dict[tuple[str, str], int] = {("ingest", "none"): 0, ("detect", "none"): 0}
-        per_stage: dict[str, set[str]] = {}
-        for stage, reason, n in self._query(QUARANTINE_SQL):
-            bucket = reason_bucket(reason)
-            seen = per_stage.setdefault(stage, set())
-            if bucket not in seen and len(seen) >= MAX_REASONS:
-                bucket = "other"
-            seen.add(bucket)
-            totals[(stage, bucket)] = totals.get((stage, bucket), 0) + n
-        for (stage, bucket), n in sorted(totals.items()):
-            family.add_metric([stage, bucket], n)
-        return family
+
+def _every_label(family: Any, labels: tuple[str, ...], counts: dict[str, int]) -> Any:
+    """`family` with one sample per label, 0 for those absent from `counts` (a series must not appear late)."""
+    for label, n in sorted({**dict.fromkeys(labels, 0), **counts}.items()):
+        family.add_metric([label], n)
+    return family
+
+
+def _quarantined(rows: list[tuple[str, str, int]]) -> CounterMetricFamily:
+    family = CounterMetricFamily(
+        "tp_rows_quarantined",
+        "Rows quarantined, by stage (ingest: X, detect: Y) and reason (values stripped).",
+        labels=["stage", "reason"],
+    )
+    totals: dict[tuple[str, str], int] = {("ingest", "none"): 0, ("detect", "none"): 0}
+    per_stage: dict[str, set[str]] = {}
+    for stage, reason, n in rows:
+        bucket = reason_bucket(reason)
+        seen = per_stage.setdefault(stage, set())
+        if bucket not in seen and len(seen) >= MAX_REASONS:
+            bucket = "other"
+        seen.add(bucket)
+        totals[(stage, bucket)] = totals.get((stage, bucket), 0) + n
+    for (stage, bucket), n in sorted(totals.items()):
+        family.add_metric([stage, bucket], n)
+    return family
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

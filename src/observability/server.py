@@ -15,7 +15,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -24,6 +24,7 @@ from src.errors import SettingsError
 from src.observability.metrics import LedgerCollector, ProcessCollector, SupervisorCollector
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PROBE_INTERVAL = 15.0
@@ -125,7 +126,7 @@ class MetricsServer:
         shutil.rmtree(self.multiproc_dir, ignore_errors=True)  # counters of an earlier run must not add up
         self.multiproc_dir.mkdir(parents=True, exist_ok=True)
         MultiProcessCollector(self.registry, path=str(self.multiproc_dir))
-        self.registry.register(LedgerCollector(self._query))
+        self.registry.register(LedgerCollector(self._read))
         self.registry.register(ProcessCollector(self._worker_pids, os.getpid()))
         self.registry.register(SupervisorCollector(self._restarts, self.probes.state, self.settings.data_dir))
         host, port = self.addr
@@ -163,8 +164,8 @@ class MetricsServer:
 
     # ---------------------------------------------------------------- what the collectors read
 
-    def _query(self, sql: str) -> list[tuple]:
-        """Ledger reads on one connection of their own (never the workers'), short timeouts."""
+    def _read(self, fn: Callable[[Any], T]) -> T:
+        """`fn(cursor)` in one transaction, on a connection of its own (never the workers'), short timeouts."""
         from src.utils.db import Database, connection_kwargs
 
         with self._db_lock:
@@ -175,7 +176,7 @@ class MetricsServer:
                 kwargs["application_name"] = "transaction-processor-metrics"
                 self._db = Database(self.settings, kwargs=kwargs, attempts=1)
             try:
-                return self._db.query(sql)
+                return self._db.run(fn, what="read the ledger")
             except Exception:
                 self._db.close()
                 raise
@@ -198,7 +199,7 @@ class MetricsServer:
         return checks
 
     def _check_postgres(self) -> None:
-        self._query("SELECT 1")
+        self._read(lambda cur: cur.execute("SELECT 1"))
 
     def _check_lake(self) -> None:
         if self.open_lake is None:

@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from config.config import Settings
+from src import ledger
 
 # The one place this package reaches the database module (it may move; only this import changes).
 from src.utils.db import Database, connection_kwargs, describe_target  # noqa: F401
@@ -27,83 +28,11 @@ QUARANTINE_MINUTES = 15  # the quarantine ratio the alert watches is over chunks
 TABLE_LIMIT = 20
 STATEMENT_TIMEOUT_MS = 10_000
 
-_SERIES_SQL = f"""
-WITH minutes AS (
-    SELECT generate_series(
-        date_trunc('minute', now()) - interval '{WINDOW_MINUTES - 1} minutes',
-        date_trunc('minute', now()), interval '1 minute') AS t
-), recent AS (
-    SELECT written_at, processed_at, rows_valid, status FROM chunks
-    WHERE written_at IS NOT NULL
-      AND (processed_at IS NULL OR processed_at >= now() - interval '{WINDOW_MINUTES + 1} minutes')
-)
-SELECT m.t,
-    count(r.written_at) FILTER (WHERE r.written_at >= m.t AND r.written_at < m.t + interval '1 minute'),
-    coalesce(sum(r.rows_valid) FILTER (WHERE r.written_at >= m.t AND r.written_at < m.t + interval '1 minute'), 0),
-    count(r.processed_at) FILTER (WHERE r.processed_at >= m.t AND r.processed_at < m.t + interval '1 minute'),
-    coalesce(sum(r.rows_valid) FILTER (WHERE r.processed_at >= m.t AND r.processed_at < m.t + interval '1 minute'), 0),
-    count(*) FILTER (WHERE r.status = 'written' AND r.written_at < least(m.t + interval '1 minute', now())
-                     AND (r.processed_at IS NULL OR r.processed_at >= least(m.t + interval '1 minute', now())))
-FROM minutes m LEFT JOIN recent r ON true
-GROUP BY m.t ORDER BY m.t
-"""
-
-_TOTALS_SQL = """
-SELECT
-    count(*) FILTER (WHERE status = 'written'),
-    coalesce(sum(rows_valid) FILTER (WHERE status = 'written'), 0),
-    coalesce(sum(rows_quarantined) FILTER (WHERE status = 'written'), 0),
-    count(*) FILTER (WHERE processed_at IS NOT NULL),
-    coalesce(sum(rows_valid) FILTER (WHERE processed_at IS NOT NULL), 0),
-    count(*) FILTER (WHERE status = 'written' AND processed_at IS NULL),
-    count(*) FILTER (WHERE status = 'pending'),
-    count(*) FILTER (WHERE status = 'failed'),
-    extract(epoch FROM now() - max(processed_at)),
-    extract(epoch FROM now() - min(written_at) FILTER (WHERE status = 'written' AND processed_at IS NULL))
-FROM chunks
-"""
-_TOTAL_KEYS = (
-    "chunks_written",
-    "rows_ingested",
-    "rows_quarantined",
-    "chunks_processed",
-    "rows_processed",
-    "backlog_chunks",
-    "pending_chunks",
-    "failed_chunks",
-    "seconds_since_last_processed",
-    "oldest_waiting_seconds",
-)
-
-_LATENCY_SQL = f"""
-SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY s), percentile_cont(0.95) WITHIN GROUP (ORDER BY s), count(*)
-FROM (SELECT extract(epoch FROM processed_at - written_at) AS s FROM chunks
-      WHERE processed_at IS NOT NULL AND written_at IS NOT NULL
-      ORDER BY processed_at DESC LIMIT {LATENCY_CHUNKS}) recent
-"""
-
 _DETECTION_SERIES_SQL = f"""
 SELECT date_trunc('minute', detection_time), pattern_id, count(*) FROM pattern_detections
 WHERE detection_time >= date_trunc('minute', now()) - interval '{WINDOW_MINUTES - 1} minutes'
 GROUP BY 1, 2 ORDER BY 1, 2
 """
-
-_FILES_SQL = f"""
-SELECT file_id, name, kind, status, rows_ingested, rows_quarantined, chunks, lines_done, reason, updated_at
-FROM source_files ORDER BY (status IN ('failed', 'conflict', 'ingesting')) DESC, updated_at DESC LIMIT {TABLE_LIMIT * 5}
-"""
-_FILE_KEYS = (
-    "file_id",
-    "name",
-    "kind",
-    "status",
-    "rows_ingested",
-    "rows_quarantined",
-    "chunks",
-    "lines_done",
-    "reason",
-    "updated_at",
-)
 
 _LAST_DETECTIONS_SQL = f"""
 SELECT id, pattern_id, action_type, customer_name, merchant_id, detection_time, chunk_id
@@ -116,12 +45,6 @@ SELECT logged_at, component, event, file_id, chunk_id, message FROM processing_l
 WHERE level = 'ERROR' ORDER BY id DESC LIMIT {TABLE_LIMIT}
 """
 _ERROR_KEYS = ("logged_at", "component", "event", "file_id", "chunk_id", "message")
-
-_FAILED_CHUNKS_SQL = f"""
-SELECT c.seq, c.file_id, f.name, c.chunk_seq, c.first_line, c.last_line, c.created_at
-FROM chunks c JOIN source_files f USING (file_id) WHERE c.status = 'failed' ORDER BY c.seq DESC LIMIT {TABLE_LIMIT}
-"""
-_FAILED_CHUNK_KEYS = ("seq", "file_id", "name", "chunk_seq", "first_line", "last_line", "created_at")
 
 
 def collect_status(settings: Settings) -> dict[str, Any]:
@@ -159,10 +82,10 @@ def collect_from(conn: Any) -> dict[str, Any]:
 def _collect(cur: Any) -> dict[str, Any]:
     cur.execute("SELECT now()")
     now = cur.fetchone()[0]
-    totals = dict(zip(_TOTAL_KEYS, _one(cur, _TOTALS_SQL)))
+    totals = _totals(ledger.chunk_totals(cur))
     totals["detections"] = _one(cur, "SELECT count(*) FROM pattern_detections")[0]
-    files = _rows(cur, _FILES_SQL, _FILE_KEYS)
-    by_status = dict(_all(cur, "SELECT status, count(*) FROM source_files GROUP BY status"))
+    files = [_jsonable(f) for f in ledger.file_summaries(cur, attention_first=True, limit=TABLE_LIMIT * 5)]
+    by_status = ledger.file_counts_by_status(cur)
     recent_errors = _one(
         cur,
         f"SELECT count(*) FROM processing_logs WHERE level = 'ERROR' "
@@ -173,7 +96,7 @@ def _collect(cur: Any) -> dict[str, Any]:
         "window_minutes": WINDOW_MINUTES,
         "totals": {k: _json(v) for k, v in totals.items()},
         "files_by_status": by_status,
-        "series": _series(cur),
+        "series": [_jsonable(p) for p in ledger.chunk_series(cur, WINDOW_MINUTES)],
         "latency": _latency(cur),
         "detections": _detections(cur),
         "files": files,
@@ -182,27 +105,33 @@ def _collect(cur: Any) -> dict[str, Any]:
             "recent_errors": recent_errors,
             "recent_errors_minutes": RECENT_ERRORS_MINUTES,
             "errors": _rows(cur, _ERRORS_SQL, _ERROR_KEYS),
-            "failed_chunks": _rows(cur, _FAILED_CHUNKS_SQL, _FAILED_CHUNK_KEYS),
+            "failed_chunks": [_jsonable(c) for c in ledger.failed_chunks(cur, TABLE_LIMIT)],
         },
     }
-    rows, bad = _one(
-        cur,
-        f"SELECT coalesce(sum(rows_total), 0), coalesce(sum(rows_quarantined), 0) FROM chunks "
-        f"WHERE written_at >= now() - interval '{QUARANTINE_MINUTES} minutes'",
-    )
+    rows, bad = ledger.rows_written_since(cur, QUARANTINE_MINUTES)
     status["quarantine_recent"] = {"minutes": QUARANTINE_MINUTES, "rows": int(rows), "quarantined": int(bad)}
     status["waiting_for"] = _waiting_for(cur, status)
     status["problems"] = problems(status)
     return status
 
 
-def _series(cur: Any) -> list[dict[str, Any]]:
-    keys = ("t", "ingested_chunks", "ingested_rows", "processed_chunks", "processed_rows", "backlog_chunks")
-    return _rows(cur, _SERIES_SQL, keys)
+def _totals(t: ledger.ChunkTotals) -> dict[str, Any]:
+    return {
+        "chunks_written": t.written,
+        "rows_ingested": t.rows_written,
+        "rows_quarantined": t.rows_quarantined_written,
+        "chunks_processed": t.processed,
+        "rows_processed": t.rows_processed,
+        "backlog_chunks": t.backlog,
+        "pending_chunks": t.pending,
+        "failed_chunks": t.failed,
+        "seconds_since_last_processed": t.seconds_since_last_processed,
+        "oldest_waiting_seconds": t.oldest_waiting_seconds,
+    }
 
 
 def _latency(cur: Any) -> dict[str, Any]:
-    p50, p95, n = _one(cur, _LATENCY_SQL)
+    p50, p95, n = ledger.chunk_latency(cur, LATENCY_CHUNKS)
     return {"p50_seconds": _json(p50), "p95_seconds": _json(p95), "chunks": n, "over_last_chunks": LATENCY_CHUNKS}
 
 
@@ -216,11 +145,7 @@ def _waiting_for(cur: Any, status: dict[str, Any]) -> list[str]:
     """What the daemon is waiting for, most blocking first, in the words an operator would use."""
     totals = status["totals"]
     out: list[str] = []
-    pending = _one(
-        cur,
-        "SELECT c.seq, f.name, c.chunk_seq, extract(epoch FROM now() - c.created_at) FROM chunks c "
-        "JOIN source_files f USING (file_id) WHERE c.status = 'pending' ORDER BY c.seq LIMIT 1",
-    )
+    pending = ledger.oldest_pending_chunk(cur)
     if pending:
         seq, name, chunk_seq, age = pending
         out.append(
@@ -273,7 +198,11 @@ def _all(cur: Any, sql: str) -> list[tuple]:
 
 
 def _rows(cur: Any, sql: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:
-    return [{k: _json(v) for k, v in zip(keys, row)} for row in _all(cur, sql)]
+    return [_jsonable(dict(zip(keys, row))) for row in _all(cur, sql)]
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: _json(v) for k, v in row.items()}
 
 
 def _json(value: Any) -> Any:

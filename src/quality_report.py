@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from src import ledger
+from src.ledger import Cursor
 from src.utils import lake_paths
 from src.utils.db import Database
 from src.utils.object_store import ObjectStore
@@ -31,23 +33,21 @@ _IST = ZoneInfo("Asia/Kolkata")
 
 def reject_counts(db: Database) -> tuple[int, int]:
     """(rows quarantined by X, files failed): cheap, so X can tell whether a poll changed the report."""
-    rows, failed = db.query(
-        "SELECT coalesce(sum(rows_quarantined), 0), count(*) FILTER (WHERE status = 'failed') FROM source_files"
-    )[0]
-    return int(rows), int(failed)
+    return db.run(ledger.file_reject_totals, what="count the rejects")
 
 
-def _reasons_by_stage(db: Database) -> dict[str, dict[str, int]]:
+def _reasons_by_stage(cur: Cursor) -> dict[str, dict[str, int]]:
     """The TOP_REASONS most frequent reasons per stage, plus the rest summed, so each stage's counts add up."""
-    totals = dict(db.query("SELECT stage, count(*) FROM quarantine GROUP BY stage"))
-    top = db.query(
+    cur.execute("SELECT stage, count(*) FROM quarantine GROUP BY stage")
+    totals = dict(cur.fetchall())
+    cur.execute(
         "SELECT stage, reason, n FROM (SELECT stage, reason, count(*) AS n, "
         "row_number() OVER (PARTITION BY stage ORDER BY count(*) DESC, reason) AS rank "
         "FROM quarantine GROUP BY stage, reason) ranked WHERE rank <= %s ORDER BY stage, n DESC, reason",
         (TOP_REASONS,),
     )
     out: dict[str, dict[str, int]] = {stage: {} for stage in totals}
-    for stage, reason, n in top:
+    for stage, reason, n in cur.fetchall():
         out[stage][reason] = int(n)
     for stage, total in totals.items():
         rest = int(total) - sum(out[stage].values())
@@ -56,47 +56,34 @@ def _reasons_by_stage(db: Database) -> dict[str, dict[str, int]]:
     return out
 
 
-def _ingest_section(db: Database, reasons: dict[str, int]) -> dict[str, Any]:
-    failed = db.query(
-        "SELECT file_id, name, kind, reason, to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') "
-        "FROM source_files WHERE status = 'failed' ORDER BY updated_at DESC, file_id LIMIT %s",
-        (LIST_LIMIT,),
-    )
-    with_rejects = db.query(
-        "SELECT file_id, name, kind, rows_ingested, rows_quarantined FROM source_files "
-        "WHERE rows_quarantined > 0 ORDER BY updated_at DESC, file_id LIMIT %s",
-        (LIST_LIMIT,),
-    )
-    files_failed, chunks_failed = db.query(
-        "SELECT (SELECT count(*) FROM source_files WHERE status = 'failed'), "
-        "(SELECT count(*) FROM chunks WHERE status = 'failed')"
-    )[0]
+def _ingest_section(cur: Cursor, reasons: dict[str, int], chunks: ledger.ChunkTotals) -> dict[str, Any]:
     return {
         "rows_rejected": sum(reasons.values()),
         "rejected_by_reason": reasons,
-        "files_failed": int(files_failed),
-        "chunks_failed": int(chunks_failed),
+        "files_failed": ledger.file_counts_by_status(cur).get("failed", 0),
+        "chunks_failed": chunks.failed,
         "failed_files": [
-            {"file_id": f, "name": n, "kind": k, "reason": r, "updated_at": u} for f, n, k, r, u in failed
+            {"file_id": f, "name": n, "kind": k, "reason": r, "updated_at": _utc_seconds(u)}
+            for f, n, k, r, u in ledger.failed_files(cur, LIST_LIMIT)
         ],
         "files_with_rejected_rows": [
             {"file_id": f, "name": n, "kind": k, "rows_ingested": int(i), "rows_rejected": int(q)}
-            for f, n, k, i, q in with_rejects
+            for f, n, k, i, q in ledger.files_with_rejects(cur, LIST_LIMIT)
         ],
     }
 
 
-def _detect_section(db: Database, reasons: dict[str, int]) -> dict[str, Any]:
-    checked, clean, rejected = db.query(
-        "SELECT count(*) FILTER (WHERE processed_at IS NOT NULL), coalesce(sum(y_rows_clean), 0), "
-        "coalesce(sum(y_rows_rejected), 0) FROM chunks"
-    )[0]
+def _detect_section(reasons: dict[str, int], chunks: ledger.ChunkTotals) -> dict[str, Any]:
     return {
-        "chunks_checked": int(checked),
-        "rows_clean": int(clean),
-        "rows_rejected": int(rejected),
+        "chunks_checked": chunks.processed,
+        "rows_clean": chunks.rows_clean,
+        "rows_rejected": chunks.rows_rejected,
         "rejected_by_reason": reasons,
     }
+
+
+def _utc_seconds(t: datetime) -> str:
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _merge_reasons(*parts: dict[str, int]) -> dict[str, int]:
@@ -113,15 +100,16 @@ def _merge_reasons(*parts: dict[str, int]) -> dict[str, int]:
 
 
 def build_quality_report(db: Database) -> dict[str, Any]:
-    """The report as a dict, from the ledger (quarantine, source_files, chunks)."""
-    reasons = _reasons_by_stage(db)
-    ingest = _ingest_section(db, reasons.get("ingest", {}))
-    detect = _detect_section(db, reasons.get("detect", {}))
-    problems = db.query(
-        "SELECT seq, file_id, chunk_seq, rows_quarantined, y_rows_clean, y_rows_rejected FROM chunks "
-        "WHERE rows_quarantined > 0 OR y_rows_rejected > 0 OR status = 'failed' ORDER BY seq DESC LIMIT %s",
-        (LIST_LIMIT,),
-    )
+    """The report as a dict, from the ledger (quarantine, source_files, chunks), read in one transaction."""
+    return db.run(_build, what="build the quality report")
+
+
+def _build(cur: Cursor) -> dict[str, Any]:
+    reasons = _reasons_by_stage(cur)
+    chunks = ledger.chunk_totals(cur)
+    ingest = _ingest_section(cur, reasons.get("ingest", {}), chunks)
+    detect = _detect_section(reasons.get("detect", {}), chunks)
+    problems = ledger.chunks_with_problems(cur, LIST_LIMIT)
     return {
         "updated_at": datetime.now(timezone.utc).astimezone(_IST).isoformat(timespec="milliseconds"),
         "rows_rejected": ingest["rows_rejected"] + detect["rows_rejected"],
