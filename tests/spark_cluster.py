@@ -40,6 +40,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def processes() -> dict[int, tuple[int, str]]:
+    """pid -> (process group, whole command line) of every process (from /proc: `ps` may cut long lines)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            out[int(entry.name)] = (os.getpgid(int(entry.name)), args)
+        except (OSError, ProcessLookupError):
+            continue  # gone meanwhile
+    return out
+
+
 def spark_home() -> Path:
     import pyspark
 
@@ -143,15 +157,13 @@ class SparkCluster:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def executor_pids(self, worker: int) -> list[int]:
-        """Executor JVMs launched by worker `worker` (children of its process group)."""
+        """Executor JVMs launched by worker `worker` (in its process group)."""
         pgid = self.procs[f"worker-{worker}"].pid
-        out = subprocess.run(["ps", "-e", "-o", "pid=,pgid=,args="], capture_output=True, text=True, check=True)
-        pids = []
-        for line in out.stdout.splitlines():
-            pid, group, args = line.strip().split(None, 2)
-            if int(group) == pgid and "CoarseGrainedExecutorBackend" in args:
-                pids.append(int(pid))
-        return pids
+        return [
+            pid
+            for pid, (group, args) in processes().items()
+            if group == pgid and "CoarseGrainedExecutorBackend" in args
+        ]
 
     def kill_worker(self, i: int) -> None:
         """SIGKILL worker `i` with everything it launched (its executor and Python workers): a machine lost."""
