@@ -1,8 +1,9 @@
 """Mechanism Y on a real Spark cluster (issue 11): a standalone master and two 1-core workers on 127.0.0.1, the lake
-on the moto S3 server, Y's checkpoints on s3a://. `python main.py --drain` on the 60-chunk sample (594,643 rows,
-the contract's thresholds) must give exactly the reference detections although one worker, with its executor, is
-SIGKILLed mid-run: Spark re-runs the lost tasks on the other executor, the checkpoints outlive it (files on S3,
-not executor blocks) and each batch still commits once.
+on the moto S3 server, Y's checkpoints on s3a://. `python main.py --drain` on a 60-chunk sample must give exactly
+the reference detections although one worker, with its executor, is SIGKILLed mid-run: Spark re-runs the lost
+tasks on the other executor, the checkpoints outlive it (files on S3, not executor blocks) and each batch still
+commits once. The chunks are 1,000 rows (60,000 in all, thresholds scaled down so every pattern fires): Spark's
+per-batch cost on a cluster does not depend on the rows, and the test must stay within minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -18,17 +19,18 @@ import psycopg2
 import pytest
 
 from config.config import Settings
-from src.sample_data import DEFAULT_ROWS, DEFAULT_SEED, generate
+from src.sample_data import generate
 from tests.conftest import run_env
 from tests.reference import credited_chunks, expected_detections, limits_of, read_importance, read_transactions
 from tests.s3_fixtures import *  # noqa: F403
 from tests.s3_fixtures import TEST_ACCESS_KEY, TEST_SECRET_KEY, use_shared_ivy
 from tests.spark_cluster import processes, spark_cluster  # noqa: F401 - a fixture
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # minutes on 2 idle cores; generous for a busy machine
 
 ROOT = Path(__file__).resolve().parent.parent
-BATCH = 10_000
+ROWS, SEED, BATCH = 60_000, 11, 1_000
+THRESHOLDS = {"PATID1_MIN_MERCHANT_TXNS": "3000", "PATID2_MIN_TXNS": "40", "PATID3_MIN_FEMALE_CUSTOMERS": "5"}
 KILL_AFTER_CHUNKS = 1  # committed before the kill: the next batches (up to Y_MAX_BATCH_CHUNKS each) are to come
 DEADLINE = 900.0  # generous: the drain takes a few minutes on a busy 2-core machine
 
@@ -52,7 +54,7 @@ def test_drain_on_a_cluster_with_a_worker_killed_is_exact(
     hadoop_aws_jars,
     tmp_path,
 ):
-    generate(tmp_path / "inbox", rows=DEFAULT_ROWS, seed=DEFAULT_SEED)
+    generate(tmp_path / "inbox", rows=ROWS, seed=SEED)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "S3_", "GDRIVE_", "TP_", "AWS_"))}
     env.update(run_env(pg_server, pg_db, tmp_path))
     env.update(
@@ -63,6 +65,7 @@ def test_drain_on_a_cluster_with_a_worker_killed_is_exact(
             # installed at the same path on every machine (here: this one), so not copied to each executor
             "SPARK_JARS": ",".join(f"local:{jar}" for jar in hadoop_aws_jars),
             "METRICS_ADDR": "off",
+            **THRESHOLDS,
             "LOG_FORMAT": "text",
             "S3_BUCKET_NAME": s3_bucket,
             "S3_ENDPOINT_URL": s3_server,
@@ -135,8 +138,9 @@ def test_drain_on_a_cluster_with_a_worker_killed_is_exact(
     assert len(chunks) == len(ref_chunks) == 60
     assert all(status == "written" and processed for status, processed, _ in chunks), chunks
     assert killed_at < len(chunks), "chunks were still to do when the worker died"
-    assert sum(c[2] for c in chunks) == DEFAULT_ROWS == stored_rows  # every row once in `transactions`
+    assert sum(c[2] for c in chunks) == ROWS == stored_rows  # every row once in `transactions`
     assert len(found) == len(set(found)) and set(found) == set(expected)
+    assert {p for p, _, _ in found} == {"PatId1", "PatId2", "PatId3"}
     assert credited == {d: e.chunk for d, e in expected.items()}
     sys.stderr.write(
         f"\ncluster drain of {len(chunks)} chunks, worker killed after {killed_at}: {seconds:.1f} s, "
