@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -164,6 +165,21 @@ class SparkCluster:
             for pid, (group, args) in processes().items()
             if group == pgid and "CoarseGrainedExecutorBackend" in args
         ]
+
+    def running_tasks(self, worker: int) -> set[int]:
+        """Task ids running right now on worker `worker`'s executors, from their own logs (Spark's INFO lines
+        `Running task ... (TID n)` until `Finished task ... (TID n)`)."""
+        running: set[int] = set()
+        for log in (self.root / "work" / f"worker-{worker}").glob("app-*/*/stderr"):
+            for line in log.read_text(errors="replace").splitlines():
+                tid = re.search(r"\(TID (\d+)\)", line)
+                if tid is None:
+                    continue
+                if "Running task" in line:
+                    running.add(int(tid.group(1)))
+                elif re.search(r"Finished task|killed task|Exception in task", line, re.IGNORECASE):
+                    running.discard(int(tid.group(1)))
+        return running
 
     def kill_worker(self, i: int) -> None:
         """SIGKILL worker `i` with everything it launched (its executor and Python workers): a machine lost."""

@@ -102,11 +102,19 @@ def test_drain_on_a_cluster_with_a_worker_killed_is_exact(
         assert proc.poll() is None, log.read_text(errors="replace")[-5000:]
         executors = spark_cluster.executor_pids(0) + spark_cluster.executor_pids(1)
         assert len(executors) == 2, "Y's work runs on both workers' executors"
+        busy: list[int] = []
         for pid in executors:  # the keys reached the executors neither through their environment nor their args
             assert TEST_SECRET_KEY not in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
         assert TEST_SECRET_KEY not in _ps()
+        # ...in the middle of a task: the worker whose executor is running one goes.
+        while time.monotonic() < end and proc.poll() is None:
+            busy = [i for i in range(2) if spark_cluster.running_tasks(i)]
+            if busy:
+                break
+            time.sleep(0.02)
+        assert busy, "no task ran on the cluster after the first commit:\n" + log.read_text(errors="replace")[-3000:]
         killed_at = _processed(conn)
-        spark_cluster.kill_worker(0)
+        spark_cluster.kill_worker(busy[0])
         code = proc.wait(timeout=max(1.0, end - time.monotonic()))
     finally:
         if proc.poll() is None:
@@ -116,7 +124,8 @@ def test_drain_on_a_cluster_with_a_worker_killed_is_exact(
     text = log.read_text(errors="replace")
     assert code == 0, text[-5000:]
     assert TEST_SECRET_KEY not in text
-    assert "Lost executor" in text, "Spark noticed the executor die"  # the kill met Y's running application
+    assert "Lost executor" in text, "Spark noticed the executor die"
+    assert re.search(r"Lost task .* executor \d+\): ExecutorLostFailure", text), "a running task was lost, and redone"
     assert len(spark_cluster.alive_workers()) == 1
     assert not list(spark_cluster.root.rglob("bundle-*.jar")), "local: jars are used in place, never copied"
     assert not re.findall(r"mechanism Y \(pid \d+\) exited", text), "Spark rode out the loss: Y never crashed"

@@ -79,6 +79,11 @@ def find_java() -> str | None:
 
 
 def pyspark_jars_dir() -> Path:
+    """The jars of the Spark that runs: $SPARK_HOME's (under spark-submit pyspark is imported from a zip, and a
+    set SPARK_HOME is also what pyspark launches), else those of the pip pyspark."""
+    home = os.environ.get("SPARK_HOME")
+    if home and (Path(home) / "jars").is_dir():
+        return Path(home) / "jars"
     import pyspark
 
     return Path(pyspark.__file__).resolve().parent / "jars"
