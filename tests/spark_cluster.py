@@ -166,19 +166,24 @@ class SparkCluster:
             if group == pgid and "CoarseGrainedExecutorBackend" in args
         ]
 
-    def running_tasks(self, worker: int) -> set[int]:
-        """Task ids running right now on worker `worker`'s executors, from their own logs (Spark's INFO lines
-        `Running task ... (TID n)` until `Finished task ... (TID n)`)."""
-        running: set[int] = set()
-        for log in (self.root / "work" / f"worker-{worker}").glob("app-*/*/stderr"):
-            for line in log.read_text(errors="replace").splitlines():
-                tid = re.search(r"\(TID (\d+)\)", line)
-                if tid is None:
-                    continue
-                if "Running task" in line:
-                    running.add(int(tid.group(1)))
-                elif re.search(r"Finished task|killed task|Exception in task", line, re.IGNORECASE):
-                    running.discard(int(tid.group(1)))
+    def executor_log(self, worker: int) -> str:
+        return "\n".join(
+            log.read_text(errors="replace")
+            for log in sorted((self.root / "work" / f"worker-{worker}").glob("app-*/*/stderr"))
+        )
+
+    def running_tasks(self, worker: int) -> dict[int, tuple[int, int]]:
+        """Tasks running right now on worker `worker`'s executor, as TID -> (task index, stage), from Spark's own
+        INFO lines `Running task 1.0 in stage 7.0 (TID 15)` until `Finished task ... (TID 15)`."""
+        running: dict[int, tuple[int, int]] = {}
+        for line in self.executor_log(worker).splitlines():
+            started = re.search(r"Running task (\d+)\.\d+ in stage (\d+)\.\d+ \(TID (\d+)\)", line)
+            if started:
+                running[int(started.group(3))] = (int(started.group(1)), int(started.group(2)))
+                continue
+            tid = re.search(r"\(TID (\d+)\)", line)
+            if tid and re.search(r"Finished task|killed task|Exception in task", line, re.IGNORECASE):
+                running.pop(int(tid.group(1)), None)
         return running
 
     def kill_worker(self, i: int) -> None:
