@@ -197,8 +197,11 @@ def _expand(spec: str) -> list[str]:
 def s3a_conf(settings: Settings) -> dict[str, str]:
     """Spark settings for reading `s3a://<S3_BUCKET_NAME>/...`; holds no secret, makes no network call."""
     conf: dict[str, str] = {}
-    cached = cached_hadoop_aws_jars(settings)
-    jars = _expand(settings.spark_jars) if settings.spark_jars else cached and [str(j) for j in cached]
+    if settings.spark_jars:
+        jars: list[str] | None = _expand(settings.spark_jars)
+    else:
+        cached = cached_hadoop_aws_jars(settings)
+        jars = None if cached is None else [str(j) for j in cached]
     if jars is None:
         conf["spark.jars.packages"] = hadoop_aws_package()
         conf["spark.jars.ivy"] = str(ivy_dir(settings))
