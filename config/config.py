@@ -28,6 +28,7 @@ _PLACEHOLDERS = frozenset(
     {"changeme", "change_me", "change-me", "changethis", "replace_me", "xxx", "secret", "todo", "your_secret_key"}
 )
 _DAY = 86_400
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")  # a scheme of 2+ letters: not a Windows drive
 _SHAPES = {  # field -> (full match, what it must look like)
     "aws_region": (re.compile(r"[a-z0-9-]+"), "is not a region name such as us-east-1"),
     "s3_bucket_name": (
@@ -146,6 +147,13 @@ class Settings(BaseSettings):
     spark_driver_memory: str = Field("1g", description="Spark driver memory")
     spark_ui_enabled: bool = Field(False, description="Spark web UI")
     spark_jars: str | None = Field(None, description="local hadoop-aws/SDK jars (offline machines)")
+    spark_checkpoint_dir: str | None = Field(
+        None,
+        description="Y's state checkpoints; shared storage (s3a://...) on a cluster; unset -> DATA_DIR/spark/checkpoints",
+    )
+    local_lake_shared: bool = Field(
+        False, description="LOCAL_LAKE_DIR and a local SPARK_CHECKPOINT_DIR are mounted alike on every Spark machine"
+    )
     patid1_min_merchant_txns: int = Field(50_000, description="PatId1: T(m) >", ge=0)
     patid1_count_percentile: float = Field(0.9, description="PatId1: n >= P_q(n)", ge=0, le=1)
     patid1_weight_percentile: float = Field(0.1, description="PatId1: w <= P_q(w)", ge=0, le=1)
@@ -220,6 +228,15 @@ class Settings(BaseSettings):
         path = path.expanduser()
         return path if path.is_absolute() else PROJECT_ROOT / path
 
+    @field_validator("spark_checkpoint_dir")
+    @classmethod
+    def _checkpoint_dir(cls, value: str | None) -> str | None:
+        """A URL (s3a://, hdfs://, file:/...) is kept as written; a plain path is relative to the project root."""
+        if not value or _URL_SCHEME.match(value):
+            return value or None
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else PROJECT_ROOT / path)
+
     @field_validator("aws_access_key_id", "aws_secret_access_key", "postgres_password", "alert_webhook_url")
     @classmethod
     def _no_placeholder(cls, secret: SecretStr) -> SecretStr:
@@ -269,6 +286,7 @@ class Settings(BaseSettings):
             _check_credentials(self.google_credentials_path)
         if bool(self.aws_access_key_id) != bool(self.aws_secret_access_key):
             raise SettingsError("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together (or neither)")
+        _check_cluster_paths(self)
         return self
 
     @classmethod
@@ -283,6 +301,16 @@ class Settings(BaseSettings):
     @property
     def local_lake(self) -> bool:
         return not self.s3_bucket_name
+
+    @property
+    def spark_local(self) -> bool:
+        """Spark runs in this process's JVM (local[...], local-cluster[...]): every path it touches is ours."""
+        return self.spark_master.startswith("local")
+
+    @property
+    def checkpoint_dir(self) -> str:
+        """Where Spark writes Y's reliable checkpoints (SPARK_CHECKPOINT_DIR, else DATA_DIR/spark/checkpoints)."""
+        return self.spark_checkpoint_dir or str(self.data_dir / "spark" / "checkpoints")
 
     @property
     def local_inbox(self) -> bool:
@@ -322,6 +350,31 @@ class Settings(BaseSettings):
 
     def _items(self) -> list[tuple[str, Any]]:
         return [(env, getattr(self, name)) for env, name in zip(self.env_names(), type(self).model_fields)]
+
+
+def is_local_path(location: str) -> bool:
+    """A path of this machine's file system (no scheme, or file:), which executors elsewhere do not see."""
+    match = _URL_SCHEME.match(location)
+    return match is None or match.group(1).lower() == "file"
+
+
+def _check_cluster_paths(s: Settings) -> None:
+    """With executors on other machines, everything they read or write must be shared storage (SPEC §9)."""
+    if s.spark_local or s.local_lake_shared:
+        return
+    master = redact_url(s.spark_master)
+    if s.local_lake:
+        raise SettingsError(
+            f"LOCAL_LAKE_DIR={s.local_lake_dir} is a local lake that the executors of SPARK_MASTER={master} cannot "
+            "read: set S3_BUCKET_NAME, or LOCAL_LAKE_SHARED=true if it is shared storage mounted at the same path "
+            "on every machine"
+        )
+    if is_local_path(s.checkpoint_dir):
+        raise SettingsError(
+            f"SPARK_CHECKPOINT_DIR={s.checkpoint_dir} is a local path that the executors of SPARK_MASTER={master} "
+            "cannot share: set it to shared storage such as s3a://<bucket>/checkpoints, or LOCAL_LAKE_SHARED=true "
+            "if it is mounted at the same path on every machine"
+        )
 
 
 def _check_credentials(path: Path) -> None:

@@ -43,7 +43,7 @@ def spark_conf(settings: Settings, app_name: str) -> dict[str, str]:
         "spark.driver.host": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"),
         "spark.sql.parquet.mergeSchema": "false",
         "spark.sql.sources.partitionColumnTypeInference.enabled": "false",
-        "spark.checkpoint.dir": str(scratch / "checkpoints"),
+        "spark.checkpoint.dir": settings.checkpoint_dir,
         "spark.log.level": "WARN",
     }
     return conf

@@ -108,6 +108,8 @@ BAD_VALUES = [
     ("SPARK_MASTER", "lcoal[*]", ["Spark master"]),
     ("SPARK_DRIVER_MEMORY", "lots", ["memory"]),
     ("SPARK_UI_ENABLED", "maybe", ["'maybe'", "true or false"]),
+    ("SPARK_CHECKPOINT_DIR", "/var/tp/checkpoints", ["local path", "s3a://", "LOCAL_LAKE_SHARED=true"]),
+    ("LOCAL_LAKE_SHARED", "maybe", ["'maybe'", "true or false"]),
     ("PATID1_MIN_MERCHANT_TXNS", "-1", ["out of range", ">= 0"]),
     ("PATID1_COUNT_PERCENTILE", "1.5", ["out of range", "between 0 and 1"]),
     ("PATID1_WEIGHT_PERCENTILE", "-0.1", ["out of range"]),
@@ -135,6 +137,7 @@ COMPANIONS = {
     "AWS_ACCESS_KEY_ID": {"AWS_SECRET_ACCESS_KEY": "aws-secret-Wv55"},
     "AWS_SECRET_ACCESS_KEY": {"AWS_ACCESS_KEY_ID": "AKIA-ID-Xy12"},
     "GOOGLE_CREDENTIALS_PATH": {"GDRIVE_FOLDER_ID": "folder123"},
+    "SPARK_CHECKPOINT_DIR": {"SPARK_MASTER": "spark://spark-master:7077", "S3_BUCKET_NAME": "lake-bucket"},
 }
 SECRETS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "POSTGRES_PASSWORD", "ALERT_WEBHOOK_URL"}
 
@@ -387,6 +390,8 @@ NON_DEFAULT = {
     "SPARK_DRIVER_MEMORY": "2G",
     "SPARK_UI_ENABLED": "true",
     "SPARK_JARS": "/opt/jars/*.jar",
+    "SPARK_CHECKPOINT_DIR": "s3a://lake-bucket/checkpoints",
+    "LOCAL_LAKE_SHARED": "true",
     "PATID1_MIN_MERCHANT_TXNS": "5",
     "PATID1_COUNT_PERCENTILE": "0.5",
     "PATID1_WEIGHT_PERCENTILE": "0.2",

@@ -393,7 +393,9 @@ def test_s3a_conf_matches_pyspark_hadoop_and_holds_no_secret(s3_settings, tmp_pa
     assert "spark.jars.packages" not in offline
     assert offline["spark.driver.extraClassPath"] == f"{jars}/bundle-2.35.4.jar:{jars}/hadoop-aws-3.5.0.jar"
     assert offline["spark.hadoop.fs.s3a.connection.ssl.enabled"] == "true"
-    cluster = s3a_conf(s3_settings(SPARK_JARS=f"{jars}/*.jar", SPARK_MASTER="spark://10.0.0.1:7077"))
+    cluster = s3a_conf(
+        s3_settings(SPARK_JARS=f"{jars}/*.jar", SPARK_MASTER="spark://10.0.0.1:7077", SPARK_CHECKPOINT_DIR="s3a://b/cp")
+    )
     assert cluster["spark.jars"] == f"{jars}/bundle-2.35.4.jar,{jars}/hadoop-aws-3.5.0.jar"
 
 

@@ -56,6 +56,7 @@ from src.utils.db import CHUNK_CHANNEL, Database, Listener, copy_csv, copy_rows
 from src.utils.object_store import ObjectStore, parquet_bytes
 from src.utils.retry import brief
 from src.utils.runtime import EXIT_DRAIN_IMPOSSIBLE, READY_FILE_ENV, drain_parser, x_finished
+from src.utils.spark_utils import checkpoint
 
 log = logging.getLogger(__name__)
 COMPONENT = "mechanism_y"
@@ -163,7 +164,7 @@ class StreamProcessor:
             "SELECT merchant, customer, n, amount_sum, has_f, has_m FROM y_state", STATE_ARROW_SCHEMA
         )
         state = self.spark.createDataFrame(table, schema=state_spark_schema())
-        self.state = patterns.by_merchant(state).localCheckpoint(eager=True)
+        self.state = checkpoint(patterns.by_merchant(state), self.settings)
         self.state_rows = table.num_rows
 
     def _refresh_weights(self) -> bool:
@@ -184,7 +185,7 @@ class StreamProcessor:
             self.weights.unpersist()
         weights = self.spark.createDataFrame(table, schema=weights_spark_schema())
         # Partitioned and sorted like the versions the detection joins them to: that join needs no shuffle.
-        self.weights = patterns.by_merchant(weights).localCheckpoint(eager=True)
+        self.weights = checkpoint(patterns.by_merchant(weights), self.settings)
         log.info("importance weights loaded: version %d, %d (customer, merchant) pairs", version, table.num_rows)
         self.weights_version = version
         return True
@@ -444,7 +445,7 @@ class StreamProcessor:
 
         # Checkpointed (eagerly) every batch: it cuts the lineage, so planning and work stay flat with
         # history, and it keeps the merchant partitioning, so the detection reads it without a shuffle.
-        versions = patterns.fold_batch(self.state, self._fold_input(clean), k).localCheckpoint(eager=True)
+        versions = checkpoint(patterns.fold_batch(self.state, self._fold_input(clean), k), self.settings)
         t_fold = time.perf_counter()
         self._stop_point()
         found = patterns.first_hits(patterns.detect_batch(versions, self.weights, k, self.thresholds).collect())

@@ -3,7 +3,8 @@
 hadoop-aws must be the exact Hadoop version bundled with pyspark; it pulls in the AWS SDK v2
 bundle (~690 MB). Where the jars come from, in order:
 
-1. SPARK_JARS (comma-separated paths or globs): machines without internet;
+1. SPARK_JARS (comma-separated paths or globs): machines without internet; on a cluster an entry
+   `local:/path/x.jar` says the jar is installed at that path on every machine, so nothing is copied;
 2. the Ivy cache `DATA_DIR/ivy`: `start_session` calls `fetch_hadoop_aws_jars` before the
    JVM starts, which downloads them there from Maven Central the first time only;
 3. `spark.jars.packages` (Spark resolving them into the same cache), when `s3a_conf` is used
@@ -17,7 +18,9 @@ the executors (same JVM) see them without any copy.
 
 Credentials never go into the Spark conf (it is printed by `spark-submit --verbose`, the
 environment tab and our own start-up logs): the JVM reads them from its environment
-(`s3a_env`), or from the standard AWS chain when no keys are set.
+(`s3a_env`), or from the standard AWS chain when no keys are set. Executors of a cluster do not
+inherit that environment: `share_credentials` sets the keys in the driver's Hadoop configuration at
+run time, which Spark ships with each job.
 
 `start_session` is how the product gets its SparkSession: it checks Java, exports the S3 credentials,
 has the jars local, and hands the S3A and logging settings to `config.spark_config.build_spark_session`
@@ -50,7 +53,7 @@ from config.config import Settings
 from src.errors import ProcessorError, SettingsError
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ HADOOP_AWS = "org.apache.hadoop:hadoop-aws"
 # The v1 names are mapped by S3A; the v2 class names are what hadoop-aws 3.4+ loads natively.
 ENV_CREDENTIALS = "software.amazon.awssdk.auth.credentials.EnvironmentVariableCredentialsProvider"
 DEFAULT_CREDENTIALS = "software.amazon.awssdk.auth.credentials.DefaultCredentialsProvider"
+SIMPLE_CREDENTIALS = "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider"  # fs.s3a.access.key / secret.key
 REDACTION_REGEX = r"(?i)secret|password|token|access[.]?key|credential"
 
 
@@ -75,6 +79,11 @@ def find_java() -> str | None:
 
 
 def pyspark_jars_dir() -> Path:
+    """The jars of the Spark that runs: $SPARK_HOME's (under spark-submit pyspark is imported from a zip, and a
+    set SPARK_HOME is also what pyspark launches), else those of the pip pyspark."""
+    home = os.environ.get("SPARK_HOME")
+    if home and (Path(home) / "jars").is_dir():
+        return Path(home) / "jars"
     import pyspark
 
     return Path(pyspark.__file__).resolve().parent / "jars"
@@ -167,29 +176,46 @@ def fetch_hadoop_aws_jars(settings: Settings, *, timeout: float = 1800) -> list[
     return jars
 
 
-def _expand(spec: str) -> list[Path]:
-    out: list[Path] = []
+INSTALLED = "local:"  # Spark's scheme for a jar already at this path on every machine: never copied
+
+
+def _expand(spec: str) -> list[str]:
+    """SPARK_JARS as jar paths, globs expanded; an entry `local:<path>` keeps its scheme (see `s3a_conf`)."""
+    out: list[str] = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
-        matches = sorted(glob.glob(os.path.expanduser(item))) if glob.has_magic(item) else [os.path.expanduser(item)]
+        scheme = INSTALLED if item.startswith(INSTALLED) else ""
+        path = os.path.expanduser(item[len(scheme) :])
+        matches = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
         if not matches:
             raise SettingsError(f"SPARK_JARS entry {item!r} matches no file: fix the path or unset SPARK_JARS")
-        out += [Path(m) for m in matches]
+        out += [scheme + m for m in matches]
     return out
 
 
 def s3a_conf(settings: Settings) -> dict[str, str]:
     """Spark settings for reading `s3a://<S3_BUCKET_NAME>/...`; holds no secret, makes no network call."""
     conf: dict[str, str] = {}
-    jars = _expand(settings.spark_jars) if settings.spark_jars else cached_hadoop_aws_jars(settings)
+    if settings.spark_jars:
+        jars: list[str] | None = _expand(settings.spark_jars)
+    else:
+        cached = cached_hadoop_aws_jars(settings)
+        jars = None if cached is None else [str(j) for j in cached]
     if jars is None:
         conf["spark.jars.packages"] = hadoop_aws_package()
         conf["spark.jars.ivy"] = str(ivy_dir(settings))
-    elif settings.spark_master.startswith("local"):
-        conf["spark.driver.extraClassPath"] = os.pathsep.join(str(j) for j in jars)
+    elif settings.spark_local:
+        conf["spark.driver.extraClassPath"] = os.pathsep.join(j.removeprefix(INSTALLED) for j in jars)
     else:
-        conf["spark.jars"] = ",".join(str(j) for j in jars)
+        # Shipped by the driver to every executor (the SDK bundle is ~690 MB per executor), unless SPARK_JARS
+        # says `local:/path`: installed at that path on every machine, put on each JVM's class path as it is.
+        shipped = [j for j in jars if not j.startswith(INSTALLED)]
+        installed = os.pathsep.join(j.removeprefix(INSTALLED) for j in jars if j.startswith(INSTALLED))
+        if shipped:
+            conf["spark.jars"] = ",".join(shipped)
+        if installed:
+            conf["spark.driver.extraClassPath"] = conf["spark.executor.extraClassPath"] = installed
     prefix = "spark.hadoop.fs.s3a."
     conf.update(
         {
@@ -260,7 +286,38 @@ def session_conf(settings: Settings, app_name: str) -> dict[str, str]:
     conf = spark_conf(settings, app_name)
     if settings.s3_bucket_name:
         conf.update(s3a_conf(settings))
+    if not settings.spark_local:
+        # Reliable checkpoints (see `checkpoint`) are files: delete each once its DataFrame is garbage.
+        conf["spark.cleaner.referenceTracking.cleanCheckpoints"] = "true"
     return conf
+
+
+def share_credentials(spark: "SparkSession", settings: Settings) -> None:
+    """Hand the S3 keys to executors on other machines through the driver's Hadoop configuration, set at run time.
+
+    Executors do not inherit the driver's environment, so the environment provider of `s3a_conf` leaves them
+    with no credentials (every task fails with NoAuthWithAWSException). Spark ships the driver's Hadoop
+    configuration with every file scan and checkpoint job (a broadcast of it), so keys set there reach each
+    task without ever entering the Spark conf, which `ps`, the UI's environment tab and logs show. Without
+    keys the cluster's own chain (an instance profile, IRSA) is used on every machine: nothing to hand over.
+    """
+    if settings.spark_local or not settings.s3_bucket_name or not settings.aws_access_key_id:
+        return
+    hadoop = spark.sparkContext._jsc.hadoopConfiguration()
+    hadoop.set("fs.s3a.access.key", settings.aws_access_key_id.get_secret_value())
+    hadoop.set("fs.s3a.secret.key", settings.aws_secret_access_key.get_secret_value())
+    hadoop.set("fs.s3a.aws.credentials.provider", SIMPLE_CREDENTIALS)
+    log.info("S3 credentials set in the driver's Hadoop configuration for the executors of %s", settings.spark_master)
+
+
+def checkpoint(df: "DataFrame", settings: Settings) -> "DataFrame":
+    """`df` computed now and cut from its lineage, partitioning kept (Mechanism Y's state and weights).
+
+    With a local master, `localCheckpoint`: blocks in this process's executor, the fastest. On a cluster those
+    blocks die with their executor and every later batch would fail; a reliable checkpoint writes files under
+    SPARK_CHECKPOINT_DIR (shared storage, e.g. s3a://), which outlive any executor.
+    """
+    return df.localCheckpoint(eager=True) if settings.spark_local else df.checkpoint(eager=True)
 
 
 def start_session(
@@ -274,7 +331,9 @@ def start_session(
     if settings.s3_bucket_name:
         prepare_s3a(settings)
     conf = {**session_conf(settings, app_name), **(extra_conf or {})}
-    return build_spark_session(settings, app_name, extra_conf=conf)
+    session = build_spark_session(settings, app_name, extra_conf=conf)
+    share_credentials(session, settings)
+    return session
 
 
 def main(argv: list[str] | None = None) -> int:
