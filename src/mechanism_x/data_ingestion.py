@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.abc
 import itertools
 import json
 import logging
@@ -674,9 +675,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
 
+class _NoPandas(importlib.abc.MetaPathFinder):
+    """Refuses `import pandas` in the X process, which never uses it.
+
+    pyarrow looks for pandas on its first conversion of Python values (`pa.array`, a scalar argument
+    to a compute kernel) and imports it if installed: a second of start-up on the 2-core machine, for
+    nothing. Refused, pyarrow records that pandas is absent and carries on; the objects are the same.
+    """
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == "pandas" or name.startswith("pandas."):
+            raise ModuleNotFoundError("Mechanism X does not use pandas", name=name)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from src.worker import worker_main
 
+    if "pandas" not in sys.modules:
+        sys.meta_path.insert(0, _NoPandas())
     return worker_main(
         "mechanism X",
         build_parser(),
