@@ -541,6 +541,13 @@ def _validate(
     return cols, pa.array(np.flatnonzero(valid)), block.line_no[rows_idx[valid]], out
 
 
+def _good_only(cols: list[pa.Array], good_idx: pa.Array) -> list[pa.Array]:
+    """The split columns restricted to the good rows; as they are when every row is good (the usual case)."""
+    if cols and len(good_idx) == len(cols[0]):
+        return cols
+    return [c.take(good_idx) for c in cols]
+
+
 def parse_transactions(block: RowBlock, *, file_id: str, chunk_seq: int) -> ParsedRows:
     """Validate rows per SPEC §2; good rows typed as CHUNK_ARROW_SCHEMA, bad rows with reasons."""
     if not len(block):
@@ -564,7 +571,7 @@ def parse_transactions(block: RowBlock, *, file_id: str, chunk_seq: int) -> Pars
         ]
 
     cols, good_idx, good_lines, out = _validate(block, TRANSACTION_HEADER, checks)
-    step, customer, age, gender, zip_ori, merchant, zip_m, category, amount, fraud = (c.take(good_idx) for c in cols)
+    step, customer, age, gender, zip_ori, merchant, zip_m, category, amount, fraud = _good_only(cols, good_idx)
     n_good = len(good_idx)
     out.good = pa.table(
         {
@@ -610,7 +617,7 @@ def parse_importance(block: RowBlock) -> ParsedRows:
         ]
 
     cols, good_idx, _lines, out = _validate(block, IMPORTANCE_HEADER, checks)
-    source, target, weight, type_trans, fraud = (c.take(good_idx) for c in cols)
+    source, target, weight, type_trans, fraud = _good_only(cols, good_idx)
     out.good = pa.table(
         {
             "source": source,

@@ -22,7 +22,8 @@ import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -60,6 +61,7 @@ SINGLE_X_LOCK = 7261003  # one Mechanism X per database: a second one waits for 
 # (a Drive file moved for a minute comes back); after that the chunk is given up and its rows taken
 # back out of the file's counters.
 MISSING_FILE_GRACE_SECONDS = 600.0
+READ_AHEAD = 2  # chunks parsed and encoded ahead of the one being recorded (each about 2 MB for 10,000 rows)
 
 
 class Ingestor:
@@ -320,12 +322,19 @@ class Ingestor:
         if rec is None or rec["kind"] != KIND_TRANSACTIONS or rec["status"] != "ingesting":
             self.monitor.start_file(f, KIND_TRANSACTIONS)
         chunk_seq = rec["chunks"] if rec is not None else 0
-        with _RunningMd5(path) as hashed:
+        with _RunningMd5(path) as hashed, ThreadPoolExecutor(max_workers=1, thread_name_prefix="x-write") as writer:
             hashed.advance(start)
+            in_flight: _InFlight | None = None
             for rows, seq, parsed, payload in self._prepared_chunks(path, start, first_line, chunk_seq, f.file_id):
                 if self.stop.is_set():
-                    return
-                self._emit_chunk(f, hashed, rows, seq, parsed, payload)
+                    break
+                in_flight = self._emit_chunk(f, hashed, rows, seq, parsed, payload, writer, in_flight)
+            # The last chunk, or the one under way when asked to stop. After an error it stays `pending`
+            # (its write is finished by the executor's exit) and `recover` releases it.
+            if in_flight is not None:
+                self._release(f, in_flight)
+            if self.stop.is_set():
+                return
             hashed.advance(scan.size)  # trailing blank lines, if any
             checksum = hashed.hexdigest()
         if self.stop.is_set():
@@ -357,14 +366,14 @@ class Ingestor:
 
     def _prepared_chunks(self, path: Path, start: int, first_line: int, chunk_seq: int, file_id: str):
         """(rows, chunk_seq, parsed, parquet payload) for each chunk in file order. Parsing and Parquet encoding
-        of the next chunk run in a helper thread (Arrow releases the GIL) while the caller records and writes
-        the current one."""
+        of the next READ_AHEAD chunks run in a helper thread (Arrow releases the GIL) while the caller records
+        and writes the current one."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="x-parse") as pool:
             ahead: deque = deque()
             for cut in itertools.chain(self._cut(path, start, first_line, chunk_seq), [None]):
                 if cut is not None:
                     ahead.append((*cut, pool.submit(_prepare_chunk, cut[0], file_id, cut[1])))
-                while ahead and (cut is None or len(ahead) > 1):
+                while ahead and (cut is None or len(ahead) > READ_AHEAD):
                     rows, seq, job = ahead.popleft()
                     yield (rows, seq, *job.result())
 
@@ -382,9 +391,22 @@ class Ingestor:
             yield pending, chunk_seq
 
     def _emit_chunk(
-        self, f: SourceFile, hashed: _RunningMd5, rows: RowBlock, chunk_seq: int, parsed: ParsedRows, payload: bytes
-    ) -> None:
-        """Record, write and release one chunk."""
+        self,
+        f: SourceFile,
+        hashed: _RunningMd5,
+        rows: RowBlock,
+        chunk_seq: int,
+        parsed: ParsedRows,
+        payload: bytes,
+        writer: ThreadPoolExecutor,
+        previous: _InFlight | None,
+    ) -> _InFlight:
+        """Record one chunk, start writing its objects, then release the previous chunk.
+
+        The object write (and its fsync) of this chunk overlaps the release of the previous one and the
+        ledger commit of the next one. Each chunk's own order is unchanged: recorded, then written, then
+        marked written, so a crash at any point leaves only `pending` chunks that `recover` rebuilds.
+        """
         t0 = time.perf_counter()
         pos, end = hashed.pos, int(rows.end_offset[-1])
         prefix_md5 = hashed.advance(end)
@@ -404,20 +426,28 @@ class Ingestor:
             ingest_date=today,
         )
         seq = self._record_chunk(f, chunk, parsed)
-        content_md5 = self._write_chunk_objects(chunk.object_key, f.file_id, chunk_seq, parsed, payload)
+        write = writer.submit(self._write_chunk_objects, chunk.object_key, f.file_id, chunk_seq, parsed, payload)
+        if previous is not None:
+            self._release(f, previous)
+        return _InFlight(chunk, seq, write, t0)
+
+    def _release(self, f: SourceFile, c: _InFlight) -> None:
+        """Once the chunk's objects are in the lake, wait for its turn (pace) and mark it written: Y may take it."""
+        content_md5 = c.write.result()
         self._pace()
-        ledger.mark_chunk_written(self.db, seq, content_md5)
+        ledger.mark_chunk_written(self.db, c.seq, content_md5)
+        chunk = c.chunk
         log.info(
             "chunk %s-%06d written: lines %d-%d, %d rows, %d quarantined, %s (%.0f ms)",
             f.file_id,
-            chunk_seq,
+            chunk.chunk_seq,
             chunk.first_line,
             chunk.last_line,
             chunk.rows_valid,
             chunk.rows_quarantined,
             chunk.object_key,
-            (time.perf_counter() - t0) * 1000,
-            extra={"event": "chunk_written", "file_id": f.file_id, "chunk_id": seq, "chunk_seq": chunk_seq},
+            (time.perf_counter() - c.started) * 1000,
+            extra={"event": "chunk_written", "file_id": f.file_id, "chunk_id": c.seq, "chunk_seq": chunk.chunk_seq},
         )
 
     def _record_chunk(self, f: SourceFile, chunk: ledger.NewChunk, parsed: ParsedRows) -> int:
@@ -586,6 +616,16 @@ class Ingestor:
         }
         data = json.dumps(doc, indent=2, default=str).encode()
         self.store.put_bytes(lake_paths.PROCESSING_LOG_KEY, data, overwrite=True)
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A chunk recorded in the ledger whose objects are being written, not yet released to Y."""
+
+    chunk: ledger.NewChunk
+    seq: int
+    write: Future
+    started: float
 
 
 def _glued_to_last_row(path: Path, start: int) -> bool:
