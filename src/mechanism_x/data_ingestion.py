@@ -43,7 +43,7 @@ from src.mechanism_x.csv_parser import (
     read_header,
     scan_file,
 )
-from src.mechanism_x.file_monitor import FileMonitor, FileWork
+from src.mechanism_x.file_monitor import FileMonitor, FileWork, looks_like_importance
 from src.mechanism_x.importance import copy_importance
 from src.schemas.transaction_schemas import QUARANTINE_SCHEMA, QUARANTINE_TABLE_COLUMNS
 from src.utils import lake_paths
@@ -62,6 +62,7 @@ SINGLE_X_LOCK = 7261003  # one Mechanism X per database: a second one waits for 
 # back out of the file's counters.
 MISSING_FILE_GRACE_SECONDS = 600.0
 READ_AHEAD = 2  # chunks parsed and encoded ahead of the one being recorded (each about 2 MB for 10,000 rows)
+OVERLAP_AHEAD = 32  # ... and while an importance file is being loaded in the background
 
 
 class Ingestor:
@@ -79,6 +80,7 @@ class Ingestor:
         self._last_release = 0.0
         self._consumer_ready = not os.environ.get(READY_FILE_ENV)
         self._missing_since: dict[int, float] = {}
+        self._importance: _BackgroundImportance | None = None
 
     # ---------------------------------------------------------------- top level
 
@@ -198,15 +200,49 @@ class Ingestor:
         """One pass over the source; returns how many files needed work."""
         work = self.monitor.poll()
         rejects_before = reject_counts(self.db) if work else None
-        for item in work:
-            if self.stop.is_set():
-                break
-            self._handle(item)
+        try:
+            for i, item in enumerate(work):
+                if self.stop.is_set():
+                    break
+                if self._overlaps_importance(item, work[i + 1 :]):
+                    self._importance = _BackgroundImportance(self, item)
+                else:
+                    self._handle(item)
+        finally:
+            self._importance_done()
         if work:
             self._write_processing_log()
             if reject_counts(self.db) != rejects_before:  # rows quarantined or a file failed: report it
                 write_quality_report(self.db, self.store)
         return len(work)
+
+    def _overlaps_importance(self, item: FileWork, rest: list[FileWork]) -> bool:
+        """Load this importance file in the background while the transaction files after it are parsed?
+
+        Only with a source whose files can be fetched concurrently; chunks are still recorded only once the
+        load has committed (see `_importance_done`), so Y never evaluates one against the previous weights.
+        """
+        if not (
+            self.source.concurrent_fetch
+            and self._importance is None
+            and looks_like_importance(item)
+            and any(not looks_like_importance(w) for w in rest)
+        ):
+            return False
+        try:
+            with self.source.fetch(item.file) as path:
+                return read_header(path).kind == KIND_IMPORTANCE  # the header decides, not the name
+        except Exception:  # noqa: BLE001 - handled in place, where `_handle` reports it
+            return False
+
+    def _importance_loading(self) -> bool:
+        return self._importance is not None and not self._importance.done()
+
+    def _importance_done(self) -> None:
+        """Wait for a background importance load (its faults are raised here, as if it ran in place)."""
+        job, self._importance = self._importance, None
+        if job is not None:
+            job.wait()
 
     def run(self, *, drain: bool) -> int:
         """Poll until stopped (or, with `drain`, until one poll finds everything ingested).
@@ -326,6 +362,7 @@ class Ingestor:
             hashed.advance(start)
             in_flight: _InFlight | None = None
             for rows, seq, parsed, payload in self._prepared_chunks(path, start, first_line, chunk_seq, f.file_id):
+                self._importance_done()  # reference data committed before this file's first chunk is
                 if self.stop.is_set():
                     break
                 in_flight = self._emit_chunk(f, hashed, rows, seq, parsed, payload, writer, in_flight)
@@ -373,7 +410,9 @@ class Ingestor:
             for cut in itertools.chain(self._cut(path, start, first_line, chunk_seq), [None]):
                 if cut is not None:
                     ahead.append((*cut, pool.submit(_prepare_chunk, cut[0], file_id, cut[1])))
-                while ahead and (cut is None or len(ahead) > READ_AHEAD):
+                # While an importance file loads, chunks cannot be recorded yet: parse further ahead meanwhile.
+                limit = OVERLAP_AHEAD if self._importance_loading() else READ_AHEAD
+                while ahead and (cut is None or len(ahead) > limit):
                     rows, seq, job = ahead.popleft()
                     yield (rows, seq, *job.result())
 
@@ -616,6 +655,30 @@ class Ingestor:
         }
         data = json.dumps(doc, indent=2, default=str).encode()
         self.store.put_bytes(lake_paths.PROCESSING_LOG_KEY, data, overwrite=True)
+
+
+class _BackgroundImportance:
+    """An importance file handled in a thread on its own connection, while X parses the transaction files after it.
+
+    The load is the same transaction as in place (PostgreSQL does most of its work); what it does with a
+    failure is what `_handle` does. Only a transient fault is left for `wait` to raise in the poll.
+    """
+
+    def __init__(self, owner: Ingestor, item: FileWork) -> None:
+        self._db = Database(owner.settings, stop=owner.stop)
+        self._sibling = Ingestor(owner.settings, self._db, owner.store, owner.source, owner.stop)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="x-importance")
+        self._job = self._pool.submit(self._sibling._handle, item)
+
+    def done(self) -> bool:
+        return self._job.done()
+
+    def wait(self) -> None:
+        try:
+            self._job.result()
+        finally:
+            self._pool.shutdown()
+            self._db.close()
 
 
 @dataclass(frozen=True)
