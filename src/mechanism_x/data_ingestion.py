@@ -440,11 +440,11 @@ class Ingestor:
         writer: ThreadPoolExecutor,
         previous: _InFlight | None,
     ) -> _InFlight:
-        """Record one chunk, start writing its objects, then release the previous chunk.
+        """Release the previous chunk and record this one in one ledger transaction, then start writing its objects.
 
-        The object write (and its fsync) of this chunk overlaps the release of the previous one and the
-        ledger commit of the next one. Each chunk's own order is unchanged: recorded, then written, then
-        marked written, so a crash at any point leaves only `pending` chunks that `recover` rebuilds.
+        The object write (and its fsync) runs while the next chunk is cut and hashed. Each chunk's own order
+        is unchanged: recorded, then written, then marked written, so a crash at any point leaves only
+        `pending` chunks that `recover` rebuilds.
         """
         t0 = time.perf_counter()
         pos, end = hashed.pos, int(rows.end_offset[-1])
@@ -464,10 +464,14 @@ class Ingestor:
             object_key=lake_paths.chunk_key(today, f.file_id, chunk_seq),
             ingest_date=today,
         )
-        seq = self._record_chunk(f, chunk, parsed)
+        release = None
+        if previous is not None:
+            release = (previous.seq, previous.write.result())
+            self._pace()
+        seq = self._record_chunk(f, chunk, parsed, release=release)
         write = writer.submit(self._write_chunk_objects, chunk.object_key, f.file_id, chunk_seq, parsed, payload)
         if previous is not None:
-            self._release(f, previous)
+            self._log_release(f, previous)
         return _InFlight(chunk, seq, write, t0)
 
     def _release(self, f: SourceFile, c: _InFlight) -> None:
@@ -475,6 +479,9 @@ class Ingestor:
         content_md5 = c.write.result()
         self._pace()
         ledger.mark_chunk_written(self.db, c.seq, content_md5)
+        self._log_release(f, c)
+
+    def _log_release(self, f: SourceFile, c: _InFlight) -> None:
         chunk = c.chunk
         log.info(
             "chunk %s-%06d written: lines %d-%d, %d rows, %d quarantined, %s (%.0f ms)",
@@ -489,10 +496,15 @@ class Ingestor:
             extra={"event": "chunk_written", "file_id": f.file_id, "chunk_id": c.seq, "chunk_seq": chunk.chunk_seq},
         )
 
-    def _record_chunk(self, f: SourceFile, chunk: ledger.NewChunk, parsed: ParsedRows) -> int:
-        """The chunk's ledger row, the file's progress and the chunk's quarantined rows, in one transaction."""
+    def _record_chunk(
+        self, f: SourceFile, chunk: ledger.NewChunk, parsed: ParsedRows, *, release: tuple[int, str] | None = None
+    ) -> int:
+        """The chunk's ledger row, the file's progress and the chunk's quarantined rows, in one transaction,
+        with the previous chunk's release (seq, content md5) when given."""
 
         def fn(cur) -> int | None:
+            if release is not None:
+                ledger.mark_written(cur, *release)
             seq = ledger.record_chunk(cur, chunk)
             if seq is None or not parsed.bad_lines:
                 return seq
