@@ -61,7 +61,8 @@ SINGLE_X_LOCK = 7261003  # one Mechanism X per database: a second one waits for 
 # (a Drive file moved for a minute comes back); after that the chunk is given up and its rows taken
 # back out of the file's counters.
 MISSING_FILE_GRACE_SECONDS = 600.0
-READ_AHEAD = 2  # chunks parsed and encoded ahead of the one being recorded (each about 2 MB for 10,000 rows)
+READ_AHEAD = 3  # chunks parsed and encoded ahead of the one being recorded (each about 2 MB for 10,000 rows)
+PARSE_THREADS = 2  # Arrow releases the GIL in its kernels and the Parquet writer: two chunks parse at once
 OVERLAP_AHEAD = 32  # ... and while an importance file is being loaded in the background
 
 
@@ -405,7 +406,7 @@ class Ingestor:
         """(rows, chunk_seq, parsed, parquet payload) for each chunk in file order. Parsing and Parquet encoding
         of the next READ_AHEAD chunks run in a helper thread (Arrow releases the GIL) while the caller records
         and writes the current one."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="x-parse") as pool:
+        with ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="x-parse") as pool:
             ahead: deque = deque()
             for cut in itertools.chain(self._cut(path, start, first_line, chunk_seq), [None]):
                 if cut is not None:
