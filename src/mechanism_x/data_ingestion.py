@@ -293,6 +293,7 @@ class Ingestor:
                     )
                     return
                 if header.kind == KIND_IMPORTANCE:
+                    self._importance_done()  # two importance files of a poll are loaded in order
                     self._load_importance(f, path, header.data_offset)
                 else:
                     self._ingest_transactions(f, path, header.data_offset, item)
