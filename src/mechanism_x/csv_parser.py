@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,15 @@ def scan_file(path: Path, start: int, *, whole: bool = True) -> FileScan:
     prefix = hashlib.md5(usedforsecurity=False)
     pos = 0
     with open(path, "rb") as fh:
+        if whole_md5 is None:  # only the prefix is hashed: the rest need not be read for the size
+            size = os.fstat(fh.fileno()).st_size
+            while pos < min(start, size):
+                block = fh.read(min(READ_BLOCK, start - pos))
+                if not block:
+                    break
+                prefix.update(block)
+                pos += len(block)
+            return FileScan(size=size, md5="", prefix_md5=prefix.hexdigest())
         while True:
             block = fh.read(READ_BLOCK)
             if not block:
