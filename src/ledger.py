@@ -247,14 +247,19 @@ def mark_chunk_written(db: Database, seq: int, content_md5: str) -> None:
         # Losing this commit in a server crash is harmless: the chunk stays `pending` and recovery
         # rewrites the same bytes under the same key. So it need not wait for the WAL flush.
         cur.execute("SET LOCAL synchronous_commit = off")
-        cur.execute(
-            "UPDATE chunks SET status = 'written', written_at = coalesce(written_at, clock_timestamp()), "
-            "content_md5 = %s, attempts = 0, last_error = NULL WHERE seq = %s",
-            (content_md5, seq),
-        )
-        cur.execute("SELECT pg_notify(%s, %s)", (CHUNK_CHANNEL, str(seq)))
+        mark_written(cur, seq, content_md5)
 
     db.run(fn, what=f"mark chunk {seq} written")
+
+
+def mark_written(cur: Cursor, seq: int, content_md5: str) -> None:
+    """`mark_chunk_written` in the caller's transaction: X commits it with the next chunk's record."""
+    cur.execute(
+        "UPDATE chunks SET status = 'written', written_at = coalesce(written_at, clock_timestamp()), "
+        "content_md5 = %s, attempts = 0, last_error = NULL WHERE seq = %s",
+        (content_md5, seq),
+    )
+    cur.execute("SELECT pg_notify(%s, %s)", (CHUNK_CHANNEL, str(seq)))
 
 
 @dataclass(frozen=True)

@@ -481,6 +481,46 @@ def test_importance_reload_is_atomic_for_readers(make_settings, inbox, pg_server
     assert (0, 2000) in seen
 
 
+def test_chunks_wait_for_the_importance_file_loaded_beside_them(make_settings, inbox, lake, pg_server, pg_db, pg_conn):
+    """X parses a transactions file while the importance file of the same poll loads on another connection,
+    but records no chunk of it until that load has committed: Y never evaluates one against older weights."""
+    import psycopg2
+
+    settings = make_settings(BATCH_SIZE="2")
+    ingest(settings)  # the schema, on an empty inbox
+    write_csv(
+        inbox / "CustomerImportance.csv",
+        importance_lines([("C1000", "M200", "3.50", "es_food", 0)]),
+        header=IMPORTANCE_HEADER,
+    )
+    data = write_csv(inbox / "tx.csv", rows(7))
+    blocker = psycopg2.connect(pg_server.dsn_for(pg_db))  # a reader inside a transaction holds the load back
+    blocker.cursor().execute("SELECT count(*) FROM customer_importance")
+    result: list[int] = []
+    worker = threading.Thread(target=lambda: result.append(run_worker(settings, drain=True)))
+    worker.start()
+    try:
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'LOCK TABLE customer_importance%%'"
+        deadline = time.monotonic() + 120
+        while query(pg_conn, waiting) != [(1,)]:
+            assert time.monotonic() < deadline, "the importance load never reached its table lock"
+            time.sleep(0.05)
+        started = "SELECT count(*) FROM source_files WHERE name = 'tx.csv' AND status = 'ingesting'"
+        while query(pg_conn, started) != [(1,)]:
+            assert time.monotonic() < deadline, "the transactions file was not started beside the importance load"
+            time.sleep(0.05)
+        for _ in range(20):  # the transactions file is under way: it must not record a chunk yet
+            assert _ledger_chunks(pg_conn) == 0
+            time.sleep(0.05)
+    finally:
+        blocker.rollback()
+        blocker.close()
+        worker.join(timeout=120)
+    assert result == [0]
+    assert query(pg_conn, "SELECT rows_loaded, version FROM importance_state") == [(1, 1)]
+    assert_chunks_match(pg_conn, lake, "tx.csv", data, 2)
+
+
 # ----------------------------------------------------------------------------- 4. exactly once
 
 

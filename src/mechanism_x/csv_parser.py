@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,15 @@ def scan_file(path: Path, start: int, *, whole: bool = True) -> FileScan:
     prefix = hashlib.md5(usedforsecurity=False)
     pos = 0
     with open(path, "rb") as fh:
+        if whole_md5 is None:  # only the prefix is hashed: the rest need not be read for the size
+            size = os.fstat(fh.fileno()).st_size
+            while pos < min(start, size):
+                block = fh.read(min(READ_BLOCK, start - pos))
+                if not block:
+                    break
+                prefix.update(block)
+                pos += len(block)
+            return FileScan(size=size, md5="", prefix_md5=prefix.hexdigest())
         while True:
             block = fh.read(READ_BLOCK)
             if not block:
@@ -541,6 +551,13 @@ def _validate(
     return cols, pa.array(np.flatnonzero(valid)), block.line_no[rows_idx[valid]], out
 
 
+def _good_only(cols: list[pa.Array], good_idx: pa.Array) -> list[pa.Array]:
+    """The split columns restricted to the good rows; as they are when every row is good (the usual case)."""
+    if cols and len(good_idx) == len(cols[0]):
+        return cols
+    return [c.take(good_idx) for c in cols]
+
+
 def parse_transactions(block: RowBlock, *, file_id: str, chunk_seq: int) -> ParsedRows:
     """Validate rows per SPEC §2; good rows typed as CHUNK_ARROW_SCHEMA, bad rows with reasons."""
     if not len(block):
@@ -564,7 +581,7 @@ def parse_transactions(block: RowBlock, *, file_id: str, chunk_seq: int) -> Pars
         ]
 
     cols, good_idx, good_lines, out = _validate(block, TRANSACTION_HEADER, checks)
-    step, customer, age, gender, zip_ori, merchant, zip_m, category, amount, fraud = (c.take(good_idx) for c in cols)
+    step, customer, age, gender, zip_ori, merchant, zip_m, category, amount, fraud = _good_only(cols, good_idx)
     n_good = len(good_idx)
     out.good = pa.table(
         {
@@ -610,7 +627,7 @@ def parse_importance(block: RowBlock) -> ParsedRows:
         ]
 
     cols, good_idx, _lines, out = _validate(block, IMPORTANCE_HEADER, checks)
-    source, target, weight, type_trans, fraud = (c.take(good_idx) for c in cols)
+    source, target, weight, type_trans, fraud = _good_only(cols, good_idx)
     out.good = pa.table(
         {
             "source": source,

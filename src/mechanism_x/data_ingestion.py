@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.abc
 import itertools
 import json
 import logging
@@ -21,7 +22,8 @@ import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,7 +43,7 @@ from src.mechanism_x.csv_parser import (
     read_header,
     scan_file,
 )
-from src.mechanism_x.file_monitor import FileMonitor, FileWork
+from src.mechanism_x.file_monitor import FileMonitor, FileWork, looks_like_importance
 from src.mechanism_x.importance import copy_importance
 from src.quality_report import reject_counts, write_quality_report
 from src.schemas.transaction_schemas import QUARANTINE_SCHEMA, QUARANTINE_TABLE_COLUMNS
@@ -59,6 +61,9 @@ SINGLE_X_LOCK = 7261003  # one Mechanism X per database: a second one waits for 
 # (a Drive file moved for a minute comes back); after that the chunk is given up and its rows taken
 # back out of the file's counters.
 MISSING_FILE_GRACE_SECONDS = 600.0
+READ_AHEAD = 3  # chunks parsed and encoded ahead of the one being recorded (each about 2 MB for 10,000 rows)
+PARSE_THREADS = 2  # Arrow releases the GIL in its kernels and the Parquet writer: two chunks parse at once
+OVERLAP_AHEAD = 32  # ... and while an importance file is being loaded in the background
 
 
 class Ingestor:
@@ -76,6 +81,7 @@ class Ingestor:
         self._last_release = 0.0
         self._consumer_ready = not os.environ.get(READY_FILE_ENV)
         self._missing_since: dict[int, float] = {}
+        self._importance: _BackgroundImportance | None = None
 
     # ---------------------------------------------------------------- top level
 
@@ -189,15 +195,49 @@ class Ingestor:
         """One pass over the source; returns how many files needed work."""
         work = self.monitor.poll()
         rejects_before = reject_counts(self.db) if work else None
-        for item in work:
-            if self.stop.is_set():
-                break
-            self._handle(item)
+        try:
+            for i, item in enumerate(work):
+                if self.stop.is_set():
+                    break
+                if self._overlaps_importance(item, work[i + 1 :]):
+                    self._importance = _BackgroundImportance(self, item)
+                else:
+                    self._handle(item)
+        finally:
+            self._importance_done()
         if work:
             self._write_processing_log()
             if reject_counts(self.db) != rejects_before:  # rows quarantined or a file failed: report it
                 write_quality_report(self.db, self.store)
         return len(work)
+
+    def _overlaps_importance(self, item: FileWork, rest: list[FileWork]) -> bool:
+        """Load this importance file in the background while the transaction files after it are parsed?
+
+        Only with a source whose files can be fetched concurrently; chunks are still recorded only once the
+        load has committed (see `_importance_done`), so Y never evaluates one against the previous weights.
+        """
+        if not (
+            self.source.concurrent_fetch
+            and self._importance is None
+            and looks_like_importance(item)
+            and any(not looks_like_importance(w) for w in rest)
+        ):
+            return False
+        try:
+            with self.source.fetch(item.file) as path:
+                return read_header(path).kind == KIND_IMPORTANCE  # the header decides, not the name
+        except Exception:  # noqa: BLE001 - handled in place, where `_handle` reports it
+            return False
+
+    def _importance_loading(self) -> bool:
+        return self._importance is not None and not self._importance.done()
+
+    def _importance_done(self) -> None:
+        """Wait for a background importance load (its faults are raised here, as if it ran in place)."""
+        job, self._importance = self._importance, None
+        if job is not None:
+            job.wait()
 
     def run(self, *, drain: bool) -> int:
         """Poll until stopped (or, with `drain`, until one poll finds everything ingested).
@@ -247,6 +287,7 @@ class Ingestor:
                     )
                     return
                 if header.kind == KIND_IMPORTANCE:
+                    self._importance_done()  # two importance files of a poll are loaded in order
                     self._load_importance(f, path, header.data_offset)
                 else:
                     self._ingest_transactions(f, path, header.data_offset, item)
@@ -313,12 +354,20 @@ class Ingestor:
         if rec is None or rec["kind"] != KIND_TRANSACTIONS or rec["status"] != "ingesting":
             self.monitor.start_file(f, KIND_TRANSACTIONS)
         chunk_seq = rec["chunks"] if rec is not None else 0
-        with _RunningMd5(path) as hashed:
+        with _RunningMd5(path) as hashed, ThreadPoolExecutor(max_workers=1, thread_name_prefix="x-write") as writer:
             hashed.advance(start)
+            in_flight: _InFlight | None = None
             for rows, seq, parsed, payload in self._prepared_chunks(path, start, first_line, chunk_seq, f.file_id):
+                self._importance_done()  # reference data committed before this file's first chunk is
                 if self.stop.is_set():
-                    return
-                self._emit_chunk(f, hashed, rows, seq, parsed, payload)
+                    break
+                in_flight = self._emit_chunk(f, hashed, rows, seq, parsed, payload, writer, in_flight)
+            # The last chunk, or the one under way when asked to stop. After an error it stays `pending`
+            # (its write is finished by the executor's exit) and `recover` releases it.
+            if in_flight is not None:
+                self._release(f, in_flight)
+            if self.stop.is_set():
+                return
             hashed.advance(scan.size)  # trailing blank lines, if any
             checksum = hashed.hexdigest()
         if self.stop.is_set():
@@ -350,14 +399,16 @@ class Ingestor:
 
     def _prepared_chunks(self, path: Path, start: int, first_line: int, chunk_seq: int, file_id: str):
         """(rows, chunk_seq, parsed, parquet payload) for each chunk in file order. Parsing and Parquet encoding
-        of the next chunk run in a helper thread (Arrow releases the GIL) while the caller records and writes
-        the current one."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="x-parse") as pool:
+        of the next READ_AHEAD chunks run in a helper thread (Arrow releases the GIL) while the caller records
+        and writes the current one."""
+        with ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="x-parse") as pool:
             ahead: deque = deque()
             for cut in itertools.chain(self._cut(path, start, first_line, chunk_seq), [None]):
                 if cut is not None:
                     ahead.append((*cut, pool.submit(_prepare_chunk, cut[0], file_id, cut[1])))
-                while ahead and (cut is None or len(ahead) > 1):
+                # While an importance file loads, chunks cannot be recorded yet: parse further ahead meanwhile.
+                limit = OVERLAP_AHEAD if self._importance_loading() else READ_AHEAD
+                while ahead and (cut is None or len(ahead) > limit):
                     rows, seq, job = ahead.popleft()
                     yield (rows, seq, *job.result())
 
@@ -375,9 +426,22 @@ class Ingestor:
             yield pending, chunk_seq
 
     def _emit_chunk(
-        self, f: SourceFile, hashed: _RunningMd5, rows: RowBlock, chunk_seq: int, parsed: ParsedRows, payload: bytes
-    ) -> None:
-        """Record, write and release one chunk."""
+        self,
+        f: SourceFile,
+        hashed: _RunningMd5,
+        rows: RowBlock,
+        chunk_seq: int,
+        parsed: ParsedRows,
+        payload: bytes,
+        writer: ThreadPoolExecutor,
+        previous: _InFlight | None,
+    ) -> _InFlight:
+        """Release the previous chunk and record this one in one ledger transaction, then start writing its objects.
+
+        The object write (and its fsync) runs while the next chunk is cut and hashed. Each chunk's own order
+        is unchanged: recorded, then written, then marked written, so a crash at any point leaves only
+        `pending` chunks that `recover` rebuilds.
+        """
         t0 = time.perf_counter()
         pos, end = hashed.pos, int(rows.end_offset[-1])
         prefix_md5 = hashed.advance(end)
@@ -396,27 +460,47 @@ class Ingestor:
             object_key=lake_paths.chunk_key(today, f.file_id, chunk_seq),
             ingest_date=today,
         )
-        seq = self._record_chunk(f, chunk, parsed)
-        content_md5 = self._write_chunk_objects(chunk.object_key, f.file_id, chunk_seq, parsed, payload)
+        release = None
+        if previous is not None:
+            release = (previous.seq, previous.write.result())
+            self._pace()
+        seq = self._record_chunk(f, chunk, parsed, release=release)
+        write = writer.submit(self._write_chunk_objects, chunk.object_key, f.file_id, chunk_seq, parsed, payload)
+        if previous is not None:
+            self._log_release(f, previous)
+        return _InFlight(chunk, seq, write, t0)
+
+    def _release(self, f: SourceFile, c: _InFlight) -> None:
+        """Once the chunk's objects are in the lake, wait for its turn (pace) and mark it written: Y may take it."""
+        content_md5 = c.write.result()
         self._pace()
-        ledger.mark_chunk_written(self.db, seq, content_md5)
+        ledger.mark_chunk_written(self.db, c.seq, content_md5)
+        self._log_release(f, c)
+
+    def _log_release(self, f: SourceFile, c: _InFlight) -> None:
+        chunk = c.chunk
         log.info(
             "chunk %s-%06d written: lines %d-%d, %d rows, %d quarantined, %s (%.0f ms)",
             f.file_id,
-            chunk_seq,
+            chunk.chunk_seq,
             chunk.first_line,
             chunk.last_line,
             chunk.rows_valid,
             chunk.rows_quarantined,
             chunk.object_key,
-            (time.perf_counter() - t0) * 1000,
-            extra={"event": "chunk_written", "file_id": f.file_id, "chunk_id": seq, "chunk_seq": chunk_seq},
+            (time.perf_counter() - c.started) * 1000,
+            extra={"event": "chunk_written", "file_id": f.file_id, "chunk_id": c.seq, "chunk_seq": chunk.chunk_seq},
         )
 
-    def _record_chunk(self, f: SourceFile, chunk: ledger.NewChunk, parsed: ParsedRows) -> int:
-        """The chunk's ledger row, the file's progress and the chunk's quarantined rows, in one transaction."""
+    def _record_chunk(
+        self, f: SourceFile, chunk: ledger.NewChunk, parsed: ParsedRows, *, release: tuple[int, str] | None = None
+    ) -> int:
+        """The chunk's ledger row, the file's progress and the chunk's quarantined rows, in one transaction,
+        with the previous chunk's release (seq, content md5) when given."""
 
         def fn(cur) -> int | None:
+            if release is not None:
+                ledger.mark_written(cur, *release)
             seq = ledger.record_chunk(cur, chunk)
             if seq is None or not parsed.bad_lines:
                 return seq
@@ -570,6 +654,40 @@ class Ingestor:
         self.store.put_bytes(lake_paths.PROCESSING_LOG_KEY, data, overwrite=True)
 
 
+class _BackgroundImportance:
+    """An importance file handled in a thread on its own connection, while X parses the transaction files after it.
+
+    The load is the same transaction as in place (PostgreSQL does most of its work); what it does with a
+    failure is what `_handle` does. Only a transient fault is left for `wait` to raise in the poll.
+    """
+
+    def __init__(self, owner: Ingestor, item: FileWork) -> None:
+        self._db = Database(owner.settings, stop=owner.stop)
+        self._sibling = Ingestor(owner.settings, self._db, owner.store, owner.source, owner.stop)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="x-importance")
+        self._job = self._pool.submit(self._sibling._handle, item)
+
+    def done(self) -> bool:
+        return self._job.done()
+
+    def wait(self) -> None:
+        try:
+            self._job.result()
+        finally:
+            self._pool.shutdown()
+            self._db.close()
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A chunk recorded in the ledger whose objects are being written, not yet released to Y."""
+
+    chunk: ledger.NewChunk
+    seq: int
+    write: Future
+    started: float
+
+
 def _glued_to_last_row(path: Path, start: int) -> bool:
     """Bytes appended right after an unterminated last row extend that row: a row already ingested changed."""
     with open(path, "rb") as fh:
@@ -657,9 +775,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
 
+class _NoPandas(importlib.abc.MetaPathFinder):
+    """Refuses `import pandas` in the X process, which never uses it.
+
+    pyarrow looks for pandas on its first conversion of Python values (`pa.array`, a scalar argument
+    to a compute kernel) and imports it if installed: a second of start-up on the 2-core machine, for
+    nothing. Refused, pyarrow records that pandas is absent and carries on; the objects are the same.
+    """
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == "pandas" or name.startswith("pandas."):
+            raise ModuleNotFoundError("Mechanism X does not use pandas", name=name)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from src.worker import worker_main
 
+    if "pandas" not in sys.modules:
+        sys.meta_path.insert(0, _NoPandas())
     return worker_main(
         "mechanism X",
         build_parser(),

@@ -69,7 +69,7 @@ class FileMonitor:
                     file_id=file_id,
                 )
                 log.warning("file %s (%s) left the source; what was ingested stays", file_id, rec["name"])
-        work.sort(key=lambda w: (not _looks_like_importance(w), w.file.modified_time, w.file.name))
+        work.sort(key=lambda w: (not looks_like_importance(w), w.file.modified_time, w.file.name))
         if work:
             log.info("poll: %d file(s) need work: %s", len(work), ", ".join(f"{w.file.name} ({w.why})" for w in work))
         return work
@@ -108,7 +108,8 @@ def _restored_status(rec: dict[str, Any]) -> str:
     return "failed"
 
 
-def _looks_like_importance(w: FileWork) -> bool:
+def looks_like_importance(w: FileWork) -> bool:
+    """By its ledger kind, or for a new file by its name: the order of a poll's work (importance files first)."""
     if w.record is not None and w.record["kind"] in ("importance", "transactions"):
         return w.record["kind"] == "importance"
     return "importance" in w.file.name.lower()

@@ -34,6 +34,9 @@ class SourceFile:
 
 class Source(ABC):
     kind: str = "source"
+    # Whether two files may be fetched and read at once (from two threads): X then loads an importance
+    # file while it parses the transaction files after it. A client that is not thread-safe says no.
+    concurrent_fetch: bool = False
 
     @abstractmethod
     def list_files(self) -> list[SourceFile]:
@@ -76,6 +79,7 @@ class LocalInboxSource(Source):
     """A local folder (only its top level), the embedded default's stand-in for Drive."""
 
     kind = "local inbox"
+    concurrent_fetch = True  # fetch only checks that the file is there
 
     def __init__(self, inbox: Path) -> None:
         self.inbox = Path(inbox)
