@@ -270,13 +270,12 @@ def start_session(
 ) -> "SparkSession":
     """The product's SparkSession (built by `config.spark_config.build_spark_session`); `extra_conf` is what
     the caller adds, e.g. the worker's JSON log layout (`src.observability.logs.spark_logging_conf`)."""
-    from config.spark_config import build_spark_session
+    from config.spark_config import build_spark_session, merged_conf
 
     check_java()
     if settings.s3_bucket_name:
         prepare_s3a(settings)
-    conf = {**session_conf(settings, app_name), **(extra_conf or {})}
-    return build_spark_session(settings, app_name, extra_conf=conf)
+    return build_spark_session(settings, app_name, extra_conf=merged_conf(session_conf(settings, app_name), extra_conf))
 
 
 class BackgroundSession:
