@@ -105,7 +105,7 @@ class Supervisor:
         self.x = Worker("mechanism X", "src.mechanism_x.data_ingestion", ["--drain"] if drain else [])
         self.y = Worker("mechanism Y", "src.mechanism_y.stream_processor") if run_y else None
         run_dir = settings.data_dir / "run"
-        # Y touches this file once its Spark session is up and warm; X gets ready meanwhile (scans files, loads
+        # Y touches this file once its Spark session is up; X gets ready meanwhile (scans files, loads
         # CustomerImportance) but releases its first chunk only then, so chunks are not paced out at
         # CHUNK_INTERVAL_SECONDS into a queue nobody serves during Spark's start-up.
         self.ready_file = run_dir / f"mechanism-y-ready-{os.getpid()}"

@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+JAVA_OPTIONS_KEY = "spark.driver.extraJavaOptions"
+# The driver JVM compiles with C1 only: C2's compiler threads burn a core for most of a start on a 2-core
+# machine (measured: about half the JVM's CPU to the session up and through the first jobs), and the work
+# per chunk is small enough that C2's faster code never pays that back (bench/README.md, start-up).
+DRIVER_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1"
+
 
 def spark_conf(settings: Settings, app_name: str) -> dict[str, str]:
     """What the settings alone say about the session, as plain strings."""
@@ -45,7 +51,18 @@ def spark_conf(settings: Settings, app_name: str) -> dict[str, str]:
         "spark.sql.sources.partitionColumnTypeInference.enabled": "false",
         "spark.checkpoint.dir": settings.checkpoint_dir,
         "spark.log.level": "WARN",
+        JAVA_OPTIONS_KEY: DRIVER_JAVA_OPTIONS,
     }
+    return conf
+
+
+def merged_conf(base: Mapping[str, str], extra: Mapping[str, str] | None) -> dict[str, str]:
+    """`base` updated with `extra`, except the driver's Java options, which add up (the JVM flags of
+    `spark_conf` and, say, the log layout's `-D` options of the caller) instead of replacing each other."""
+    conf = {**base, **(extra or {})}
+    options = f"{base.get(JAVA_OPTIONS_KEY, '')} {(extra or {}).get(JAVA_OPTIONS_KEY, '')}".split()
+    if options:
+        conf[JAVA_OPTIONS_KEY] = " ".join(dict.fromkeys(options))  # each once, in order
     return conf
 
 
@@ -57,7 +74,7 @@ def build_spark_session(
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
-    conf = {**spark_conf(settings, app_name), **(extra_conf or {})}
+    conf = merged_conf(spark_conf(settings, app_name), extra_conf)
     (settings.data_dir / "spark" / "tmp").mkdir(parents=True, exist_ok=True)
     builder = SparkSession.builder
     for key, value in conf.items():

@@ -525,3 +525,16 @@ def test_bad_setting_stops_the_program_with_one_line(entry, tmp_path):
     assert len(lines) == 1, lines
     assert "BATCH_SIZE" in lines[0] and "abc" in lines[0]
     assert not (tmp_path / "data").exists() and not (tmp_path / "inbox").exists()
+
+
+def test_driver_java_options_add_up_instead_of_replacing():
+    """The JVM flags of spark_conf survive a caller's own -D options (the log layout), each option once."""
+    from config.spark_config import DRIVER_JAVA_OPTIONS, JAVA_OPTIONS_KEY, merged_conf
+
+    base = {JAVA_OPTIONS_KEY: DRIVER_JAVA_OPTIONS, "spark.app.name": "a"}
+    extra = {JAVA_OPTIONS_KEY: f"-Dlog4j2.configurationFile=x {DRIVER_JAVA_OPTIONS}", "spark.app.name": "b"}
+    assert merged_conf(base, extra) == {
+        JAVA_OPTIONS_KEY: f"{DRIVER_JAVA_OPTIONS} -Dlog4j2.configurationFile=x",
+        "spark.app.name": "b",
+    }
+    assert merged_conf({"spark.app.name": "a"}, None) == {"spark.app.name": "a"}

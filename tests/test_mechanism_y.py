@@ -9,6 +9,7 @@ index in the file and its position in the ledger).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -931,14 +932,16 @@ TX_HEADER = "step,customer,age,gender,zipcodeOri,merchant,zipMerchant,category,a
 CI_HEADER = "Source,Target,Weight,typeTrans,fraud"
 
 
-def test_y_picks_up_new_weights_mid_run(pg_server, spark, tmp_path):
+def test_y_picks_up_new_weights_mid_run(pg_server, spark, tmp_path, caplog):
     """CustomerImportance replaced while Y runs: the chunks after the reload are judged with the new weights.
 
     M1 crosses T > 10 only in the second file, so PatId1 is first judged after the reload. With the old
     weights C1 (the top count) has the lowest weight and would be an UPGRADE; with the new ones the highest,
-    and is not. The reference, fed each weight file, says so too (so the test can tell them apart)."""
+    and is not. The reference, fed each weight file, says so too (so the test can tell them apart).
+    Y starts with weights and no chunk, at a pace: it warms Spark up while idle, which changes nothing found."""
     env = {"BATCH_SIZE": "4", "PATID1_MIN_MERCHANT_TXNS": "10", "PATID2_MIN_TXNS": "1000"}
     env["PATID3_MIN_FEMALE_CUSTOMERS"] = "1000"
+    env["CHUNK_INTERVAL_SECONDS"] = "0.01"  # a pace: the idle warm-up runs only then
     with product_run(pg_server, tmp_path, env) as run:
         from src.mechanism_y.stream_processor import StreamProcessor
         from src.resources import open_lake
@@ -950,16 +953,21 @@ def test_y_picks_up_new_weights_mid_run(pg_server, spark, tmp_path):
         now = time.time()
         write_csv(run.inbox / "CustomerImportance.csv", CI_HEADER, old, now - 100)
         first = [txn("C1", "M1", "M", "30.00")] * 4 + [txn(c, "M1", "F", "30.00") for c in others]
-        write_csv(run.inbox / "t1.csv", TX_HEADER, first, now - 90)
-        run_x(run.settings)
+        run_x(run.settings)  # the weights only
 
         db = Database(run.settings)
         stop = threading.Event()
         processor = StreamProcessor(run.settings, db, open_lake(run.settings), spark, stop)
         worker = threading.Thread(target=processor.run, kwargs={"drain": False}, daemon=True)
+        caplog.set_level(logging.INFO, logger="src.mechanism_y.stream_processor")
         worker.start()
         try:
             deadline = time.monotonic() + 300
+            while not any(getattr(r, "event", None) == "y_warmed_up" for r in caplog.records):
+                assert worker.is_alive() and time.monotonic() < deadline, "Y did not warm up while idle"
+                time.sleep(0.2)
+            write_csv(run.inbox / "t1.csv", TX_HEADER, first, now - 90)
+            run_x(run.settings)
             while run.rows("SELECT count(*) FROM chunks WHERE processed_at IS NULL")[0][0]:
                 assert worker.is_alive() and time.monotonic() < deadline, "Y did not process the first file"
                 time.sleep(0.2)

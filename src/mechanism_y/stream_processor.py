@@ -25,6 +25,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
+from typing import Callable
 
 import psycopg2.extras
 import pyarrow as pa
@@ -79,7 +80,10 @@ TRANSACTION_COLUMNS = {
 }
 ACTIONS = patterns.ACTION_TYPES
 CUT = "_cut"
-WARM_UP_ROUNDS = 3
+WARM_UP_AFTER_IDLE_S = 2.0  # a chunk X releases when Y reports ready comes well within this
+WARM_UP_ROWS = 1_000  # the plans do not depend on the size: a small made-up chunk warms the same code
+STATE_SQL = "SELECT merchant, customer, n, amount_sum, has_f, has_m FROM y_state"
+WEIGHTS_SQL = "SELECT source, target, sum(weight), count(*) FROM customer_importance GROUP BY source, target"
 MAX_BATCH_ROWS = 200_000  # a batch takes more than one chunk only while it stays within this many rows
 
 
@@ -103,34 +107,58 @@ class StreamProcessor:
         self._running = False
         self._isolate = False  # after a failed batch: take one chunk at a time, so the failure finds its chunk
         self._fault_delay = 0.0
+        self._prepared = False
+        self._state_table: pa.Table | None = None  # read by `prepare`, handed to Spark by `_load_state`
+        self._prefetched_weights: tuple[int, pa.Table] | None = None
+        self._warmed = False
+        self._idle_since: float | None = None
 
     # ---------------------------------------------------------------- start-up
 
-    def start(self) -> None:
+    def prepare(self) -> None:
+        """The start-up work that needs only PostgreSQL, done while Spark's JVM starts (`run_worker` starts the
+        session on a thread): the single-Y lock, the listener, the state and the weights read out as Arrow
+        tables, the detections so far. Done once; `start` calls it when nobody did."""
+        if self._prepared:
+            return
         # One active Y per database; a second one (another daemon) waits here as a standby. The lock is
         # re-taken on every reconnect (Database.hold_lock).
         self.db.hold_lock(SINGLE_Y_LOCK, who="Mechanism Y")
         self._listen = Listener(self.db, CHUNK_CHANNEL)
-        self._load_state()
+        self._state_table = self._copy_out(STATE_SQL, STATE_ARROW_SCHEMA)
+        self._prefetched_weights = self._fetch_weights()
         self.emitted = {
             (p, c, m)
             for p, c, m in self.db.query("SELECT pattern_id, customer_name, merchant_id FROM pattern_detections")
         }
         self.writer.tick(final=False)
+        self._prepared = True
+
+    def start(self) -> None:
+        """Ready as soon as the session is up: X releases its first chunk then (see `_report_ready`), and the
+        first chunk, not a made-up one, pays for Spark's cold plans. State and weights are handed to Spark
+        without a job of their own: their checkpoints fill in the first batch's jobs."""
+        self.prepare()
+        t0 = time.perf_counter()
+        self._report_ready()
+        self._load_state()
         self._refresh_weights()
-        if self.settings.chunk_interval_seconds > 0:
-            # At a pace, every chunk's latency counts: warm Spark before the first one arrives. At 0 (as fast
-            # as possible) the backlog is folded in large batches, where warming up would only delay it.
-            self.warm_up()
-            self._refresh_weights()  # X has often loaded CustomerImportance meanwhile: not on the first chunk's clock
         log.info(
-            "mechanism Y up (YStartTime %s): state of %d (merchant, customer) pairs, %d detections so far",
+            "mechanism Y up (YStartTime %s): state of %d (merchant, customer) pairs, %d detections so far "
+            "(Spark side of the start-up %.2f s)",
             ist(self.y_start),
             self.state_rows,
             len(self.emitted),
+            time.perf_counter() - t0,
+            extra={"event": "y_ready"},
         )
+
+    @staticmethod
+    def _report_ready() -> None:
+        """Under the supervisor, X holds its first chunk until this file exists (main.py): created once the
+        session is up, so chunks are not paced out into a queue nobody serves during the JVM's start."""
         ready = os.environ.get(READY_FILE_ENV)
-        if ready:  # under the supervisor, X releases its first chunk once this exists (main.py)
+        if ready:
             with open(ready, "w") as f:
                 f.write(f"{os.getpid()}\n")
 
@@ -160,12 +188,21 @@ class StreamProcessor:
         return table.cast(schema)
 
     def _load_state(self) -> None:
-        table = self._copy_out(
-            "SELECT merchant, customer, n, amount_sum, has_f, has_m FROM y_state", STATE_ARROW_SCHEMA
-        )
+        table = self._state_table if self._state_table is not None else self._copy_out(STATE_SQL, STATE_ARROW_SCHEMA)
+        self._state_table = None
         state = self.spark.createDataFrame(table, schema=state_spark_schema())
-        self.state = checkpoint(patterns.by_merchant(state), self.settings)
+        # Lazy: the first fold computes and keeps it, instead of a job of its own on a cold JVM (seconds).
+        self.state = checkpoint(patterns.by_merchant(state), self.settings, eager=False)
         self.state_rows = table.num_rows
+
+    def _fetch_weights(self) -> tuple[int, pa.Table] | None:
+        """(version, weights aggregated to (customer, merchant)) of the importance file X loaded; None if none."""
+        rows = self.db.query("SELECT version FROM importance_state WHERE id = 1")
+        if not rows:
+            return None
+        # Aggregated where the rows live: the file repeats keys, so joining raw rows would multiply counts;
+        # and it ships a few thousand rows to Spark, as one Arrow table, instead of the whole file.
+        return rows[0][0], self._copy_out(WEIGHTS_SQL, WEIGHTS_ARROW_SCHEMA)
 
     def _refresh_weights(self) -> bool:
         """Load (or reload) the importance weights when X has loaded a new version; False if none yet."""
@@ -175,18 +212,25 @@ class StreamProcessor:
         version = rows[0][0]
         if version == self.weights_version:
             return True
-        # Aggregated to (customer, merchant) where the rows live: the file repeats keys, so joining raw
-        # rows would multiply counts; and it ships a few thousand rows to Spark instead of the whole file.
-        table = self._copy_out(
-            "SELECT source, target, sum(weight), count(*) FROM customer_importance GROUP BY source, target",
-            WEIGHTS_ARROW_SCHEMA,
-        )
+        t0 = time.perf_counter()
+        fetched, self._prefetched_weights = self._prefetched_weights, None
+        if fetched is None or fetched[0] != version:
+            fetched = self._fetch_weights()
+            if fetched is None:
+                return False
+        version, table = fetched
         if self.weights is not None:
             self.weights.unpersist()
         weights = self.spark.createDataFrame(table, schema=weights_spark_schema())
         # Partitioned and sorted like the versions the detection joins them to: that join needs no shuffle.
-        self.weights = checkpoint(patterns.by_merchant(weights), self.settings)
-        log.info("importance weights loaded: version %d, %d (customer, merchant) pairs", version, table.num_rows)
+        # Lazy, like the state: computed and kept by the first detection that needs them.
+        self.weights = checkpoint(patterns.by_merchant(weights), self.settings, eager=False)
+        log.info(
+            "importance weights loaded: version %d, %d (customer, merchant) pairs in %.2f s",
+            version,
+            table.num_rows,
+            time.perf_counter() - t0,
+        )
         self.weights_version = version
         return True
 
@@ -250,6 +294,9 @@ class StreamProcessor:
                     if draining and not waiting and (self.drain_requested.is_set() or not self._x_busy()):
                         log.info("drain: every chunk in the ledger is processed")
                         return 0
+                    if not waiting and not self._warmed and self._idle_for(WARM_UP_AFTER_IDLE_S):
+                        self._warm_up_while_idle()
+                        continue
                     self._wait(min(0.5, self.settings.detections_flush_seconds))
                     continue
                 if not self._refresh_weights():
@@ -266,6 +313,8 @@ class StreamProcessor:
                 waiting_since = None
                 if self.stop.is_set():
                     break
+                self._warmed = True  # this batch warms Spark up: no made-up chunk after it
+                self._idle_since = None
                 self._process_or_count(batch)
             return 0
         finally:
@@ -364,36 +413,55 @@ class StreamProcessor:
 
     # ---------------------------------------------------------------- one batch
 
-    def warm_up(self) -> None:
-        """Put a made-up chunk through the whole Spark path (read, validate, fold, detect) a few times before
-        reporting ready: the first real chunks would otherwise pay for Spark's first query plans, code
-        generation and JIT compilation, seconds each on a 2-core machine."""
+    def warm_up(self, *, abandon: Callable[[], bool] = lambda: False) -> bool:
+        """Put a small made-up chunk once through the whole Spark path (read, validate, fold, detect), so a chunk
+        arriving later does not pay for Spark's first query plans, code generation and JIT compilation
+        (seconds on a 2-core machine). Run only while Y is idle (`_warm_up_while_idle`), never before a chunk
+        that is already waiting: that chunk warms Spark up just as well. `abandon()` is asked between the
+        phases; True stops the warm-up there. Returns whether it ran to the end."""
         if not self.settings.spark_master.startswith("local"):
-            return  # executors elsewhere cannot read a local scratch file; the first chunks warm them up
+            return False  # executors elsewhere cannot read a local scratch file; the first chunks warm them up
         t0 = time.perf_counter()
         scratch = self.settings.data_dir / "spark" / "warm-up"
         scratch.mkdir(parents=True, exist_ok=True)
         path = scratch / f"warm-up-{os.getpid()}.parquet"
-        path.write_bytes(parquet_bytes(made_up_chunk(self.settings.batch_size)))
+        path.write_bytes(parquet_bytes(made_up_chunk(WARM_UP_ROWS)))
+        versions = None
         try:
             state = patterns.by_merchant(self.spark.createDataFrame([], schema=state_spark_schema()))
-            state = state.localCheckpoint()
+            state = state.localCheckpoint(eager=False)  # the shape of the real state's plan (`_load_state`)
             weights = self.weights
             if weights is None:
                 weights = patterns.by_merchant(self.spark.createDataFrame([], schema=weights_spark_schema()))
-                weights = weights.localCheckpoint()
-            previous = None
-            for _ in range(WARM_UP_ROUNDS):
-                rows = self._read([path.as_uri()], [path.name])
-                versions = patterns.fold_batch(state, self._fold_input(rows), 1).localCheckpoint(eager=True)
-                patterns.detect_batch(versions, weights, 1, self.thresholds).collect()
-                if previous is not None:
-                    previous.unpersist()
-                previous, state = versions, patterns.latest_state(versions, 1)
-            previous.unpersist()
+            rows = self._read([path.as_uri()], [path.name])
+            if abandon():
+                return False
+            versions = patterns.fold_batch(state, self._fold_input(rows), 1).localCheckpoint(eager=True)
+            if abandon():
+                return False
+            patterns.detect_batch(versions, weights, 1, self.thresholds).collect()
         finally:
             path.unlink(missing_ok=True)
-        log.info("Spark warmed up in %.1f s", time.perf_counter() - t0)
+            if versions is not None:
+                versions.unpersist()
+        log.info("Spark warmed up in %.1f s, while idle", time.perf_counter() - t0, extra={"event": "y_warmed_up"})
+        return True
+
+    def _idle_for(self, seconds: float) -> bool:
+        """True once the loop has found nothing to do for `seconds` in a row (counted from the first time)."""
+        now = time.monotonic()
+        if self._idle_since is None:
+            self._idle_since = now
+        return now - self._idle_since >= seconds
+
+    def _warm_up_while_idle(self) -> None:
+        """Once, when nothing waits at a pace (CHUNK_INTERVAL_SECONDS > 0): warm Spark up, giving way to the
+        first chunk that arrives. At 0 (as fast as possible) the backlog comes in large batches instead."""
+        if self._warmed:
+            return
+        self._warmed = True
+        if self.settings.chunk_interval_seconds > 0 and self.weights is not None:
+            self.warm_up(abandon=lambda: self.stop.is_set() or bool(self._waiting_chunks()))
 
     def _read(self, uris: list[str], names: list[str]) -> pa.Table:
         """Rows of the objects at `uris`, read by Spark in one pass and annotated; `_cut` is the index in
@@ -724,27 +792,36 @@ def run_worker(
     stop: threading.Event | None = None,
     drain_requested: threading.Event | None = None,
 ) -> int:
+    """Y's process: the Spark session starts on a thread while the PostgreSQL side of the start-up (schema,
+    lock, state, weights, detections so far) is done here, then the loop runs."""
+    from src.observability.logs import spark_logging_conf
     from src.resources import open_lake
-    from src.utils.spark_utils import start_session
+    from src.utils.spark_utils import BackgroundSession
 
     stop = stop or threading.Event()
+    session = BackgroundSession(settings, app_name="mechanism-y", extra_conf=spark_logging_conf(settings))
+    spark = None
     db = Database(settings, stop=stop)
-    db.apply_schema()
-    store = open_lake(settings, stop=stop)
-    from src.observability.logs import spark_logging_conf
-
-    spark = start_session(settings, app_name="mechanism-y", extra_conf=spark_logging_conf(settings))
-    processor = StreamProcessor(settings, db, store, spark, stop)
-    if drain_requested is not None:
-        processor.drain_requested = drain_requested
-    log.info("mechanism Y: reading %s with Spark %s", store.describe(), spark.version)
     try:
+        db.apply_schema()
+        store = open_lake(settings, stop=stop)
+        processor = StreamProcessor(settings, db, store, None, stop)
+        if drain_requested is not None:
+            processor.drain_requested = drain_requested
+        processor.prepare()
+        spark = processor.spark = session.wait()
+        log.info("mechanism Y: reading %s with Spark %s", store.describe(), spark.version)
         code = processor.run(drain=drain)
         processor.write_quality_report()
         return code
     finally:
-        spark.stop()
-        db.close()
+        try:
+            if spark is not None:
+                spark.stop()
+            else:
+                session.discard()
+        finally:
+            db.close()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,8 +14,9 @@ from typing import Callable, TypeVar
 
 T = TypeVar("T")
 
-# Under the supervisor (main.py), Mechanism Y creates the file named here once its Spark session is up and
-# warm, and Mechanism X holds its first chunk release until then (or CONSUMER_READY_TIMEOUT at most).
+# Under the supervisor (main.py), Mechanism Y creates the file named here as soon as its Spark session is up (no
+# warm-up first: the first chunk warms Spark up), and Mechanism X holds its first chunk release until then (or
+# CONSUMER_READY_TIMEOUT at most).
 READY_FILE_ENV = "TP_Y_READY_FILE"
 CONSUMER_READY_TIMEOUT = 180.0
 # Under `main.py --drain`, the supervisor creates the file named here once Mechanism X has exited 0 (everything in

@@ -45,6 +45,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -310,14 +312,15 @@ def share_credentials(spark: "SparkSession", settings: Settings) -> None:
     log.info("S3 credentials set in the driver's Hadoop configuration for the executors of %s", settings.spark_master)
 
 
-def checkpoint(df: "DataFrame", settings: Settings) -> "DataFrame":
-    """`df` computed now and cut from its lineage, partitioning kept (Mechanism Y's state and weights).
+def checkpoint(df: "DataFrame", settings: Settings, *, eager: bool = True) -> "DataFrame":
+    """`df` cut from its lineage, partitioning kept (Mechanism Y's state and weights); computed now when `eager`,
+    else by the first job that needs it (no job of its own on a cold JVM).
 
     With a local master, `localCheckpoint`: blocks in this process's executor, the fastest. On a cluster those
     blocks die with their executor and every later batch would fail; a reliable checkpoint writes files under
     SPARK_CHECKPOINT_DIR (shared storage, e.g. s3a://), which outlive any executor.
     """
-    return df.localCheckpoint(eager=True) if settings.spark_local else df.checkpoint(eager=True)
+    return df.localCheckpoint(eager=eager) if settings.spark_local else df.checkpoint(eager=eager)
 
 
 def start_session(
@@ -325,15 +328,55 @@ def start_session(
 ) -> "SparkSession":
     """The product's SparkSession (built by `config.spark_config.build_spark_session`); `extra_conf` is what
     the caller adds, e.g. the worker's JSON log layout (`src.observability.logs.spark_logging_conf`)."""
-    from config.spark_config import build_spark_session
+    from config.spark_config import build_spark_session, merged_conf
 
     check_java()
     if settings.s3_bucket_name:
         prepare_s3a(settings)
-    conf = {**session_conf(settings, app_name), **(extra_conf or {})}
+    conf = merged_conf(session_conf(settings, app_name), extra_conf)
     session = build_spark_session(settings, app_name, extra_conf=conf)
     share_credentials(session, settings)
     return session
+
+
+class BackgroundSession:
+    """`start_session` on a thread, begun at once: the caller does its own start-up work (PostgreSQL, the lake)
+    while the JVM starts, which is most of a worker's start-up. The session is built off the main thread, so
+    PySpark leaves the main thread's SIGINT handler (the worker's stop handler) alone."""
+
+    def __init__(
+        self, settings: Settings, app_name: str = "transaction-processor", *, extra_conf: dict[str, str] | None = None
+    ) -> None:
+        self._session: SparkSession | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._start, args=(settings, app_name, extra_conf), name="spark-start", daemon=True
+        )
+        self._thread.start()
+
+    def _start(self, settings: Settings, app_name: str, extra_conf: dict[str, str] | None) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._session = start_session(settings, app_name, extra_conf=extra_conf)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by wait()
+            self._error = exc
+            return
+        log.info("Spark session started in %.1f s, beside the rest of the start-up", time.perf_counter() - t0)
+
+    def wait(self) -> "SparkSession":
+        """The session once it is up; the start's own error (no Java, bad settings...) is raised here."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._session is None:
+            raise ProcessorError("the Spark session did not start (see the log above)")
+        return self._session
+
+    def discard(self) -> None:
+        """After the caller's start-up failed: stop the session once it is up (nobody else holds it)."""
+        self._thread.join()
+        if self._session is not None:
+            self._session.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
