@@ -526,6 +526,7 @@ class StreamProcessor:
             per_cut_new[cut] += 1
         marks = [ChunkMark(c.seq, per_cut_clean[i], per_cut_rejected[i], per_cut_new[i]) for i, c in enumerate(batch)]
         payload = _transactions_csv(clean) if clean.num_rows else None
+        delta = _state_delta(clean) if clean.num_rows else None
 
         def fn(cur) -> None:
             cur.execute("SELECT 1 FROM chunks WHERE y_batch_id = %s LIMIT 1", (batch_id,))
@@ -534,7 +535,7 @@ class StreamProcessor:
                 return
             ledger.mark_batch_processed(cur, batch_id, marks)
             if payload is not None:
-                self._insert_rows(cur, batch, payload)
+                self._insert_rows(cur, payload, delta)
             if new:
                 now = datetime.now(timezone.utc)
                 psycopg2.extras.execute_values(
@@ -548,26 +549,19 @@ class StreamProcessor:
 
         self.db.run(fn, what=f"commit batch {batch_id} (chunks {batch[0].seq}..{batch[-1].seq})")
 
-    def _insert_rows(self, cur, batch: list[ChunkRef], payload: bytes) -> None:
+    def _insert_rows(self, cur, payload: bytes, delta: pa.Table) -> None:
         """The clean rows into `transactions`, and their fold into `y_state`: the durable twin of Spark's fold,
-        in the same transaction as the processed marks, so a restart reloads exactly this state."""
+        in the same transaction as the processed marks, so a restart reloads exactly this state. The state
+        delta is the batch's own rows aggregated per pair on the driver (`_state_delta`), so the upsert reads
+        nothing back from `transactions`."""
         copy_csv(cur, "transactions", list(TRANSACTION_COLUMNS.values()), payload)
         cur.execute(
             "INSERT INTO y_state (merchant, customer, n, amount_sum, has_f, has_m) "
-            "SELECT t.merchant, t.customer, count(*), sum(t.amount), bool_or(t.gender = 'F'), "
-            "bool_or(t.gender = 'M') FROM transactions t "
-            "JOIN unnest(%s::text[], %s::int[], %s::bigint[], %s::bigint[]) AS b(file_id, chunk_seq, lo, hi) "
-            "ON t.source_file_id = b.file_id AND t.chunk_seq = b.chunk_seq AND t.source_line BETWEEN b.lo AND b.hi "
-            "GROUP BY t.merchant, t.customer "
+            "SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::numeric[], %s::boolean[], %s::boolean[]) "
             "ON CONFLICT (merchant, customer) DO UPDATE SET "
             "n = y_state.n + EXCLUDED.n, amount_sum = y_state.amount_sum + EXCLUDED.amount_sum, "
             "has_f = y_state.has_f OR EXCLUDED.has_f, has_m = y_state.has_m OR EXCLUDED.has_m",
-            (
-                [c.file_id for c in batch],
-                [c.chunk_seq for c in batch],
-                [c.first_line for c in batch],
-                [c.last_line for c in batch],
-            ),
+            [delta.column(name).to_pylist() for name in STATE_ARROW_SCHEMA.names],
         )
 
     def _fail_unreadable(self, batch: list[ChunkRef], exc: Exception) -> bool:
@@ -684,6 +678,25 @@ def _transactions_csv(clean: pa.Table) -> bytes:
     buf = io.BytesIO()
     pacsv.write_csv(out, buf)
     return buf.getvalue()
+
+
+def _state_delta(clean: pa.Table) -> pa.Table:
+    """The batch's clean rows folded per (merchant, customer), in `STATE_ARROW_SCHEMA`: what `y_state` gains.
+    Decimal sums are exact (Arrow widens them to 38 digits)."""
+    rows = pa.table(
+        {
+            "merchant": clean.column("merchant"),
+            "customer": clean.column("customer"),
+            "amount": clean.column("amount"),
+            "f": pc.equal(clean.column("gender"), "F"),
+            "m": pc.equal(clean.column("gender"), "M"),
+        }
+    )
+    agg = rows.group_by(["merchant", "customer"], use_threads=False).aggregate(
+        [("amount", "count"), ("amount", "sum"), ("f", "any"), ("m", "any")]
+    )
+    columns = ["merchant", "customer", "amount_count", "amount_sum", "f_any", "m_any"]
+    return agg.select(columns).rename_columns(STATE_ARROW_SCHEMA.names).cast(STATE_ARROW_SCHEMA)
 
 
 def _counts(cuts: pa.ChunkedArray, k: int) -> list[int]:
