@@ -450,9 +450,11 @@ class StreamProcessor:
         clean = rows.filter(clean_mask).drop_columns([PROBLEM])
         rejected = rows.filter(pc.invert(clean_mask))
 
-        # Checkpointed (eagerly) every batch: it cuts the lineage, so planning and work stay flat with
-        # history, and it keeps the merchant partitioning, so the detection reads it without a shuffle.
-        versions = patterns.fold_batch(self.state, self._fold_input(clean), k).localCheckpoint(eager=True)
+        # Checkpointed every batch: it cuts the lineage, so planning and work stay flat with history, and it
+        # keeps the merchant partitioning, so the detection reads it without a shuffle. Lazily: the detection's
+        # one job computes the versions, keeps them as the checkpoint and judges them (fold and detect used to
+        # be two jobs, the first only to fill the checkpoint).
+        versions = patterns.fold_batch(self.state, self._fold_input(clean), k).localCheckpoint(eager=False)
         t_fold = time.perf_counter()
         self._stop_point()
         found = patterns.first_hits(patterns.detect_batch(versions, self.weights, k, self.thresholds).collect())
