@@ -37,7 +37,13 @@ from src import ledger
 from src.errors import ProcessorError, RetryableError, is_retryable
 from src.ledger import ChunkMark, ChunkRef
 from src.mechanism_y import pattern_detector as patterns
-from src.mechanism_y.data_validator import PROBLEM, annotate_problems, chunk_schema_problems, mark_duplicates
+from src.mechanism_y.data_validator import (
+    DUPLICATE,
+    PROBLEM,
+    annotate_problems,
+    chunk_schema_problems,
+    mark_duplicates,
+)
 from src.mechanism_y.detection_writer import DetectionWriter, ist
 from src.observability import metrics
 from src.schemas.transaction_schemas import (
@@ -405,10 +411,18 @@ class StreamProcessor:
     def _read(self, uris: list[str], names: list[str]) -> pa.Table:
         """Rows of the objects at `uris`, read by Spark in one pass and annotated; `_cut` is the index in
         `names` of each row's object file name, and rows are in (cut, position in the object) order."""
+        return self._collect_rows(self._scan(uris), names)
+
+    def _scan(self, uris: list[str]):
+        """The annotated Spark read of the objects at `uris`; `_cut` holds each row's object file name."""
         from pyspark.sql import functions as F
 
         df = self.spark.read.schema(chunk_spark_schema()).parquet(*uris)
-        df = annotate_problems(df).withColumn(CUT, F.col("_metadata.file_name"))
+        return annotate_problems(df).withColumn(CUT, F.col("_metadata.file_name"))
+
+    @staticmethod
+    def _collect_rows(df, names: list[str]) -> pa.Table:
+        """`_scan`'s rows on the driver, `_cut` turned into the index of the file in `names`, duplicates marked."""
         rows = df.toArrow()
         cuts = pc.index_in(rows.column(CUT), value_set=pa.array(names)).cast(pa.int32())
         if cuts.null_count:
@@ -428,14 +442,30 @@ class StreamProcessor:
         )
         return self.spark.createDataFrame(folded, schema=batch_rows_spark_schema())
 
-    def _read_batch(self, batch: list[ChunkRef]) -> pa.Table:
-        return self._read([self.store.spark_uri(c.key) for c in batch], [c.key.rsplit("/", 1)[-1] for c in batch])
+    @staticmethod
+    def _fold_input_from_scan(scan, names: list[str]):
+        """The clean rows of `_scan` as `fold_batch` takes them, straight from the Parquet read: the rows never
+        travel driver -> Spark (a local relation of the batch's rows would also be planned and shipped with
+        every task). Only for batches without repeated row ids, whose clean rows are exactly `_problem IS NULL`."""
+        from pyspark.sql import functions as F
+
+        cut = F.array_position(F.array(*(F.lit(n) for n in names)), F.col(CUT)).cast("int") - 1
+        return scan.where(F.col(PROBLEM).isNull()).select(cut.alias("cut"), "merchant", "customer", "gender", "amount")
+
+    def _read_batch(self, batch: list[ChunkRef]):
+        """The batch's rows on the driver, and their clean rows as a Spark DataFrame for the fold."""
+        names = [c.key.rsplit("/", 1)[-1] for c in batch]
+        scan = self._scan([self.store.spark_uri(c.key) for c in batch])
+        rows = self._collect_rows(scan, names)
+        if pc.any(pc.equal(rows.column(PROBLEM), DUPLICATE)).as_py():
+            return rows, None  # rare: the duplicates are known on the driver only, fold from there
+        return rows, self._fold_input_from_scan(scan, names)
 
     def process_batch(self, batch: list[ChunkRef]) -> int:
         """Fold, judge and commit the chunks of `batch` (consecutive in the ledger); returns new detections."""
         t0 = time.perf_counter()
         try:
-            rows = self._read_batch(batch)
+            rows, fold_rows = self._read_batch(batch)
         except Exception as exc:  # noqa: BLE001 - the object may be bad; find out which before giving up
             if self._fail_unreadable(batch, exc):
                 return 0
@@ -454,7 +484,9 @@ class StreamProcessor:
         # keeps the merchant partitioning, so the detection reads it without a shuffle. Lazily: the detection's
         # one job computes the versions, keeps them as the checkpoint and judges them (fold and detect used to
         # be two jobs, the first only to fill the checkpoint).
-        versions = patterns.fold_batch(self.state, self._fold_input(clean), k).localCheckpoint(eager=False)
+        if fold_rows is None:
+            fold_rows = self._fold_input(clean)
+        versions = patterns.fold_batch(self.state, fold_rows, k).localCheckpoint(eager=False)
         t_fold = time.perf_counter()
         self._stop_point()
         found = patterns.first_hits(patterns.detect_batch(versions, self.weights, k, self.thresholds).collect())
