@@ -586,16 +586,18 @@ class StreamProcessor:
     def _insert_rows(self, cur, payload: bytes, delta: pa.Table) -> None:
         """The clean rows into `transactions`, and their fold into `y_state`: the durable twin of Spark's fold,
         in the same transaction as the processed marks, so a restart reloads exactly this state. The state
-        delta is the batch's own rows aggregated per pair on the driver (`_state_delta`), so the upsert reads
-        nothing back from `transactions`."""
+        delta is the batch's own rows aggregated per pair on the driver (`_state_delta`), COPYed like the rows,
+        so the upsert reads nothing back from `transactions`."""
         copy_csv(cur, "transactions", list(TRANSACTION_COLUMNS.values()), payload)
+        # A temporary table lives as long as the connection; a reconnect (Database.run's redo) creates it anew.
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS y_state_delta (LIKE y_state) ON COMMIT DELETE ROWS")
+        copy_csv(cur, "y_state_delta", STATE_ARROW_SCHEMA.names, _csv(delta))
         cur.execute(
             "INSERT INTO y_state (merchant, customer, n, amount_sum, has_f, has_m) "
-            "SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::numeric[], %s::boolean[], %s::boolean[]) "
+            "SELECT merchant, customer, n, amount_sum, has_f, has_m FROM y_state_delta "
             "ON CONFLICT (merchant, customer) DO UPDATE SET "
             "n = y_state.n + EXCLUDED.n, amount_sum = y_state.amount_sum + EXCLUDED.amount_sum, "
-            "has_f = y_state.has_f OR EXCLUDED.has_f, has_m = y_state.has_m OR EXCLUDED.has_m",
-            [delta.column(name).to_pylist() for name in STATE_ARROW_SCHEMA.names],
+            "has_f = y_state.has_f OR EXCLUDED.has_f, has_m = y_state.has_m OR EXCLUDED.has_m"
         )
 
     def _fail_unreadable(self, batch: list[ChunkRef], exc: Exception) -> bool:
@@ -708,9 +710,13 @@ def _quarantine_whole_chunk(cur, c: ChunkRef, why: str) -> None:
 
 def _transactions_csv(clean: pa.Table) -> bytes:
     """The clean rows as the CSV payload of the `transactions` COPY (PostgreSQL's column names)."""
-    out = clean.select(list(TRANSACTION_COLUMNS)).rename_columns(list(TRANSACTION_COLUMNS.values()))
+    return _csv(clean.select(list(TRANSACTION_COLUMNS)).rename_columns(list(TRANSACTION_COLUMNS.values())))
+
+
+def _csv(table: pa.Table) -> bytes:
+    """`table` as a COPY payload with a header row (booleans as true/false, decimals as written)."""
     buf = io.BytesIO()
-    pacsv.write_csv(out, buf)
+    pacsv.write_csv(table, buf)
     return buf.getvalue()
 
 
