@@ -880,6 +880,42 @@ def test_batch_is_the_written_prefix_within_the_row_bound():
     assert seqs([]) == []
 
 
+def test_state_delta_folds_a_batch_per_pair_exactly():
+    """What Y's commit adds to y_state is the batch's clean rows per (merchant, customer): counts, exact decimal
+    sums past 18 digits, and whether the pair was ever paid as F or as M (E and U count for neither)."""
+    from src.mechanism_y.stream_processor import _state_delta
+
+    big = Decimal("9999999999999999.99")
+    clean = pa.table(
+        {
+            "merchant": ["M1", "M1", "M2", "M1"],
+            "customer": ["C1", "C1", "C1", "C2"],
+            "gender": ["F", "M", "E", "U"],
+            "amount": pa.array([big, big, Decimal("0.10"), Decimal("0.20")], pa.decimal128(18, 2)),
+        }
+    )
+    got = {(r["merchant"], r["customer"]): r for r in _state_delta(clean).to_pylist()}
+    assert got == {
+        ("M1", "C1"): {"merchant": "M1", "customer": "C1", "n": 2, "amount_sum": 2 * big, "has_f": True, "has_m": True},
+        ("M2", "C1"): {
+            "merchant": "M2",
+            "customer": "C1",
+            "n": 1,
+            "amount_sum": Decimal("0.10"),
+            "has_f": False,
+            "has_m": False,
+        },
+        ("M1", "C2"): {
+            "merchant": "M1",
+            "customer": "C2",
+            "n": 1,
+            "amount_sum": Decimal("0.20"),
+            "has_f": False,
+            "has_m": False,
+        },
+    }
+
+
 def test_a_chunk_postgresql_refuses_is_failed_after_max_attempts_and_later_chunks_go_on(small_clean_run, spark):
     """Rows PostgreSQL refuses (here: a chunk repeating row ids an earlier chunk stored, a primary-key
     violation) fail the commit every time: the failure is pinned on that chunk, counted, and after

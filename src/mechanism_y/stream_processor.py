@@ -38,7 +38,13 @@ from src import ledger
 from src.errors import ProcessorError, RetryableError, is_retryable
 from src.ledger import ChunkMark, ChunkRef
 from src.mechanism_y import pattern_detector as patterns
-from src.mechanism_y.data_validator import PROBLEM, annotate_problems, chunk_schema_problems, mark_duplicates
+from src.mechanism_y.data_validator import (
+    DUPLICATE,
+    PROBLEM,
+    annotate_problems,
+    chunk_schema_problems,
+    mark_duplicates,
+)
 from src.mechanism_y.detection_writer import DetectionWriter, ist
 from src.observability import metrics
 from src.quality_report import write_quality_report
@@ -466,10 +472,18 @@ class StreamProcessor:
     def _read(self, uris: list[str], names: list[str]) -> pa.Table:
         """Rows of the objects at `uris`, read by Spark in one pass and annotated; `_cut` is the index in
         `names` of each row's object file name, and rows are in (cut, position in the object) order."""
+        return self._collect_rows(self._scan(uris), names)
+
+    def _scan(self, uris: list[str]):
+        """The annotated Spark read of the objects at `uris`; `_cut` holds each row's object file name."""
         from pyspark.sql import functions as F
 
         df = self.spark.read.schema(chunk_spark_schema()).parquet(*uris)
-        df = annotate_problems(df).withColumn(CUT, F.col("_metadata.file_name"))
+        return annotate_problems(df).withColumn(CUT, F.col("_metadata.file_name"))
+
+    @staticmethod
+    def _collect_rows(df, names: list[str]) -> pa.Table:
+        """`_scan`'s rows on the driver, `_cut` turned into the index of the file in `names`, duplicates marked."""
         rows = df.toArrow()
         cuts = pc.index_in(rows.column(CUT), value_set=pa.array(names)).cast(pa.int32())
         if cuts.null_count:
@@ -489,14 +503,30 @@ class StreamProcessor:
         )
         return self.spark.createDataFrame(folded, schema=batch_rows_spark_schema())
 
-    def _read_batch(self, batch: list[ChunkRef]) -> pa.Table:
-        return self._read([self.store.spark_uri(c.key) for c in batch], [c.key.rsplit("/", 1)[-1] for c in batch])
+    @staticmethod
+    def _fold_input_from_scan(scan, names: list[str]):
+        """The clean rows of `_scan` as `fold_batch` takes them, straight from the Parquet read: the rows never
+        travel driver -> Spark (a local relation of the batch's rows would also be planned and shipped with
+        every task). Only for batches without repeated row ids, whose clean rows are exactly `_problem IS NULL`."""
+        from pyspark.sql import functions as F
+
+        cut = F.array_position(F.array(*(F.lit(n) for n in names)), F.col(CUT)).cast("int") - 1
+        return scan.where(F.col(PROBLEM).isNull()).select(cut.alias("cut"), "merchant", "customer", "gender", "amount")
+
+    def _read_batch(self, batch: list[ChunkRef]):
+        """The batch's rows on the driver, and their clean rows as a Spark DataFrame for the fold."""
+        names = [c.key.rsplit("/", 1)[-1] for c in batch]
+        scan = self._scan([self.store.spark_uri(c.key) for c in batch])
+        rows = self._collect_rows(scan, names)
+        if pc.any(pc.equal(rows.column(PROBLEM), DUPLICATE)).as_py():
+            return rows, None  # rare: the duplicates are known on the driver only, fold from there
+        return rows, self._fold_input_from_scan(scan, names)
 
     def process_batch(self, batch: list[ChunkRef]) -> int:
         """Fold, judge and commit the chunks of `batch` (consecutive in the ledger); returns new detections."""
         t0 = time.perf_counter()
         try:
-            rows = self._read_batch(batch)
+            rows, fold_rows = self._read_batch(batch)
         except Exception as exc:  # noqa: BLE001 - the object may be bad; find out which before giving up
             if self._fail_unreadable(batch, exc):
                 return 0
@@ -511,9 +541,13 @@ class StreamProcessor:
         clean = rows.filter(clean_mask).drop_columns([PROBLEM])
         rejected = rows.filter(pc.invert(clean_mask))
 
-        # Checkpointed (eagerly) every batch: it cuts the lineage, so planning and work stay flat with
-        # history, and it keeps the merchant partitioning, so the detection reads it without a shuffle.
-        versions = checkpoint(patterns.fold_batch(self.state, self._fold_input(clean), k), self.settings)
+        # Checkpointed every batch: it cuts the lineage, so planning and work stay flat with history, and it
+        # keeps the merchant partitioning, so the detection reads it without a shuffle. Lazily: the detection's
+        # one job computes the versions, keeps them as the checkpoint and judges them (fold and detect used to
+        # be two jobs, the first only to fill the checkpoint).
+        if fold_rows is None:
+            fold_rows = self._fold_input(clean)
+        versions = checkpoint(patterns.fold_batch(self.state, fold_rows, k), self.settings, eager=False)
         t_fold = time.perf_counter()
         self._stop_point()
         found = patterns.first_hits(patterns.detect_batch(versions, self.weights, k, self.thresholds).collect())
@@ -587,6 +621,7 @@ class StreamProcessor:
             per_cut_new[cut] += 1
         marks = [ChunkMark(c.seq, per_cut_clean[i], per_cut_rejected[i], per_cut_new[i]) for i, c in enumerate(batch)]
         payload = _transactions_csv(clean) if clean.num_rows else None
+        delta = _state_delta(clean) if clean.num_rows else None
 
         def fn(cur) -> None:
             cur.execute("SELECT 1 FROM chunks WHERE y_batch_id = %s LIMIT 1", (batch_id,))
@@ -595,7 +630,7 @@ class StreamProcessor:
                 return
             ledger.mark_batch_processed(cur, batch_id, marks)
             if payload is not None:
-                self._insert_rows(cur, batch, payload)
+                self._insert_rows(cur, payload, delta)
             if new:
                 now = datetime.now(timezone.utc)
                 psycopg2.extras.execute_values(
@@ -609,26 +644,21 @@ class StreamProcessor:
 
         self.db.run(fn, what=f"commit batch {batch_id} (chunks {batch[0].seq}..{batch[-1].seq})")
 
-    def _insert_rows(self, cur, batch: list[ChunkRef], payload: bytes) -> None:
+    def _insert_rows(self, cur, payload: bytes, delta: pa.Table) -> None:
         """The clean rows into `transactions`, and their fold into `y_state`: the durable twin of Spark's fold,
-        in the same transaction as the processed marks, so a restart reloads exactly this state."""
+        in the same transaction as the processed marks, so a restart reloads exactly this state. The state
+        delta is the batch's own rows aggregated per pair on the driver (`_state_delta`), COPYed like the rows,
+        so the upsert reads nothing back from `transactions`."""
         copy_csv(cur, "transactions", list(TRANSACTION_COLUMNS.values()), payload)
+        # A temporary table lives as long as the connection; a reconnect (Database.run's redo) creates it anew.
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS y_state_delta (LIKE y_state) ON COMMIT DELETE ROWS")
+        copy_csv(cur, "y_state_delta", STATE_ARROW_SCHEMA.names, _csv(delta))
         cur.execute(
             "INSERT INTO y_state (merchant, customer, n, amount_sum, has_f, has_m) "
-            "SELECT t.merchant, t.customer, count(*), sum(t.amount), bool_or(t.gender = 'F'), "
-            "bool_or(t.gender = 'M') FROM transactions t "
-            "JOIN unnest(%s::text[], %s::int[], %s::bigint[], %s::bigint[]) AS b(file_id, chunk_seq, lo, hi) "
-            "ON t.source_file_id = b.file_id AND t.chunk_seq = b.chunk_seq AND t.source_line BETWEEN b.lo AND b.hi "
-            "GROUP BY t.merchant, t.customer "
+            "SELECT merchant, customer, n, amount_sum, has_f, has_m FROM y_state_delta "
             "ON CONFLICT (merchant, customer) DO UPDATE SET "
             "n = y_state.n + EXCLUDED.n, amount_sum = y_state.amount_sum + EXCLUDED.amount_sum, "
-            "has_f = y_state.has_f OR EXCLUDED.has_f, has_m = y_state.has_m OR EXCLUDED.has_m",
-            (
-                [c.file_id for c in batch],
-                [c.chunk_seq for c in batch],
-                [c.first_line for c in batch],
-                [c.last_line for c in batch],
-            ),
+            "has_f = y_state.has_f OR EXCLUDED.has_f, has_m = y_state.has_m OR EXCLUDED.has_m"
         )
 
     def _fail_unreadable(self, batch: list[ChunkRef], exc: Exception) -> bool:
@@ -738,10 +768,33 @@ def _quarantine_whole_chunk(cur, c: ChunkRef, why: str) -> None:
 
 def _transactions_csv(clean: pa.Table) -> bytes:
     """The clean rows as the CSV payload of the `transactions` COPY (PostgreSQL's column names)."""
-    out = clean.select(list(TRANSACTION_COLUMNS)).rename_columns(list(TRANSACTION_COLUMNS.values()))
+    return _csv(clean.select(list(TRANSACTION_COLUMNS)).rename_columns(list(TRANSACTION_COLUMNS.values())))
+
+
+def _csv(table: pa.Table) -> bytes:
+    """`table` as a COPY payload with a header row (booleans as true/false, decimals as written)."""
     buf = io.BytesIO()
-    pacsv.write_csv(out, buf)
+    pacsv.write_csv(table, buf)
     return buf.getvalue()
+
+
+def _state_delta(clean: pa.Table) -> pa.Table:
+    """The batch's clean rows folded per (merchant, customer), in `STATE_ARROW_SCHEMA`: what `y_state` gains.
+    Decimal sums are exact (Arrow widens them to 38 digits)."""
+    rows = pa.table(
+        {
+            "merchant": clean.column("merchant"),
+            "customer": clean.column("customer"),
+            "amount": clean.column("amount"),
+            "f": pc.equal(clean.column("gender"), "F"),
+            "m": pc.equal(clean.column("gender"), "M"),
+        }
+    )
+    agg = rows.group_by(["merchant", "customer"], use_threads=False).aggregate(
+        [("amount", "count"), ("amount", "sum"), ("f", "any"), ("m", "any")]
+    )
+    columns = ["merchant", "customer", "amount_count", "amount_sum", "f_any", "m_any"]
+    return agg.select(columns).rename_columns(STATE_ARROW_SCHEMA.names).cast(STATE_ARROW_SCHEMA)
 
 
 def _counts(cuts: pa.ChunkedArray, k: int) -> list[int]:
