@@ -439,10 +439,14 @@ class StreamProcessor:
             weights = self.weights
             if weights is None:
                 weights = patterns.by_merchant(self.spark.createDataFrame([], schema=weights_spark_schema()))
-            rows = self._read([path.as_uri()], [path.name])
+            # The path a batch takes (`_read_batch`): rows collected, the fold fed straight from the scan, the
+            # versions checkpointed lazily and filled by the detection's one job.
+            scan = self._scan([path.as_uri()])
+            self._collect_rows(scan, [path.name])
             if abandon():
                 return False
-            versions = patterns.fold_batch(state, self._fold_input(rows), 1).localCheckpoint(eager=True)
+            fold_rows = self._fold_input_from_scan(scan, [path.name])
+            versions = patterns.fold_batch(state, fold_rows, 1).localCheckpoint(eager=False)
             if abandon():
                 return False
             patterns.detect_batch(versions, weights, 1, self.thresholds).collect()
@@ -468,11 +472,6 @@ class StreamProcessor:
         self._warmed = True
         if self.settings.chunk_interval_seconds > 0 and self.weights is not None:
             self.warm_up(abandon=lambda: self.stop.is_set() or bool(self._waiting_chunks()))
-
-    def _read(self, uris: list[str], names: list[str]) -> pa.Table:
-        """Rows of the objects at `uris`, read by Spark in one pass and annotated; `_cut` is the index in
-        `names` of each row's object file name, and rows are in (cut, position in the object) order."""
-        return self._collect_rows(self._scan(uris), names)
 
     def _scan(self, uris: list[str]):
         """The annotated Spark read of the objects at `uris`; `_cut` holds each row's object file name."""
