@@ -392,17 +392,6 @@ def batch_committed(db: Database, batch_id: str) -> bool:
     return bool(db.query("SELECT 1 FROM chunks WHERE y_batch_id = %s LIMIT 1", (batch_id,)))
 
 
-def fail_unreadable_chunk(cur: Cursor, seq: int, reason: str) -> None:
-    """Y cannot read a chunk's object at all: it is failed (its rows never enter the state)."""
-    fail_chunk(cur, seq, reason, rollback_counters=False)
-
-
-def processed_totals(db: Database) -> tuple[int, int, int]:
-    """(chunks processed, clean rows, rejected rows) over the whole ledger."""
-    t = db.run(chunk_totals, what="count the processed chunks")
-    return t.processed, t.rows_clean, t.rows_rejected
-
-
 class ChunkIds(Protocol):
     """What identifies a chunk in a log line (PendingChunk and ChunkRef both have it)."""
 

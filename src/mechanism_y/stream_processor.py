@@ -467,8 +467,6 @@ class StreamProcessor:
     def _warm_up_while_idle(self) -> None:
         """Once, when nothing waits at a pace (CHUNK_INTERVAL_SECONDS > 0): warm Spark up, giving way to the
         first chunk that arrives. At 0 (as fast as possible) the backlog comes in large batches instead."""
-        if self._warmed:
-            return
         self._warmed = True
         if self.settings.chunk_interval_seconds > 0 and self.weights is not None:
             self.warm_up(abandon=lambda: self.stop.is_set() or bool(self._waiting_chunks()))
