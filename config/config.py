@@ -21,7 +21,10 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from src.errors import SettingsError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The checkout; code imported from a zip (spark-submit --py-files) has none: `.env` and relative paths are then
+# those of the directory it is launched from.
+_CODE_HOME = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = _CODE_HOME if _CODE_HOME.is_dir() else Path.cwd()
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 _PLACEHOLDERS = frozenset(

@@ -841,15 +841,18 @@ def run_worker(
     drain: bool,
     stop: threading.Event | None = None,
     drain_requested: threading.Event | None = None,
+    submitted: dict[str, str] | None = None,
 ) -> int:
     """Y's process: the Spark session starts on a thread while the PostgreSQL side of the start-up (schema,
-    lock, state, weights, detections so far) is done here, then the loop runs."""
+    lock, state, weights, detections so far) is done here, then the loop runs. `submitted` is spark-submit's
+    conf, which wins over the product's own (`src.packaging.submitted_conf`)."""
     from src.observability.logs import spark_logging_conf
     from src.resources import open_lake
     from src.utils.spark_utils import BackgroundSession
 
     stop = stop or threading.Event()
-    session = BackgroundSession(settings, app_name="mechanism-y", extra_conf=spark_logging_conf(settings))
+    conf = {**spark_logging_conf(settings), **(submitted or {})}
+    session = BackgroundSession(settings, app_name="mechanism-y", extra_conf=conf)
     spark = None
     db = Database(settings, stop=stop)
     try:
@@ -887,11 +890,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m src.mechanism_y.stream_processor`, or this file as spark-submit's script (the code then comes
+    from the `--py-files` zip, and the master and conf from spark-submit)."""
+    from src.errors import SettingsError
+    from src.packaging import submitted_conf, use_submitted_master
     from src.worker import worker_main
+
+    submitted = submitted_conf()
+    try:
+        use_submitted_master(submitted)
+    except SettingsError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
 
     def run(settings: Settings, args: argparse.Namespace, stop: threading.Event) -> int:
         # Under `main.py --drain`, Y learns that X is done from the supervisor's file (runtime.x_finished).
-        return run_worker(settings, drain=args.drain, stop=stop)
+        return run_worker(settings, drain=args.drain, stop=stop, submitted=submitted)
 
     return worker_main("mechanism Y", build_parser(), argv, run)
 

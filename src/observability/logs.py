@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "config"
+from src.packaging import project_file_uri
+
 CORRELATION_FIELDS = ("file_id", "chunk_id", "chunk_seq", "batch_id", "detection_id")
 NOISY_LOGGERS = (
     "py4j",
@@ -320,8 +321,8 @@ def spark_logging_conf(settings: Any) -> dict[str, str]:
     """
     fmt = _state.get("format") or resolve_format(getattr(settings, "log_format", "auto"))
     worker = _state.get("worker") or "spark"
-    props = CONFIG_DIR / f"log4j2-{fmt}.properties"
-    java = f"-Dlog4j2.configurationFile={props.as_uri()} -Dtp.worker={worker} -Dtp.pid={os.getpid()}"
+    props = project_file_uri(f"config/log4j2-{fmt}.properties")
+    java = f"-Dlog4j2.configurationFile={props} -Dtp.worker={worker} -Dtp.pid={os.getpid()}"
     return {
         "spark.log.structuredLogging.enabled": "true" if fmt == "json" else "false",
         # The driver only: in local mode the executors live in its JVM; a cluster's executors log where

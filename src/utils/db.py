@@ -24,14 +24,15 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
-from config.config import PROJECT_ROOT, Settings
+from config.config import Settings
 from src.errors import ProcessorError, SettingsError, is_retryable
+from src.packaging import project_file
 from src.utils.retry import brief, call_with_retry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_FILES = ("postgres_setup.sql", "create_missing_tables.sql")
+SCHEMA_FILES = ("setup/postgres_setup.sql", "setup/create_missing_tables.sql")  # read by `project_file`: zip too
 # Set by the supervisor for its children so they share the embedded server it started; a user may set it
 # to any libpq URL instead of POSTGRES_*.
 DSN_ENV = "TP_DATABASE_URL"
@@ -218,7 +219,7 @@ class Database:
         def fn(cur: psycopg2.extensions.cursor) -> None:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             for name in SCHEMA_FILES:
-                cur.execute((PROJECT_ROOT / "setup" / name).read_text(encoding="utf-8"))
+                cur.execute(project_file(name).decode("utf-8"))
 
         self.run(fn, what="apply the schema")
 
