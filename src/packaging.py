@@ -70,8 +70,9 @@ def submitted_conf() -> dict[str, str]:
     partitions, say): the caller hands them back as its extra conf, so what the user submitted wins."""
     if SUBMIT_GATEWAY_ENV not in os.environ:
         return {}
-    from pyspark import SparkConf  # connects to spark-submit's JVM: no JVM is started here
+    from pyspark import SparkConf, SparkContext
 
+    SparkContext._ensure_initialized()  # connects to spark-submit's JVM (no JVM is started): SparkConf reads it
     return {key: value for key, value in SparkConf().getAll() if key not in KEPT_OURS}
 
 

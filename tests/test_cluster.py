@@ -8,7 +8,6 @@ per-batch cost on a cluster does not depend on the rows, and the test must stay 
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -20,17 +19,13 @@ import pytest
 
 from config.config import Settings
 from src.sample_data import generate
-from tests.conftest import run_env
-from tests.reference import credited_chunks, expected_detections, limits_of, read_importance, read_transactions
 from tests.s3_fixtures import *  # noqa: F403
-from tests.s3_fixtures import TEST_ACCESS_KEY, TEST_SECRET_KEY, use_shared_ivy
-from tests.spark_cluster import processes, spark_cluster  # noqa: F401 - a fixture
+from tests.s3_fixtures import TEST_SECRET_KEY
+from tests.spark_cluster import ROWS, SEED, assert_exact, processes, product_env, spark_cluster  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # minutes on 2 idle cores; generous for a busy machine
 
 ROOT = Path(__file__).resolve().parent.parent
-ROWS, SEED, BATCH = 60_000, 11, 1_000
-THRESHOLDS = {"PATID1_MIN_MERCHANT_TXNS": "3000", "PATID2_MIN_TXNS": "40", "PATID3_MIN_FEMALE_CUSTOMERS": "5"}
 KILL_AFTER_CHUNKS = 1  # committed before the kill: the next batches (up to Y_MAX_BATCH_CHUNKS each) are to come
 DEADLINE = 900.0  # generous: the drain takes a few minutes on a busy 2-core machine
 
@@ -55,28 +50,8 @@ def test_drain_on_a_cluster_with_a_worker_killed_is_exact(
     tmp_path,
 ):
     generate(tmp_path / "inbox", rows=ROWS, seed=SEED)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "S3_", "GDRIVE_", "TP_", "AWS_"))}
-    env.update(run_env(pg_server, pg_db, tmp_path))
-    env.update(
-        {
-            "PYTHONPATH": str(ROOT),
-            "DATA_DIR": str(use_shared_ivy(tmp_path / "data")),  # hadoop-aws from the shared cache, sent to executors
-            "BATCH_SIZE": str(BATCH),
-            # installed at the same path on every machine (here: this one), so not copied to each executor
-            "SPARK_JARS": ",".join(f"local:{jar}" for jar in hadoop_aws_jars),
-            "METRICS_ADDR": "off",
-            **THRESHOLDS,
-            "LOG_FORMAT": "text",
-            "S3_BUCKET_NAME": s3_bucket,
-            "S3_ENDPOINT_URL": s3_server,
-            "AWS_REGION": "us-east-1",
-            "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
-            "SPARK_MASTER": spark_cluster.master_url,
-            "SPARK_CHECKPOINT_DIR": f"s3a://{s3_bucket}/_spark-checkpoints",
-            "SPARK_CONF_DIR": str(spark_cluster.conf_dir),  # executors sized for the 1-core workers
-        }
-    )
+    env = product_env(spark_cluster, pg_server, pg_db, s3_server, s3_bucket, hadoop_aws_jars, tmp_path)
+    env["PYTHONPATH"] = str(ROOT)
     settings = Settings.from_env(env, dotenv=Path("/nonexistent"))
     assert not settings.spark_local
 
@@ -139,26 +114,10 @@ def test_drain_on_a_cluster_with_a_worker_killed_is_exact(
     assert not re.findall(r"mechanism Y \(pid \d+\) exited", text), "Spark rode out the loss: Y never crashed"
 
     try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT status, processed_at IS NOT NULL, rows_total FROM chunks ORDER BY seq")
-            chunks = cur.fetchall()
-            cur.execute("SELECT pattern_id, customer_name, merchant_id FROM pattern_detections")
-            found = cur.fetchall()
-            cur.execute("SELECT count(*) FROM transactions")
-            stored_rows = cur.fetchone()[0]
-        ref_chunks, txns = read_transactions([tmp_path / "inbox" / "transactions.csv"], settings.batch_size)
-        importance = read_importance(tmp_path / "inbox" / "CustomerImportance.csv")
-        expected = expected_detections(conn, ref_chunks, txns, importance, limits_of(settings))
-        credited = credited_chunks(conn)
+        chunks, found = assert_exact(conn, tmp_path / "inbox", settings)
     finally:
         conn.close()
-    assert len(chunks) == len(ref_chunks) == 60
-    assert all(status == "written" and processed for status, processed, _ in chunks), chunks
     assert killed_at < len(chunks), "chunks were still to do when the worker died"
-    assert sum(c[2] for c in chunks) == ROWS == stored_rows  # every row once in `transactions`
-    assert len(found) == len(set(found)) and set(found) == set(expected)
-    assert {p for p, _, _ in found} == {"PatId1", "PatId2", "PatId3"}
-    assert credited == {d: e.chunk for d, e in expected.items()}
     sys.stderr.write(
         f"\ncluster drain of {len(chunks)} chunks, worker killed after {killed_at}: {seconds:.1f} s, "
         f"{len(found)} detections\n"
