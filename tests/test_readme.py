@@ -28,6 +28,7 @@ RUNNABLE: dict[str, str] = {
     "python -m src.mechanism_y.stream_processor --help": "",
     "python -m src.sample_data --rows 1000 --seed 1 --out data/sample": "data/sample/transactions.csv",
     "ruff check . && ruff format --check .": "",
+    "python -m src.packaging --out dist/transaction-processor.zip": "dist/transaction-processor.zip",
 }
 
 # Commands not run here, each with the reason.
@@ -50,6 +51,13 @@ NOT_RUNNABLE: dict[str, str] = {
     "python bench/detect.py --rows 3000000": "benchmark: 3 million rows, many minutes",
     "python bench/detect.py --interval 1": "benchmark at the default pace, many minutes",
     "python -m bench.s3": "benchmark against an S3 server",
+    "unzip -o transaction-processor.zip src/mechanism_y/stream_processor.py": (
+        "part of the spark-submit walk-through: run where the zip was copied (tests/test_spark_submit.py does it)"
+    ),
+    'spark-submit --master spark://10.0.0.5:7077 --driver-class-path "/opt/tp/jars/*" --py-files '
+    "transaction-processor.zip src/mechanism_y/stream_processor.py --drain": (
+        "needs a Spark cluster, a lake and a database: tests/test_spark_submit.py runs it on a loopback cluster"
+    ),
 }
 
 
