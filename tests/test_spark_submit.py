@@ -5,9 +5,9 @@ and two 1-core workers on 127.0.0.1, the lake on the moto S3 server, checkpoints
 X alone fills the lake first; then spark-submit runs Y from a directory outside the checkout holding only the zip
 (built by `python -m src.packaging`) and the script taken out of it, with no PYTHONPATH: every module, the SQL
 schema and the log layout come from the zip. The detections must equal the reference exactly (same sample and
-checks as tests/test_cluster.py, shared through tests/spark_cluster.py). Y folds the 60 waiting chunks in one Spark
-pass (Y_MAX_BATCH_CHUNKS=60; each chunk still judged at its own boundary, which the credited chunks check): on a
-cluster Spark's cost per batch, not per row, is what takes the time, and the test must stay within minutes.
+checks as tests/test_cluster.py, shared through tests/spark_cluster.py). Y takes the 60 waiting chunks in batches
+of Y_MAX_BATCH_CHUNKS (20), each chunk judged at its own boundary (the credited chunks check it). The time goes to
+the cold executors' first batch (S3A and Parquet classes, JIT) and to Spark's fixed cost per batch, not to rows.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from tests.s3_fixtures import *  # noqa: F403
 from tests.s3_fixtures import TEST_SECRET_KEY
 from tests.spark_cluster import ROWS, SEED, assert_exact, free_port, product_env, spark_cluster, spark_home  # noqa: F401
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # about 2 minutes on 2 idle cores
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # 4-6 minutes on 2 cores shared with other work
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = "src/mechanism_y/stream_processor.py"
@@ -58,7 +58,7 @@ def spark_submit(master: str, jars: list[Path], *args: str) -> list[str]:
 def submit_env(env: dict[str, str]) -> dict[str, str]:
     """The product's settings, SPARK_MASTER left to `--master`; the driver runs this test's Python."""
     out = {k: v for k, v in env.items() if k not in ("SPARK_MASTER", "PYTHONPATH")}
-    out.update(PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable, Y_MAX_BATCH_CHUNKS="60")
+    out.update(PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
     return out
 
 
