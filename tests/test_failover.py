@@ -232,14 +232,14 @@ class _Daemon:
     """`python main.py --drain` in a process group of its own, so the whole group (supervisor, X, Y and Y's JVM)
     can be SIGKILLed at once, as when its machine dies."""
 
-    def __init__(self, name: str, env: dict[str, str], root: Path) -> None:
+    def __init__(self, name: str, env: dict[str, str], root: Path, **settings: str) -> None:
         self.name = name
         self.log = root / f"{name}.log"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "main.py", "--drain"],
                 cwd=ROOT,
-                env=dict(env, DATA_DIR=str(root / name)),
+                env=dict(env, DATA_DIR=str(root / name), **settings),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -267,7 +267,7 @@ class _Daemon:
 @pytest.mark.timeout(900)
 def test_two_daemons_the_active_one_killed_mid_run_the_standby_finishes_exactly(pg_server, pg_db, tmp_path):
     """Daemon A leads (its Y holds the lock, its X the transactions file); daemon B, on the same database, inbox
-    and lake with a DATA_DIR of its own, stands by with its Spark session up. A is SIGKILLed, whole process
+    and lake with a DATA_DIR of its own, stands by with its Spark session up and warmed. A is SIGKILLed, whole process
     group, mid-run: B's Y takes the lead, B's X takes the file over at its recorded offset, and B's drain ends
     with exactly the reference detections, every chunk written once and processed once."""
     generate(tmp_path / "inbox", rows=ROWS, seed=SEED)
@@ -277,8 +277,6 @@ def test_two_daemons_the_active_one_killed_mid_run_the_standby_finishes_exactly(
         {
             "PYTHONPATH": str(ROOT),
             "BATCH_SIZE": str(BATCH),
-            # One chunk a second: A's X is still in the file when A's Y, slower to start, has processed a few.
-            "CHUNK_INTERVAL_SECONDS": "1",
             "PROCESSING_INTERVAL": "0.5",
             "METRICS_ADDR": "off",
             "LOG_FORMAT": "text",
@@ -304,14 +302,16 @@ def test_two_daemons_the_active_one_killed_mid_run_the_standby_finishes_exactly(
             assert time.monotonic() < end, f"timed out waiting for {what}"
             time.sleep(0.1)
 
-    a = _Daemon("a", env, tmp_path)
+    # A's X releases a chunk every 1.5 s, so it is still in the file when A's Y, slower to start, has processed
+    # a few and B's standby is warm; B's X, once it has taken over, goes faster.
+    a = _Daemon("a", env, tmp_path, CHUNK_INTERVAL_SECONDS="1.5")
     b: _Daemon | None = None
     try:
         tx_file = "(SELECT file_id FROM source_files WHERE name = 'transactions.csv')"
         wait_for(lambda: a.owns(one("SELECT holder FROM leaders")), "A's Y to lead", a)
         wait_for(lambda: a.owns(one(f"SELECT holder FROM file_leases WHERE file_id = {tx_file}")), "A's X", a)
-        b = _Daemon("b", env, tmp_path)
-        wait_for(lambda: "standing by" in b.text() and "Spark session started" in b.text(), "B's hot standby", a, b)
+        b = _Daemon("b", env, tmp_path, CHUNK_INTERVAL_SECONDS="0.3")
+        wait_for(lambda: "standing by" in b.text() and "Spark warmed up" in b.text(), "B's warm standby", a, b)
         processed = "SELECT count(*) FROM chunks WHERE processed_at IS NOT NULL"
         wait_for(lambda: (one(processed) or 0) >= KILL_AFTER_CHUNKS, "A's first chunks processed", a, b)
         assert a.owns(one("SELECT holder FROM leaders")), "A still leads"

@@ -126,6 +126,8 @@ class StreamProcessor:
         self._term: int | None = None  # of this Y's leadership (ledger.take_leadership)
         self._standby_drain = False
         self._reported_ready = False
+        self.standby_session = None  # a BackgroundSession a standby may warm up while it waits (run_worker)
+        self._standby_warm_up: threading.Thread | None = None
 
     # ---------------------------------------------------------------- start-up
 
@@ -163,6 +165,7 @@ class StreamProcessor:
         over (StandbyDone)."""
         if not self._reported_ready:
             self._report_ready()
+        self._warm_up_on_standby()
         if x_finished():
             self.drain_requested.set()
         if not (self._standby_drain or self.drain_requested.is_set()):
@@ -172,6 +175,25 @@ class StreamProcessor:
         conn.commit()
         if done:
             raise StandbyDone("drain: the active Mechanism Y has processed every chunk; the standby exits")
+
+    def _warm_up_on_standby(self) -> None:
+        """Once the session a standby started in advance is up: Spark's first plans, code generation and JIT
+        are paid for while waiting (`warm_up`, on a thread, so the lock is still polled every second), and
+        the first batch after a takeover runs warm. The warm-up gives way as soon as this Y leads."""
+        session = self.standby_session
+        if self._standby_warm_up is not None or session is None or not session.started():
+            return
+
+        def warm() -> None:
+            try:
+                self.spark = session.wait()
+                if self.warm_up(abandon=lambda: self.stop.is_set() or self._term is not None):
+                    self._warmed = True
+            except Exception as exc:  # noqa: BLE001 - only an optimisation: the first batch warms Spark up anyway
+                log.info("standby warm-up skipped: %s", brief(exc))
+
+        self._standby_warm_up = threading.Thread(target=warm, name="y-standby-warm-up", daemon=True)
+        self._standby_warm_up.start()
 
     def _on_leading(self, conn, first: bool) -> None:
         with conn.cursor() as cur:
@@ -914,6 +936,7 @@ def run_worker(
         processor = StreamProcessor(settings, db, store, None, stop)
         if drain_requested is not None:
             processor.drain_requested = drain_requested
+        processor.standby_session = session
         try:
             processor.prepare(drain=drain)
         except StandbyDone as exc:
