@@ -302,9 +302,9 @@ def test_two_daemons_the_active_one_killed_mid_run_the_standby_finishes_exactly(
             assert time.monotonic() < end, f"timed out waiting for {what}"
             time.sleep(0.1)
 
-    # A's X releases a chunk every 1.5 s, so it is still in the file when A's Y, slower to start, has processed
+    # A's X releases a chunk every 3 s, so it is still in the file when A's Y, slower to start, has processed
     # a few and B's standby is warm; B's X, once it has taken over, goes faster.
-    a = _Daemon("a", env, tmp_path, CHUNK_INTERVAL_SECONDS="1.5")
+    a = _Daemon("a", env, tmp_path, CHUNK_INTERVAL_SECONDS="3")
     b: _Daemon | None = None
     try:
         tx_file = "(SELECT file_id FROM source_files WHERE name = 'transactions.csv')"
