@@ -109,3 +109,23 @@ ALTER TABLE chunks ADD COLUMN IF NOT EXISTS attempts INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE chunks ADD COLUMN IF NOT EXISTS last_error TEXT;
 ALTER TABLE chunks ADD COLUMN IF NOT EXISTS y_batch_id TEXT;
 CREATE INDEX IF NOT EXISTS chunks_batch_idx ON chunks (y_batch_id) WHERE y_batch_id IS NOT NULL;
+
+-- Added 2026-12-02 (issue 11, two daemons on one database): each source file is leased to one Mechanism X at a
+-- time. The holder renews `expires_at` while it works; a lease whose holder stopped renewing (or whose renewing
+-- session is gone from the server) may be taken over, and the new holder resumes at the file's recorded offset.
+CREATE TABLE IF NOT EXISTS file_leases (
+    file_id     TEXT        PRIMARY KEY,          -- source_files.file_id (the row may not exist yet: a new file)
+    holder      TEXT,                             -- host:pid:token of the X holding it; NULL when free
+    holder_pid  INTEGER,                          -- the server pid of the holder's renewing session
+    expires_at  TIMESTAMPTZ,                      -- the database's clock, never the holder's
+    taken_at    TIMESTAMPTZ,
+    takeovers   INTEGER     NOT NULL DEFAULT 0    -- times the lease was taken from a holder that stopped renewing
+);
+-- Which Mechanism Y leads (it also holds the advisory lock): a leader that lost its connection checks here, on
+-- reconnecting, that nobody led in between, before it goes on from its in-memory state.
+CREATE TABLE IF NOT EXISTS leaders (
+    role        TEXT        PRIMARY KEY,          -- mechanism_y
+    holder      TEXT        NOT NULL,
+    term        BIGINT      NOT NULL,             -- +1 at every change of leader
+    since       TIMESTAMPTZ NOT NULL DEFAULT now()
+);

@@ -14,6 +14,9 @@ per chunk, whose `seq` is the global order Y follows. The guarantees rest on how
   gives up on takes its rows back out of its file's counters, so the ledger never claims rows the lake
   lacks.
 
+With several daemons on one database, each file is leased to one X at a time (`claim_file`, `fence_file`,
+`renew_leases`, `release_file`) and Y's leader is recorded beside its advisory lock (`take_leadership`).
+
 The operator's views (the status page and command, the metrics, the quality report, X's processing log)
 read through the functions at the end of this module (`file_summaries`, `chunk_totals`, ...).
 
@@ -24,6 +27,9 @@ new connection after a fault, so each is written to be harmless when redone).
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import socket
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Protocol
@@ -55,9 +61,12 @@ FILE_COLUMNS = (
 # ---------------------------------------------------------------------------------------------- files
 
 
-def file_records(db: Database) -> dict[str, dict[str, Any]]:
-    """Every file's ledger row, by file id."""
-    rows = db.query(f"SELECT {', '.join(FILE_COLUMNS)} FROM source_files")  # noqa: S608 - constant columns
+def file_records(db: Database, file_id: str | None = None) -> dict[str, dict[str, Any]]:
+    """Every file's ledger row (or only `file_id`'s), by file id."""
+    rows = db.query(
+        f"SELECT {', '.join(FILE_COLUMNS)} FROM source_files WHERE %s::text IS NULL OR file_id = %s",  # noqa: S608 - constant columns
+        (file_id, file_id),
+    )
     return {r[0]: dict(zip(FILE_COLUMNS, r)) for r in rows}
 
 
@@ -96,8 +105,14 @@ def restore_file_status(db: Database, file_id: str, status: str) -> None:
     )
 
 
-def mark_file_deleted(db: Database, file_id: str) -> None:
-    db.execute("UPDATE source_files SET status = 'deleted', updated_at = now() WHERE file_id = %s", (file_id,))
+def mark_file_deleted(db: Database, file_id: str) -> bool:
+    """Mark a file gone from the source; False when it already was (another X saw it first)."""
+    rows = db.query(
+        "UPDATE source_files SET status = 'deleted', updated_at = now() WHERE file_id = %s AND status <> 'deleted' "
+        "RETURNING 1",
+        (file_id,),
+    )
+    return bool(rows)
 
 
 def record_conflict(db: Database, file_id: str, new_checksum: str, reason: str) -> tuple[int, int] | None:
@@ -275,12 +290,14 @@ class PendingChunk:
     attempts: int
 
 
-def pending_chunks(db: Database) -> list[PendingChunk]:
-    """Chunks recorded but not confirmed written, in order."""
+def pending_chunks(db: Database, file_id: str | None = None) -> list[PendingChunk]:
+    """Chunks recorded but not confirmed written, in order (only those of `file_id` when given)."""
     rows = db.query(
         "SELECT c.seq, c.file_id, c.chunk_seq, COALESCE((SELECT p.last_line + 1 FROM chunks p "
         "WHERE p.file_id = c.file_id AND p.chunk_seq = c.chunk_seq - 1), 2), c.bytes_start, c.bytes_end, "
-        "c.prefix_md5, c.object_key, c.attempts FROM chunks c WHERE c.status = 'pending' ORDER BY c.seq"
+        "c.prefix_md5, c.object_key, c.attempts FROM chunks c WHERE c.status = 'pending' "
+        "AND (%s::text IS NULL OR c.file_id = %s) ORDER BY c.seq",
+        (file_id, file_id),
     )
     return [PendingChunk(*r) for r in rows]
 
@@ -416,6 +433,144 @@ def give_up_chunk(
     if reason is not None:
         fail_chunk(cur, c.seq, reason, rollback_counters=rollback_counters)
     db.log_event(component, "ERROR", event, message, file_id=c.file_id, chunk_id=c.seq, cur=cur)
+
+
+# ---------------------------------------------------------------------------------------------- leases
+# Several daemons may share the database (SPEC §9). Each source file is leased to one Mechanism X at a time
+# (`file_leases`); the holder renews it while it works, and every ledger transaction that moves the file on
+# is fenced by it (`fence_file`), so an X that lost its lease (it stalled, its session was cut, another X took
+# the file over) can no longer record a chunk of that file: each chunk is recorded once, by its file's holder.
+# A lease is free when released, when its expiry (the database's clock) has passed, or when the server session
+# that renews it is gone (its process was killed): then another X takes the file over at its recorded offset.
+
+
+def holder_id() -> str:
+    """host:pid:token: who holds a lease or leads, unique to this process and readable by an operator."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class LeaseLost(ProcessorError):
+    """This X no longer holds the lease on a file: another X has taken it over."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of `claim_file`."""
+
+    got: bool
+    holder: str | None  # the other holder when not got (None: another X is claiming it this instant)
+    taken_over_from: str | None = None  # when got from a holder that stopped renewing
+
+
+_LEASE_FREE = (
+    "l.holder IS NULL OR l.holder = %(me)s OR l.expires_at <= clock_timestamp() "
+    "OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.holder_pid)"
+)
+
+
+def claim_file(db: Database, file_id: str, holder: str, *, seconds: float, pid: int | None = None) -> Claim:
+    """Lease `file_id` to `holder` for `seconds` unless another live holder has it.
+
+    `FOR UPDATE SKIP LOCKED`: a lease row another X is claiming or fencing right now is skipped, not waited
+    for. `pid` is the server pid of the session that will renew the lease (default: this one).
+    """
+
+    def fn(cur: Cursor) -> Claim:
+        # NOT EXISTS first: a bare ON CONFLICT would wait for a transaction that is updating the row.
+        cur.execute(
+            "INSERT INTO file_leases (file_id) SELECT %(f)s WHERE NOT EXISTS "
+            "(SELECT 1 FROM file_leases WHERE file_id = %(f)s) ON CONFLICT (file_id) DO NOTHING",
+            {"f": file_id},
+        )
+        cur.execute(
+            f"SELECT l.holder, {_LEASE_FREE} FROM file_leases l WHERE l.file_id = %(f)s FOR UPDATE SKIP LOCKED",  # noqa: S608 - constant
+            {"me": holder, "f": file_id},
+        )
+        row = cur.fetchone()
+        if row is None:
+            return Claim(False, None)
+        previous, free = row
+        if not free:
+            return Claim(False, previous)
+        cur.execute(
+            "UPDATE file_leases SET holder = %(me)s, holder_pid = coalesce(%(pid)s, pg_backend_pid()), "
+            "expires_at = clock_timestamp() + %(s)s * interval '1 second', "
+            "taken_at = CASE WHEN holder = %(me)s THEN taken_at ELSE clock_timestamp() END, "
+            "takeovers = takeovers + (holder IS NOT NULL AND holder <> %(me)s)::int WHERE file_id = %(f)s",
+            {"me": holder, "pid": pid, "s": seconds, "f": file_id},
+        )
+        return Claim(True, None, previous if previous not in (None, holder) else None)
+
+    return db.run(fn, what=f"claim the lease on file {file_id}")
+
+
+def fence_file(cur: Cursor, file_id: str, holder: str, *, seconds: float) -> None:
+    """In the caller's transaction: raise LeaseLost unless `holder` still holds the lease on `file_id` (and
+    extend it). The row stays locked until the caller commits, so no other X can take the file meanwhile."""
+    cur.execute(
+        "UPDATE file_leases SET expires_at = greatest(expires_at, clock_timestamp() + %s * interval '1 second') "
+        "WHERE file_id = %s AND holder = %s RETURNING 1",
+        (seconds, file_id, holder),
+    )
+    if cur.fetchone() is None:
+        raise LeaseLost(f"file {file_id}: another Mechanism X has taken over its lease; this one stops work on it")
+
+
+def renew_leases(db: Database, holder: str, *, seconds: float) -> set[str]:
+    """Extend every lease `holder` holds, recording this session as the one that renews them; returns the
+    files still held (a file missing from the answer was taken over)."""
+
+    def fn(cur: Cursor) -> set[str]:
+        cur.execute(
+            "UPDATE file_leases SET expires_at = clock_timestamp() + %s * interval '1 second', "
+            "holder_pid = pg_backend_pid() WHERE holder = %s RETURNING file_id",
+            (seconds, holder),
+        )
+        return {r[0] for r in cur.fetchall()}
+
+    return db.run(fn, what="renew the file leases")
+
+
+def release_file(db: Database, file_id: str, holder: str) -> None:
+    """Give the lease on `file_id` back (a no-op if `holder` no longer has it)."""
+    db.execute(
+        "UPDATE file_leases SET holder = NULL, holder_pid = NULL, expires_at = NULL WHERE file_id = %s AND holder = %s",
+        (file_id, holder),
+    )
+
+
+def lease_holders(cur: Cursor) -> dict[str, str]:
+    """file_id -> holder of every lease held and not expired (for the operator's views and the tests)."""
+    cur.execute("SELECT file_id, holder FROM file_leases WHERE holder IS NOT NULL AND expires_at > clock_timestamp()")
+    return dict(cur.fetchall())
+
+
+def take_leadership(cur: Cursor, role: str, holder: str) -> tuple[int, str | None]:
+    """Record `holder` as the leader of `role` (its caller holds the role's advisory lock); returns (its term,
+    the previous leader)."""
+    cur.execute("SELECT holder FROM leaders WHERE role = %s FOR UPDATE", (role,))
+    row = cur.fetchone()
+    cur.execute(
+        "INSERT INTO leaders (role, holder, term) VALUES (%s, %s, 1) ON CONFLICT (role) DO UPDATE SET "
+        "holder = EXCLUDED.holder, term = leaders.term + 1, since = now() RETURNING term",
+        (role, holder),
+    )
+    return cur.fetchone()[0], (row[0] if row else None)
+
+
+def still_leader(cur: Cursor, role: str, holder: str, term: int) -> bool:
+    """Has nobody else led `role` since `holder` took term `term`?"""
+    cur.execute("SELECT 1 FROM leaders WHERE role = %s AND holder = %s AND term = %s", (role, holder, term))
+    return cur.fetchone() is not None
+
+
+def all_processed(cur: Cursor) -> bool:
+    """No chunk waits for Mechanism Y and no file is mid-ingest: a standby's drain has nothing left to do."""
+    cur.execute(
+        "SELECT NOT EXISTS (SELECT 1 FROM chunks WHERE processed_at IS NULL AND status <> 'failed') "
+        "AND NOT EXISTS (SELECT 1 FROM source_files WHERE status = 'ingesting')"
+    )
+    return bool(cur.fetchone()[0])
 
 
 # ---------------------------------------------------------------------- reads for the operator's views

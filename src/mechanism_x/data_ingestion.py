@@ -45,6 +45,7 @@ from src.mechanism_x.csv_parser import (
 )
 from src.mechanism_x.file_monitor import FileMonitor, FileWork, looks_like_importance
 from src.mechanism_x.importance import copy_importance
+from src.mechanism_x.leases import LeaseKeeper
 from src.quality_report import reject_counts, write_quality_report
 from src.schemas.transaction_schemas import QUARANTINE_SCHEMA, QUARANTINE_TABLE_COLUMNS
 from src.utils import lake_paths
@@ -56,7 +57,9 @@ from src.utils.sources import Source, SourceFile, md5_file
 
 log = logging.getLogger(__name__)
 COMPONENT = "mechanism_x"
-SINGLE_X_LOCK = 7261003  # one Mechanism X per database: a second one waits for the first to stop
+# Several X may share a database: each file is leased to one of them at a time (src/mechanism_x/leases.py).
+# The processing log is written by one X at a time, under this lock, from the ledger as it is then.
+LOG_WRITER_LOCK = 7261004
 # A file missing from the source while one of its chunks is pending keeps the chunk pending this long
 # (a Drive file moved for a minute comes back); after that the chunk is given up and its rows taken
 # back out of the file's counters.
@@ -70,7 +73,14 @@ class Ingestor:
     """Turns source files into chunk objects and ledger rows. One instance per X process."""
 
     def __init__(
-        self, settings: Settings, db: Database, store: ObjectStore, source: Source, stop: threading.Event
+        self,
+        settings: Settings,
+        db: Database,
+        store: ObjectStore,
+        source: Source,
+        stop: threading.Event,
+        *,
+        leases: LeaseKeeper | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -82,12 +92,15 @@ class Ingestor:
         self._consumer_ready = not os.environ.get(READY_FILE_ENV)
         self._missing_since: dict[int, float] = {}
         self._importance: _BackgroundImportance | None = None
+        self.leases = leases or LeaseKeeper(settings, db, stop)
+        self.skipped = 0  # files left alone since the loop's last turn: leased to another X
 
     # ---------------------------------------------------------------- top level
 
     def recover(self) -> None:
         """Finish chunks whose ledger row committed but whose object may not have been written.
 
+        Only the chunks of files this X can lease: a file another live X holds has its own chunks in flight.
         A chunk is only ever rebuilt from its own byte range, and only if the bytes before it are still
         those recorded. A file briefly missing keeps its chunks pending; an error retrying cannot fix is
         counted, and after MAX_ATTEMPTS the chunk is failed and its rows leave the file's counters.
@@ -95,12 +108,25 @@ class Ingestor:
         pending = ledger.pending_chunks(self.db)
         if not pending:
             return
-        log.info("recovering %d chunk(s) recorded but not confirmed written", len(pending))
         listing = {f.file_id: f for f in self.source.list_files()}
+        for file_id in dict.fromkeys(c.file_id for c in pending):
+            if self.stop.is_set():
+                return
+            if not self.leases.claim(file_id).got:
+                self.skipped += 1
+                continue
+            try:
+                self._recover_chunks(listing.get(file_id), ledger.pending_chunks(self.db, file_id))
+            finally:
+                self.leases.release(file_id)
+
+    def _recover_chunks(self, f: SourceFile | None, pending: list[ledger.PendingChunk]) -> None:
+        """Rebuild the pending chunks of one file (`f` None: not in the source right now); its lease is held."""
+        if pending:
+            log.info("recovering %d chunk(s) recorded but not confirmed written", len(pending))
         for c in pending:
             if self.stop.is_set():
                 return
-            f = listing.get(c.file_id)
             if f is None:
                 self._source_missing(c)
                 continue
@@ -192,24 +218,58 @@ class Ingestor:
             )
 
     def poll_once(self) -> int:
-        """One pass over the source; returns how many files needed work."""
+        """One pass over the source; returns how many files needed work (`skipped` counts those left to
+        another X that holds their lease)."""
         work = self.monitor.poll()
+        skipped_before = self.skipped
         rejects_before = reject_counts(self.db) if work else None
         try:
             for i, item in enumerate(work):
                 if self.stop.is_set():
                     break
-                if self._overlaps_importance(item, work[i + 1 :]):
-                    self._importance = _BackgroundImportance(self, item)
-                else:
-                    self._handle(item)
+                if not self._claim(item):
+                    if looks_like_importance(item):
+                        break  # reference data before the transactions after it, as with one X: next poll
+                    continue
+                self._work_on(item, work[i + 1 :])
         finally:
             self._importance_done()
-        if work:
-            self._write_processing_log()
-            if reject_counts(self.db) != rejects_before:  # rows quarantined or a file failed: report it
-                write_quality_report(self.db, self.store)
+        if len(work) > self.skipped - skipped_before:  # this X did something
+            with self.db.session_lock(LOG_WRITER_LOCK):  # another X may be writing them: one at a time
+                self._write_processing_log()
+                if reject_counts(self.db) != rejects_before:  # rows quarantined or a file failed: report it
+                    write_quality_report(self.db, self.store)
         return len(work)
+
+    def _claim(self, item: FileWork) -> bool:
+        """Lease the file to this X; False (counted in `skipped`) while another live X holds it."""
+        claim = self.leases.claim(item.file.file_id)
+        if not claim.got:
+            self.skipped += 1
+            log.debug("file %s is leased to %s; left to it", item.file.file_id, claim.holder or "another X")
+        return claim.got
+
+    def _work_on(self, item: FileWork, rest: list[FileWork]) -> None:
+        """Handle a file whose lease this X holds, and give the lease back (an importance file loaded in the
+        background gives it back when its load is over: `_importance_done`)."""
+        background = False
+        try:
+            fresh = self._after_claim(item)
+            if fresh is not None and self._overlaps_importance(fresh, rest):
+                self._importance = _BackgroundImportance(self, fresh)
+                background = True
+            elif fresh is not None:
+                self._handle(fresh)
+        finally:
+            if not background:
+                self.leases.release(item.file.file_id)
+
+    def _after_claim(self, item: FileWork) -> FileWork | None:
+        """Once the lease is held: rebuild what a previous holder left pending, then look at the file's ledger
+        row again (another X may have moved it on since the poll read it); None if nothing is left to do."""
+        f = item.file
+        self._recover_chunks(f, ledger.pending_chunks(self.db, f.file_id))
+        return self.monitor.recheck(f)
 
     def _overlaps_importance(self, item: FileWork, rest: list[FileWork]) -> bool:
         """Load this importance file in the background while the transaction files after it are parsed?
@@ -237,17 +297,29 @@ class Ingestor:
         """Wait for a background importance load (its faults are raised here, as if it ran in place)."""
         job, self._importance = self._importance, None
         if job is not None:
-            job.wait()
+            try:
+                job.wait()
+            finally:
+                self.leases.release(job.file_id)
 
     def run(self, *, drain: bool) -> int:
-        """Poll until stopped (or, with `drain`, until one poll finds everything ingested).
+        """Poll until stopped (or, with `drain`, until one poll finds everything ingested, by this X or others),
+        renewing this X's file leases meanwhile.
 
         Transient faults (PostgreSQL restarting, the source or the lake unreachable) are waited out in
         place; an error that is not transient is counted against its file or chunk and never stops X.
         """
+        self.leases.start()
+        try:
+            return self._poll_until_stopped(drain=drain)
+        finally:
+            self.leases.close()
+
+    def _poll_until_stopped(self, *, drain: bool) -> int:
         while not self.stop.is_set():
             started = time.monotonic()
             try:
+                self.skipped = 0
                 self.recover()  # chunks left pending by a crash or a write that failed
                 self.poll_once()
             except Exception as exc:  # noqa: BLE001 - transient faults only; the rest is raised
@@ -260,7 +332,7 @@ class Ingestor:
                     extra={"event": "poll_retry"},
                 )
             else:
-                if drain and not ledger.pending_chunks(self.db):
+                if drain and not self.skipped and not ledger.pending_chunks(self.db):
                     log.info(
                         "drain: every file in the %s is ingested", self.source.describe(), extra={"event": "drained"}
                     )
@@ -293,6 +365,8 @@ class Ingestor:
                     self._ingest_transactions(f, path, header.data_offset, item)
         except FileRejected as exc:
             self._fail_file(f, str(exc))
+        except ledger.LeaseLost as exc:
+            log.warning("%s", exc, extra={"event": "lease_lost", **ids})
         except FileNotFoundError:
             log.warning(
                 "file %s (%s) disappeared before it could be read; will look again", f.file_id, f.name, extra=ids
@@ -374,6 +448,7 @@ class Ingestor:
             return
 
         def finish(cur) -> tuple[int, int, int]:
+            self.leases.fence(cur, f.file_id)
             done = ledger.finish_file(cur, f.file_id, checksum=checksum, size=scan.size, modified_time=f.modified_time)
             self.db.log_event(
                 COMPONENT,
@@ -499,6 +574,7 @@ class Ingestor:
         with the previous chunk's release (seq, content md5) when given."""
 
         def fn(cur) -> int | None:
+            self.leases.fence(cur, f.file_id)  # LeaseLost if another X has taken the file over
             if release is not None:
                 ledger.mark_written(cur, *release)
             seq = ledger.record_chunk(cur, chunk)
@@ -582,6 +658,7 @@ class Ingestor:
         self.monitor.start_file(f, KIND_IMPORTANCE)
 
         def load(cur):
+            self.leases.fence(cur, f.file_id)
             cur.execute("LOCK TABLE customer_importance IN ACCESS EXCLUSIVE MODE")
             cur.execute("TRUNCATE customer_importance")
             cur.execute("DELETE FROM quarantine WHERE file_id = %s AND stage = 'ingest'", (f.file_id,))
@@ -662,8 +739,9 @@ class _BackgroundImportance:
     """
 
     def __init__(self, owner: Ingestor, item: FileWork) -> None:
+        self.file_id = item.file.file_id
         self._db = Database(owner.settings, stop=owner.stop)
-        self._sibling = Ingestor(owner.settings, self._db, owner.store, owner.source, owner.stop)
+        self._sibling = Ingestor(owner.settings, self._db, owner.store, owner.source, owner.stop, leases=owner.leases)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="x-importance")
         self._job = self._pool.submit(self._sibling._handle, item)
 
@@ -751,7 +829,6 @@ def run_worker(settings: Settings, *, drain: bool, stop: threading.Event | None 
     stop = stop or threading.Event()
     db = Database(settings, stop=stop)
     db.apply_schema()
-    db.hold_lock(SINGLE_X_LOCK, who="Mechanism X")
     store = open_lake(settings, stop=stop)
     source = open_source(settings, db, stop=stop)
     log.info("mechanism X: reading %s, writing %s", source.describe(), store.describe())

@@ -32,6 +32,7 @@ class FileMonitor:
         self.source = source
         self.db = db
         self.source_tag = "gdrive" if "drive" in source.kind.lower() else "local"
+        self._last_work = ""
 
     def records(self) -> dict[str, dict[str, Any]]:
         return ledger.file_records(self.db)
@@ -44,23 +45,11 @@ class FileMonitor:
         present = set()
         for f in files:
             present.add(f.file_id)
-            rec = records.get(f.file_id)
-            if rec is None:
-                work.append(FileWork(f, None, "new"))
-            elif rec["status"] == "ingesting":
-                work.append(FileWork(f, rec, "resume"))
-            elif rec["checksum"] == f.checksum and f.checksum is not None:
-                if rec["status"] in ("deleted", "conflict"):
-                    status = _restored_status(rec)
-                    ledger.restore_file_status(self.db, f.file_id, status)
-                    log.info("file %s (%s) is back as it was ingested (%s)", f.file_id, f.name, status)
-            elif rec["status"] == "conflict" and rec["conflict_checksum"] == f.checksum:
-                continue  # already reported, still rewritten
-            else:
-                work.append(FileWork(f, rec, "changed"))
+            item = self._classify(f, records.get(f.file_id))
+            if item is not None:
+                work.append(item)
         for file_id, rec in records.items():
-            if file_id not in present and rec["status"] != "deleted":
-                ledger.mark_file_deleted(self.db, file_id)
+            if file_id not in present and rec["status"] != "deleted" and ledger.mark_file_deleted(self.db, file_id):
                 self.db.log_event(
                     COMPONENT,
                     "WARNING",
@@ -70,9 +59,33 @@ class FileMonitor:
                 )
                 log.warning("file %s (%s) left the source; what was ingested stays", file_id, rec["name"])
         work.sort(key=lambda w: (not looks_like_importance(w), w.file.modified_time, w.file.name))
-        if work:
-            log.info("poll: %d file(s) need work: %s", len(work), ", ".join(f"{w.file.name} ({w.why})" for w in work))
+        described = ", ".join(f"{w.file.name} ({w.why})" for w in work)
+        if described:  # said once, not at every poll while another Mechanism X works on the same files
+            (log.info if described != self._last_work else log.debug)(
+                "poll: %d file(s) need work: %s", len(work), described
+            )
+        self._last_work = described
         return work
+
+    def recheck(self, f: SourceFile) -> FileWork | None:
+        """The work `f` needs by its ledger row as it is now (another Mechanism X may have moved it on since the
+        poll read it); None when it needs none."""
+        return self._classify(f, ledger.file_records(self.db, f.file_id).get(f.file_id))
+
+    def _classify(self, f: SourceFile, rec: dict[str, Any] | None) -> FileWork | None:
+        if rec is None:
+            return FileWork(f, None, "new")
+        if rec["status"] == "ingesting":
+            return FileWork(f, rec, "resume")
+        if rec["checksum"] == f.checksum and f.checksum is not None:
+            if rec["status"] in ("deleted", "conflict"):
+                status = _restored_status(rec)
+                ledger.restore_file_status(self.db, f.file_id, status)
+                log.info("file %s (%s) is back as it was ingested (%s)", f.file_id, f.name, status)
+            return None
+        if rec["status"] == "conflict" and rec["conflict_checksum"] == f.checksum:
+            return None  # already reported, still rewritten
+        return FileWork(f, rec, "changed")
 
     def start_file(self, f: SourceFile, kind: str) -> None:
         """Mark the file as being ingested (creating its ledger row if new)."""

@@ -59,7 +59,7 @@ from src.schemas.transaction_schemas import (
     weights_spark_schema,
 )
 from src.utils import lake_paths
-from src.utils.db import CHUNK_CHANNEL, Database, Listener, copy_csv, copy_rows
+from src.utils.db import CHUNK_CHANNEL, Database, Listener, LockLost, copy_csv, copy_rows
 from src.utils.object_store import ObjectStore, parquet_bytes
 from src.utils.retry import brief
 from src.utils.runtime import EXIT_DRAIN_IMPOSSIBLE, READY_FILE_ENV, drain_parser, x_finished
@@ -93,6 +93,10 @@ WEIGHTS_SQL = "SELECT source, target, sum(weight), count(*) FROM customer_import
 MAX_BATCH_ROWS = 200_000  # a batch takes more than one chunk only while it stays within this many rows
 
 
+class StandbyDone(ProcessorError):
+    """A standby under --drain found everything processed by the active Y: nothing is left to take over."""
+
+
 class StreamProcessor:
     def __init__(self, settings: Settings, db: Database, store: ObjectStore, spark, stop: threading.Event) -> None:
         self.settings = settings
@@ -118,18 +122,23 @@ class StreamProcessor:
         self._prefetched_weights: tuple[int, pa.Table] | None = None
         self._warmed = False
         self._idle_since: float | None = None
+        self.holder = ledger.holder_id()
+        self._term: int | None = None  # of this Y's leadership (ledger.take_leadership)
+        self._standby_drain = False
+        self._reported_ready = False
+        self.standby_session = None  # a BackgroundSession a standby may warm up while it waits (run_worker)
+        self._standby_warm_up: threading.Thread | None = None
 
     # ---------------------------------------------------------------- start-up
 
-    def prepare(self) -> None:
+    def prepare(self, *, drain: bool = False) -> None:
         """The start-up work that needs only PostgreSQL, done while Spark's JVM starts (`run_worker` starts the
-        session on a thread): the single-Y lock, the listener, the state and the weights read out as Arrow
+        session on a thread): the leadership, the listener, the state and the weights read out as Arrow
         tables, the detections so far. Done once; `start` calls it when nobody did."""
         if self._prepared:
             return
-        # One active Y per database; a second one (another daemon) waits here as a standby. The lock is
-        # re-taken on every reconnect (Database.hold_lock).
-        self.db.hold_lock(SINGLE_Y_LOCK, who="Mechanism Y")
+        self._standby_drain = drain
+        self._lead()
         self._listen = Listener(self.db, CHUNK_CHANNEL)
         self._state_table = self._copy_out(STATE_SQL, STATE_ARROW_SCHEMA)
         self._prefetched_weights = self._fetch_weights()
@@ -139,6 +148,66 @@ class StreamProcessor:
         }
         self.writer.tick(final=False)
         self._prepared = True
+
+    def _lead(self) -> None:
+        """Become the one active Y on this database, or stand by until the active one (another daemon's) stops.
+
+        The advisory lock decides; the session of a killed leader ends with it, so the lock frees at once and
+        the standby, polling it every second, takes over (event `standby_takeover`). A standby holds one
+        PostgreSQL connection and reads nothing of the state before it leads (the leader is changing it). The
+        lock is re-taken on every reconnect; if another Y led meanwhile, LockLost ends this one (its state in
+        memory is stale) and the supervisor starts it again, as a standby."""
+        self.db.hold_lock(SINGLE_Y_LOCK, who="Mechanism Y", while_waiting=self._stand_by, on_taken=self._on_leading)
+
+    def _stand_by(self, conn) -> None:
+        """At each poll of a standby: chunks are served by the leader, so this daemon's X need not hold them
+        (`_report_ready`); under --drain, once the leader has processed everything, there is nothing to take
+        over (StandbyDone)."""
+        if not self._reported_ready:
+            self._report_ready()
+        self._warm_up_on_standby()
+        if x_finished():
+            self.drain_requested.set()
+        if not (self._standby_drain or self.drain_requested.is_set()):
+            return
+        with conn.cursor() as cur:
+            done = ledger.all_processed(cur)
+        conn.commit()
+        if done:
+            raise StandbyDone("drain: the active Mechanism Y has processed every chunk; the standby exits")
+
+    def _warm_up_on_standby(self) -> None:
+        """Once the session a standby started in advance is up: Spark's first plans, code generation and JIT
+        are paid for while waiting (`warm_up`, on a thread, so the lock is still polled every second), and
+        the first batch after a takeover runs warm. The warm-up gives way as soon as this Y leads."""
+        session = self.standby_session
+        if self._standby_warm_up is not None or session is None or not session.started():
+            return
+
+        def warm() -> None:
+            try:
+                self.spark = session.wait()
+                if self.warm_up(abandon=lambda: self.stop.is_set() or self._term is not None):
+                    self._warmed = True
+            except Exception as exc:  # noqa: BLE001 - only an optimisation: the first batch warms Spark up anyway
+                log.info("standby warm-up skipped: %s", brief(exc))
+
+        self._standby_warm_up = threading.Thread(target=warm, name="y-standby-warm-up", daemon=True)
+        self._standby_warm_up.start()
+
+    def _on_leading(self, conn, first: bool) -> None:
+        with conn.cursor() as cur:
+            if first:
+                self._term, previous = ledger.take_leadership(cur, COMPONENT, self.holder)
+                log.info(
+                    "mechanism Y %s leads (term %d; previous leader %s)",
+                    self.holder,
+                    self._term,
+                    previous or "none",
+                    extra={"event": "y_leader"},
+                )
+            elif not ledger.still_leader(cur, COMPONENT, self.holder, self._term):
+                raise LockLost("another Mechanism Y led while this one's connection was down; starting again")
 
     def start(self) -> None:
         """Ready as soon as the session is up: X releases its first chunk then (see `_report_ready`), and the
@@ -159,10 +228,11 @@ class StreamProcessor:
             extra={"event": "y_ready"},
         )
 
-    @staticmethod
-    def _report_ready() -> None:
+    def _report_ready(self) -> None:
         """Under the supervisor, X holds its first chunk until this file exists (main.py): created once the
-        session is up, so chunks are not paced out into a queue nobody serves during the JVM's start."""
+        session is up, so chunks are not paced out into a queue nobody serves during the JVM's start (or at
+        once by a standby: the leader serves them)."""
+        self._reported_ready = True
         ready = os.environ.get(READY_FILE_ENV)
         if ready:
             with open(ready, "w") as f:
@@ -844,15 +914,23 @@ def run_worker(
     submitted: dict[str, str] | None = None,
 ) -> int:
     """Y's process: the Spark session starts on a thread while the PostgreSQL side of the start-up (schema,
-    lock, state, weights, detections so far) is done here, then the loop runs. `submitted` is spark-submit's
-    conf, which wins over the product's own (`src.packaging.submitted_conf`)."""
+    leadership, state, weights, detections so far) is done here, then the loop runs. `submitted` is
+    spark-submit's conf, which wins over the product's own (`src.packaging.submitted_conf`).
+
+    A standby (another daemon's Y leads) waits in `prepare`. With a local master its session is started in
+    advance meanwhile (memory of this machine only; takeover then skips the JVM's start); with a cluster master
+    it starts only once this Y leads, so a standby holds none of the cluster's executors."""
     from src.observability.logs import spark_logging_conf
     from src.resources import open_lake
     from src.utils.spark_utils import BackgroundSession
 
     stop = stop or threading.Event()
     conf = {**spark_logging_conf(settings), **(submitted or {})}
-    session = BackgroundSession(settings, app_name="mechanism-y", extra_conf=conf)
+
+    def start_session() -> BackgroundSession:
+        return BackgroundSession(settings, app_name="mechanism-y", extra_conf=conf)
+
+    session = start_session() if settings.spark_local else None
     spark = None
     db = Database(settings, stop=stop)
     try:
@@ -861,7 +939,13 @@ def run_worker(
         processor = StreamProcessor(settings, db, store, None, stop)
         if drain_requested is not None:
             processor.drain_requested = drain_requested
-        processor.prepare()
+        processor.standby_session = session
+        try:
+            processor.prepare(drain=drain)
+        except StandbyDone as exc:
+            log.info("%s", exc, extra={"event": "drained"})
+            return 0
+        session = session or start_session()
         spark = processor.spark = session.wait()
         log.info("mechanism Y: reading %s with Spark %s", store.describe(), spark.version)
         code = processor.run(drain=drain)
@@ -871,7 +955,7 @@ def run_worker(
         try:
             if spark is not None:
                 spark.stop()
-            else:
+            elif session is not None:
                 session.discard()
         finally:
             db.close()

@@ -16,6 +16,7 @@ import logging
 import os
 import select
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 from urllib.parse import urlsplit
@@ -248,40 +249,108 @@ class Database:
 
     # ------------------------------------------------------------ advisory locks
 
-    def hold_lock(self, key: int, *, who: str, wait: bool = True) -> None:
+    def hold_lock(
+        self,
+        key: int,
+        *,
+        who: str,
+        wait: bool = True,
+        while_waiting: Callable[[psycopg2.extensions.connection], None] | None = None,
+        on_taken: Callable[[psycopg2.extensions.connection, bool], None] | None = None,
+    ) -> None:
         """Hold session advisory lock `key` on this connection, now and after every reconnect.
 
-        With `wait`, block (logging once) while another process holds it — a standby waits for the active
-        one; without, raise RuntimeError at once.
+        With `wait`, poll every LOCK_POLL_SECONDS while another process holds it — a standby waiting for the
+        active one (`while_waiting(conn)` runs at each poll: it may raise to give up); without, raise LockHeld
+        at once. `on_taken(conn, first)` runs once the lock is held. After a reconnect the lock is taken again
+        without waiting: if another process took it while the connection was down, LockLost is raised (the
+        holder's work in memory may be stale; it must start again), and `on_taken(conn, False)` may raise it too.
         """
+        first = True
 
         def take(conn: psycopg2.extensions.connection) -> None:
-            announced = False
-            while True:
-                with conn.cursor() as cur:
-                    cur.execute("SELECT pg_try_advisory_lock(%s)", (key,))
-                    got = cur.fetchone()[0]
-                conn.commit()
-                if got:
-                    if announced:
-                        log.info("%s: the lock is free; going on", who)
-                    return
-                if not wait:
-                    raise LockHeld(f"another {who} is already running against this database; stop it first")
-                if not announced:
-                    log.warning("another %s holds the lock on this database; waiting for it to stop", who)
-                    announced = True
-                if self.stop is not None and self.stop.wait(2.0):
-                    raise LockHeld(f"stopped while waiting for another {who} to stop")
-                if self.stop is None:
-                    threading.Event().wait(2.0)
+            nonlocal first
+            waited = _wait_for_lock(conn, key, who, wait=wait and first, while_waiting=while_waiting, stop=self.stop)
+            if waited is None and first:
+                raise LockHeld(f"another {who} is already running against this database; stop it first")
+            if waited is None:
+                raise LockLost(f"another {who} took the lock while this one's connection was down; starting again")
+            if on_taken is not None:
+                on_taken(conn, first)
+            conn.commit()
+            first = False
 
         self.on_connect(take)
         self.conn  # noqa: B018 - connect now, so the lock is held before any work
 
+    @contextmanager
+    def session_lock(self, key: int) -> Iterator[None]:
+        """Hold advisory lock `key` (waiting for it) around a block that does I/O elsewhere, outside any
+        transaction. A connection lost meanwhile loses the lock: use it where a block run unguarded is harmless
+        (a file rewritten from the database, say)."""
+        self.run(lambda cur: cur.execute("SELECT pg_advisory_lock(%s)", (key,)), what="take an advisory lock")
+        try:
+            yield
+        finally:
+            try:
+                with self.transaction() as cur:
+                    cur.execute("SELECT pg_advisory_unlock(%s)", (key,))
+            except psycopg2.Error as exc:  # the connection went, and the lock with it
+                log.debug("advisory lock %d not released: %s", key, brief(exc))
+                self.reset()
+
+
+LOCK_POLL_SECONDS = 1.0  # a standby looks this often: it takes over within a second or two of the lock's release
+
+
+def _wait_for_lock(
+    conn: psycopg2.extensions.connection,
+    key: int,
+    who: str,
+    *,
+    wait: bool,
+    while_waiting: Callable[[psycopg2.extensions.connection], None] | None,
+    stop: threading.Event | None,
+) -> float | None:
+    """Take advisory lock `key` on `conn`; returns the seconds waited, None when it is held and `wait` is off."""
+    t0 = time.monotonic()
+    announced = False
+    while True:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+            got = cur.fetchone()[0]
+        conn.commit()
+        if got:
+            waited = time.monotonic() - t0
+            if announced:
+                log.warning(
+                    "%s: the lock is free (its holder stopped); taking over after %.1f s as standby",
+                    who,
+                    waited,
+                    extra={"event": "standby_takeover"},
+                )
+            return waited
+        if not wait:
+            return None
+        if not announced:
+            log.warning(
+                "another %s holds the lock on this database; standing by until it stops",
+                who,
+                extra={"event": "standby_waiting"},
+            )
+            announced = True
+        if while_waiting is not None:
+            while_waiting(conn)
+        if (stop or threading.Event()).wait(LOCK_POLL_SECONDS):
+            raise LockHeld(f"stopped while waiting for another {who} to stop")
+
 
 class LockHeld(ProcessorError):
     """Another process holds the advisory lock this one needs."""
+
+
+class LockLost(ProcessorError):
+    """This process held an advisory lock, lost it with its connection, and another process took it."""
 
 
 def _raise_if_permanent(exc: psycopg2.OperationalError, target: str) -> None:
@@ -378,6 +447,7 @@ __all__ = [
     "Database",
     "Listener",
     "LockHeld",
+    "LockLost",
     "connection_kwargs",
     "copy_csv",
     "copy_rows",

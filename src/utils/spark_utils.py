@@ -363,6 +363,10 @@ class BackgroundSession:
             return
         log.info("Spark session started in %.1f s, beside the rest of the start-up", time.perf_counter() - t0)
 
+    def started(self) -> bool:
+        """Has the start finished (up, or failed: `wait` says which)? Never blocks."""
+        return not self._thread.is_alive()
+
     def wait(self) -> "SparkSession":
         """The session once it is up; the start's own error (no Java, bad settings...) is raised here."""
         self._thread.join()
