@@ -24,6 +24,11 @@ if str(ROOT) not in sys.path:
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+# Every product run a test starts serves /metrics on a port of its own (0: the kernel picks a free one), so runs
+# side by side (pytest-xdist's workers, another checkout's tests) never fight over the default 127.0.0.1:9464.
+# Tests of the metrics server set METRICS_ADDR themselves.
+FREE_METRICS_ADDR = "127.0.0.1:0"
+os.environ.setdefault("METRICS_ADDR", FREE_METRICS_ADDR)
 
 
 @dataclass
@@ -109,6 +114,7 @@ def run_env(pg_server: PgServer, db: str, root: Path) -> dict[str, str]:
         "SPARK_MASTER": "local[2]",
         "SPARK_LOCAL_IP": "127.0.0.1",
         "LOG_LEVEL": "INFO",
+        "METRICS_ADDR": FREE_METRICS_ADDR,
     }
     env.update(pg_server.env_for(db))
     return env
@@ -154,3 +160,14 @@ def spark():
     session = start_session(settings, app_name="tests")
     yield session
     session.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with a slow test first, the others after them, each in its own order.
+
+    Under pytest-xdist (pyproject: two workers, a module whole on one worker, modules handed out in this order)
+    the minutes-long modules start at once and the many short ones fill the other worker meanwhile, instead of
+    a slow module starting last and running alone.
+    """
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)

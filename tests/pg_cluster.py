@@ -11,6 +11,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+START_TRIES = 3
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -36,6 +38,7 @@ class PgCluster:
         self.bindir = bindir
         self.pgdata = root / "data"
         self.port = free_port()
+        self.started = False
         self.prefix: list[str] = []
         if os.geteuid() == 0:
             pw = pwd.getpwnam("postgres")
@@ -60,8 +63,19 @@ class PgCluster:
         )
 
     def start(self) -> None:
-        log = str(self.root / "log")
-        self._ctl("pg_ctl", "-D", str(self.pgdata), "-o", self.options, "-l", log, "-w", "start", check=True)
+        """Start the server; its first start moves to another free port if the one picked was taken meanwhile
+        (tests running side by side pick ports at the same time), later starts keep the port clients know."""
+        log = self.root / "log"
+        tries = 1 if self.started else START_TRIES
+        for attempt in range(1, tries + 1):
+            done = self._ctl("pg_ctl", "-D", str(self.pgdata), "-o", self.options, "-l", str(log), "-w", "start")
+            if done.returncode == 0:
+                self.started = True
+                return
+            if attempt < tries:
+                self.port = free_port()
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no server log)"
+        raise RuntimeError(f"PostgreSQL in {self.pgdata} did not start on 127.0.0.1:{self.port}; its log ends: {tail}")
 
     def restart(self, mode: str = "fast") -> None:
         log = str(self.root / "log")

@@ -17,6 +17,7 @@ fixtures by name). Fixtures:
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import logging
 import os
@@ -357,7 +358,12 @@ def hadoop_aws_jars() -> list[Path]:
     from src.utils.spark_utils import fetch_hadoop_aws_jars
 
     data_dir = use_shared_ivy(Path(tempfile.mkdtemp(prefix="tp-ivy-")))
-    return fetch_hadoop_aws_jars(Settings.from_env({"DATA_DIR": str(data_dir)}, dotenv=Path("/nonexistent")))
+    settings = Settings.from_env({"DATA_DIR": str(data_dir)}, dotenv=Path("/nonexistent"))
+    # One Ivy at a time in the shared cache: pytest-xdist's workers (or two checkouts) start this fixture at once,
+    # and the second must find the first one's jars instead of downloading into the same files.
+    with open(shared_cache_dir() / "hadoop-aws.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return fetch_hadoop_aws_jars(settings)
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ def parse_addr(value: str) -> tuple[str, int] | None:
     if text.lower() in ("off", "none", "false", "0", ""):
         return None
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:  # 0: a free port, as Settings accepts
         raise SettingsError(f"METRICS_ADDR={value!r} is not host:port (e.g. 127.0.0.1:9464) or off")
     return host.strip("[]") or "127.0.0.1", int(port)
 
