@@ -859,7 +859,9 @@ def run_worker(
         if drain_requested is not None:
             processor.drain_requested = drain_requested
         processor.prepare()
-        spark = processor.spark = session.wait()
+        spark = processor.spark = session.wait(stop)
+        if spark is None:
+            return 0  # stopped while the JVM was starting
         log.info("mechanism Y: reading %s with Spark %s", store.describe(), spark.version)
         code = processor.run(drain=drain)
         processor.write_quality_report()

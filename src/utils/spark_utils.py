@@ -344,11 +344,15 @@ class BackgroundSession:
     while the JVM starts, which is most of a worker's start-up. The session is built off the main thread, so
     PySpark leaves the main thread's SIGINT handler (the worker's stop handler) alone."""
 
+    WAIT_SLICE_S = 0.2  # how often `wait` looks at the stop request while the JVM starts
+
     def __init__(
         self, settings: Settings, app_name: str = "transaction-processor", *, extra_conf: dict[str, str] | None = None
     ) -> None:
         self._session: SparkSession | None = None
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._discarded = False
         self._thread = threading.Thread(
             target=self._start, args=(settings, app_name, extra_conf), name="spark-start", daemon=True
         )
@@ -357,15 +361,26 @@ class BackgroundSession:
     def _start(self, settings: Settings, app_name: str, extra_conf: dict[str, str] | None) -> None:
         t0 = time.perf_counter()
         try:
-            self._session = start_session(settings, app_name, extra_conf=extra_conf)
+            session = start_session(settings, app_name, extra_conf=extra_conf)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller by wait()
             self._error = exc
             return
+        with self._lock:
+            self._session = session
+            discarded = self._discarded
+        if discarded:  # the caller gave up while the JVM started: nobody will ever use it
+            session.stop()
+            return
         log.info("Spark session started in %.1f s, beside the rest of the start-up", time.perf_counter() - t0)
 
-    def wait(self) -> "SparkSession":
-        """The session once it is up; the start's own error (no Java, bad settings...) is raised here."""
-        self._thread.join()
+    def wait(self, stop: threading.Event | None = None) -> "SparkSession | None":
+        """The session once it is up; None as soon as `stop` is set while the JVM is still starting (a stop
+        request must not wait for a whole session start). The start's own error (no Java, bad settings...)
+        is raised here."""
+        while self._thread.is_alive():
+            if stop is not None and stop.is_set():
+                return None
+            self._thread.join(self.WAIT_SLICE_S)
         if self._error is not None:
             raise self._error
         if self._session is None:
@@ -373,10 +388,13 @@ class BackgroundSession:
         return self._session
 
     def discard(self) -> None:
-        """After the caller's start-up failed: stop the session once it is up (nobody else holds it)."""
-        self._thread.join()
-        if self._session is not None:
-            self._session.stop()
+        """After the caller's start-up failed or was stopped: stop the session, now if it is up, else as soon as it
+        is (by the starting thread), without waiting for it."""
+        with self._lock:
+            self._discarded = True
+            session = self._session
+        if session is not None:
+            session.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

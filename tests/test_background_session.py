@@ -1,0 +1,72 @@
+"""`BackgroundSession` (src/utils/spark_utils.py): a stop request during the JVM's start is not held up by it.
+
+The JVM start is replaced by a stand-in that blocks until the test lets it finish: what is under test is the
+waiting and discarding around it, which must not depend on how long a real start takes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from config.config import Settings
+from src.utils import spark_utils
+
+
+class _Session:
+    def __init__(self) -> None:
+        self.stopped = threading.Event()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+@pytest.fixture
+def slow_start(monkeypatch, tmp_path):
+    """A `start_session` that returns a session only once `release` is set."""
+    release = threading.Event()
+    made: list[_Session] = []
+
+    def start(settings, app_name, *, extra_conf=None):
+        release.wait(60)
+        made.append(_Session())
+        return made[-1]
+
+    monkeypatch.setattr(spark_utils, "start_session", start)
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path)}, dotenv=Path("/nonexistent"))
+    return settings, release, made
+
+
+def test_wait_returns_on_stop_while_the_jvm_starts_and_discard_stops_it_later(slow_start):
+    settings, release, made = slow_start
+    background = spark_utils.BackgroundSession(settings)
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    t0 = time.monotonic()
+    assert background.wait(stop) is None
+    assert time.monotonic() - t0 < 30  # the start itself would have waited 60 s
+    assert not made  # returned before the session existed
+    background.discard()  # must not wait for the start either
+    release.set()
+    background._thread.join(30)
+    assert made and made[0].stopped.wait(30)  # the starting thread stopped the session nobody will use
+
+
+def test_wait_returns_the_session_once_up_and_raises_the_starts_error(slow_start, monkeypatch):
+    settings, release, made = slow_start
+    release.set()
+    background = spark_utils.BackgroundSession(settings)
+    session = background.wait(threading.Event())
+    assert session is made[0] and not session.stopped.is_set()
+    background.discard()
+    assert session.stopped.is_set()
+
+    def broken(settings, app_name, *, extra_conf=None):
+        raise spark_utils.ProcessorError("no Java here")
+
+    monkeypatch.setattr(spark_utils, "start_session", broken)
+    with pytest.raises(spark_utils.ProcessorError, match="no Java here"):
+        spark_utils.BackgroundSession(settings).wait()
