@@ -1,4 +1,5 @@
-"""`BackgroundSession` (src/utils/spark_utils.py): a stop request during the JVM's start is not held up by it.
+"""The start of the driver's session (src/utils/spark_utils.py): a stop request during the JVM's start is not held up
+by it (`BackgroundSession`), and the class archive is mapped only when it was made for this Java and Spark.
 
 The JVM start is replaced by a stand-in that blocks until the test lets it finish: what is under test is the
 waiting and discarding around it, which must not depend on how long a real start takes.
@@ -70,3 +71,21 @@ def test_wait_returns_the_session_once_up_and_raises_the_starts_error(slow_start
     monkeypatch.setattr(spark_utils, "start_session", broken)
     with pytest.raises(spark_utils.ProcessorError, match="no Java here"):
         spark_utils.BackgroundSession(settings).wait()
+
+
+def test_the_class_archive_is_mapped_only_when_built_for_this_java_and_spark(tmp_path):
+    """`start_session` adds `-XX:SharedArchiveFile` only for an archive under DATA_DIR whose name is the key of
+    this Java, Spark and class path; another key's file (an older Java or Spark) is never passed to the JVM."""
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path)}, dotenv=Path("/nonexistent"))
+    archive = spark_utils.class_archive(settings)
+    assert archive.parent == tmp_path / "spark" / "class-archive"
+    assert spark_utils.class_archive_conf(settings) == {}
+    archive.parent.mkdir(parents=True)
+    stale = archive.with_name("driver-0000000000000000.jsa")
+    stale.write_bytes(b"made for another Java")
+    assert spark_utils.class_archive_conf(settings) == {}
+    archive.write_bytes(b"stand-in: the JVM checks the content itself and ignores an archive it cannot map")
+    conf = spark_utils.class_archive_conf(settings)
+    assert conf == {"spark.driver.extraJavaOptions": f"-XX:SharedArchiveFile={archive.resolve()}"}
+    other = Settings.from_env({"DATA_DIR": str(tmp_path), "SPARK_JARS": str(archive)}, dotenv=Path("/nonexistent"))
+    assert spark_utils.class_archive(other) == archive  # SPARK_JARS only matters with a bucket (driver class path)
