@@ -379,11 +379,16 @@ def build_class_archive(
             stale.unlink(missing_ok=True)
     tmp = (target.parent / f"_tmp-{os.getpid()}.jsa").resolve()
     if " " in str(tmp):
-        raise SettingsError(f"DATA_DIR {settings.data_dir} has a space: the JVM option for the class archive cannot")
+        raise SettingsError(
+            f"DATA_DIR {settings.data_dir} has a space, which a JVM option cannot hold: use a DATA_DIR without spaces"
+        )
     spark = start_session(
         settings, "class-archive", extra_conf={JAVA_OPTIONS_KEY: f"-XX:ArchiveClassesAtExit={tmp} -Xlog:cds=error"}
     )
-    jvm = spark.sparkContext._gateway.proc
+    jvm = getattr(spark.sparkContext._gateway, "proc", None)
+    if jvm is None:  # a JVM this process did not launch (spark-submit): it would write the archive on its own exit
+        spark.stop()
+        raise ProcessorError("build the class archive with `python -m src.mechanism_y.class_archive`, not spark-submit")
     try:
         exercise(spark)
     finally:
