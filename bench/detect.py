@@ -349,6 +349,20 @@ class PySpy(threading.Thread):
             time.sleep(0.1)
 
 
+def install_class_archive(env: dict[str, str], data: Path) -> None:
+    """The class archive for this Java and Spark, built once under bench/out/ (minutes), linked into `data`."""
+    cache = ROOT / "bench" / "out" / "class-archive-data"
+    archive_dir = Path("spark") / "class-archive"
+    if not list((cache / archive_dir).glob("driver-*.jsa")):
+        print(f"building the driver JVM's class archive into {cache} (once) ...", flush=True)
+        build_env = {**env, "DATA_DIR": str(cache)}
+        subprocess.run([sys.executable, "-m", "src.mechanism_y.class_archive"], cwd=ROOT, env=build_env, check=True)
+    (data / archive_dir).mkdir(parents=True, exist_ok=True)
+    for jsa in (cache / archive_dir).glob("driver-*.jsa"):
+        os.link(jsa, data / archive_dir / jsa.name)
+        print(f"class archive   {jsa.name} linked into the run's DATA_DIR", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python bench/detect.py",
@@ -367,6 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--py-spy", help="path to a py-spy binary: record Y's driver with it (with --profile)")
     parser.add_argument("--no-anchors", action="store_true", help="skip the issue-12 anchors (bench/anchors.py)")
+    parser.add_argument(
+        "--class-archive",
+        action="store_true",
+        help="give the run's DATA_DIR the driver JVM's class archive (python -m src.mechanism_y.class_archive, "
+        "built once into bench/out/ and reused; untimed): the daemon and anchor (a) both map it",
+    )
     args = parser.parse_args(argv)
 
     sample = sample_dir(args.rows, args.seed)
@@ -389,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
             "LOG_FORMAT": "text",
         }
     )
+    if args.class_archive:
+        install_class_archive(env, data)
     anchor_env = dict(env)
     events = None
     if args.profile:

@@ -946,7 +946,9 @@ def run_worker(
             log.info("%s", exc, extra={"event": "drained"})
             return 0
         session = session or start_session()
-        spark = processor.spark = session.wait()
+        spark = processor.spark = session.wait(stop)
+        if spark is None:
+            return 0  # stopped while the JVM was starting
         log.info("mechanism Y: reading %s with Spark %s", store.describe(), spark.version)
         code = processor.run(drain=drain)
         processor.write_quality_report()

@@ -38,6 +38,7 @@ uncapped backoff: after a long outage a read may sleep on for up to about as lon
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 import re
@@ -48,7 +49,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlparse
 
 from config.config import Settings
@@ -323,17 +324,115 @@ def checkpoint(df: "DataFrame", settings: Settings, *, eager: bool = True) -> "D
     return df.localCheckpoint(eager=eager) if settings.spark_local else df.checkpoint(eager=eager)
 
 
+CLASS_ARCHIVE_DIR = Path("spark") / "class-archive"
+
+
+def class_archive(settings: Settings) -> Path:
+    """Where the driver JVM's class archive (AppCDS) for this Java, Spark and class path lives under DATA_DIR.
+
+    The name is a key of what the archive was made for: another Java, pyspark, jar set or driver class path
+    names another file, so a stale archive is never used (and the JVM itself ignores one it cannot map)."""
+    from config.spark_config import DRIVER_JAVA_OPTIONS
+
+    java = find_java() or ""
+    real = os.path.realpath(java) if java else ""
+    jars = pyspark_jars_dir()
+    parts = [
+        real,
+        str(os.stat(real).st_mtime_ns) if real else "",
+        *sorted(f"{j.name}:{j.stat().st_size}" for j in jars.glob("*.jar")),
+        session_conf(settings, "key").get("spark.driver.extraClassPath", ""),
+        DRIVER_JAVA_OPTIONS,
+    ]
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    return settings.data_dir / CLASS_ARCHIVE_DIR / f"driver-{key}.jsa"
+
+
+def class_archive_conf(settings: Settings) -> dict[str, str]:
+    """The driver's Java option that maps the class archive, when `build_class_archive` has made one: the JVM then
+    loads Spark's classes from it instead of parsing and verifying thousands of them from the jars (the session
+    starts in about half the time, bench/README.md). Nothing when there is none (or the path has a space,
+    which Spark's option splitting would break)."""
+    from config.spark_config import JAVA_OPTIONS_KEY
+
+    archive = class_archive(settings).resolve()
+    if not archive.is_file() or " " in str(archive):
+        return {}
+    return {JAVA_OPTIONS_KEY: f"-XX:SharedArchiveFile={archive}"}
+
+
+def build_class_archive(
+    settings: Settings, exercise: Callable[["SparkSession"], None], *, timeout: float = 900
+) -> Path:
+    """Make the class archive of `class_archive` once: a session runs `exercise` (the product's Spark path), and
+    its JVM writes the classes it loaded as it exits (`-XX:ArchiveClassesAtExit`) to a file of its own, renamed
+    into place only once the JVM has exited cleanly. So a reader sees a whole archive or none; a crash leaves a
+    `_tmp-<pid>.jsa` that the next build removes."""
+    from config.spark_config import JAVA_OPTIONS_KEY
+
+    target = class_archive(settings)
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob("_tmp-*.jsa"):
+        if not _pid_alive(stale.stem.removeprefix("_tmp-")):
+            stale.unlink(missing_ok=True)
+    tmp = (target.parent / f"_tmp-{os.getpid()}.jsa").resolve()
+    if " " in str(tmp):
+        raise SettingsError(
+            f"DATA_DIR {settings.data_dir} has a space, which a JVM option cannot hold: use a DATA_DIR without spaces"
+        )
+    spark = start_session(
+        settings, "class-archive", extra_conf={JAVA_OPTIONS_KEY: f"-XX:ArchiveClassesAtExit={tmp} -Xlog:cds=error"}
+    )
+    jvm = getattr(spark.sparkContext._gateway, "proc", None)
+    if jvm is None:  # a JVM this process did not launch (spark-submit): it would write the archive on its own exit
+        spark.stop()
+        raise ProcessorError("build the class archive with `python -m src.mechanism_y.class_archive`, not spark-submit")
+    try:
+        exercise(spark)
+    finally:
+        spark.stop()
+        jvm.stdin.close()  # the gateway exits on EOF of its stdin; the JVM writes the archive as it exits
+    try:
+        code = jvm.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise ProcessorError(f"the JVM did not finish writing the class archive {tmp} in {timeout:.0f} s") from None
+    if code != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
+        tmp.unlink(missing_ok=True)
+        raise ProcessorError(f"the JVM exited {code} without writing the class archive {tmp}")
+    os.replace(tmp, target)
+    for old in target.parent.glob("driver-*.jsa"):
+        if old != target:
+            old.unlink(missing_ok=True)  # made for another Java, Spark or class path: never used again
+    return target
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def start_session(
     settings: Settings, app_name: str = "transaction-processor", *, extra_conf: dict[str, str] | None = None
 ) -> "SparkSession":
     """The product's SparkSession (built by `config.spark_config.build_spark_session`); `extra_conf` is what
-    the caller adds, e.g. the worker's JSON log layout (`src.observability.logs.spark_logging_conf`)."""
+    the caller adds, e.g. the worker's JSON log layout (`src.observability.logs.spark_logging_conf`). The driver
+    JVM maps the class archive of `build_class_archive` when there is one."""
     from config.spark_config import build_spark_session, merged_conf
 
     check_java()
     if settings.s3_bucket_name:
         prepare_s3a(settings)
-    conf = merged_conf(session_conf(settings, app_name), extra_conf)
+    archive = {} if "ArchiveClassesAtExit" in str(extra_conf) else class_archive_conf(settings)
+    if archive:
+        log.info("the driver JVM maps the class archive %s", class_archive(settings))
+    conf = merged_conf(merged_conf(session_conf(settings, app_name), archive), extra_conf)
     session = build_spark_session(settings, app_name, extra_conf=conf)
     share_credentials(session, settings)
     return session
@@ -344,11 +443,15 @@ class BackgroundSession:
     while the JVM starts, which is most of a worker's start-up. The session is built off the main thread, so
     PySpark leaves the main thread's SIGINT handler (the worker's stop handler) alone."""
 
+    WAIT_SLICE_S = 0.2  # how often `wait` looks at the stop request while the JVM starts
+
     def __init__(
         self, settings: Settings, app_name: str = "transaction-processor", *, extra_conf: dict[str, str] | None = None
     ) -> None:
         self._session: SparkSession | None = None
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._discarded = False
         self._thread = threading.Thread(
             target=self._start, args=(settings, app_name, extra_conf), name="spark-start", daemon=True
         )
@@ -357,9 +460,15 @@ class BackgroundSession:
     def _start(self, settings: Settings, app_name: str, extra_conf: dict[str, str] | None) -> None:
         t0 = time.perf_counter()
         try:
-            self._session = start_session(settings, app_name, extra_conf=extra_conf)
+            session = start_session(settings, app_name, extra_conf=extra_conf)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller by wait()
             self._error = exc
+            return
+        with self._lock:
+            self._session = session
+            discarded = self._discarded
+        if discarded:  # the caller gave up while the JVM started: nobody will ever use it
+            session.stop()
             return
         log.info("Spark session started in %.1f s, beside the rest of the start-up", time.perf_counter() - t0)
 
@@ -367,9 +476,14 @@ class BackgroundSession:
         """Has the start finished (up, or failed: `wait` says which)? Never blocks."""
         return not self._thread.is_alive()
 
-    def wait(self) -> "SparkSession":
-        """The session once it is up; the start's own error (no Java, bad settings...) is raised here."""
-        self._thread.join()
+    def wait(self, stop: threading.Event | None = None) -> "SparkSession | None":
+        """The session once it is up; None as soon as `stop` is set while the JVM is still starting (a stop
+        request must not wait for a whole session start). The start's own error (no Java, bad settings...)
+        is raised here."""
+        while self._thread.is_alive():
+            if stop is not None and stop.is_set():
+                return None
+            self._thread.join(self.WAIT_SLICE_S)
         if self._error is not None:
             raise self._error
         if self._session is None:
@@ -377,10 +491,13 @@ class BackgroundSession:
         return self._session
 
     def discard(self) -> None:
-        """After the caller's start-up failed: stop the session once it is up (nobody else holds it)."""
-        self._thread.join()
-        if self._session is not None:
-            self._session.stop()
+        """After the caller's start-up failed or was stopped: stop the session, now if it is up, else as soon as it
+        is (by the starting thread), without waiting for it."""
+        with self._lock:
+            self._discarded = True
+            session = self._session
+        if session is not None:
+            session.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

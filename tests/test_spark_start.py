@@ -1,0 +1,91 @@
+"""The start of the driver's session (src/utils/spark_utils.py): a stop request during the JVM's start is not held up
+by it (`BackgroundSession`), and the class archive is mapped only when it was made for this Java and Spark.
+
+The JVM start is replaced by a stand-in that blocks until the test lets it finish: what is under test is the
+waiting and discarding around it, which must not depend on how long a real start takes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from config.config import Settings
+from src.utils import spark_utils
+
+
+class _Session:
+    def __init__(self) -> None:
+        self.stopped = threading.Event()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+@pytest.fixture
+def slow_start(monkeypatch, tmp_path):
+    """A `start_session` that returns a session only once `release` is set."""
+    release = threading.Event()
+    made: list[_Session] = []
+
+    def start(settings, app_name, *, extra_conf=None):
+        release.wait(60)
+        made.append(_Session())
+        return made[-1]
+
+    monkeypatch.setattr(spark_utils, "start_session", start)
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path)}, dotenv=Path("/nonexistent"))
+    return settings, release, made
+
+
+def test_wait_returns_on_stop_while_the_jvm_starts_and_discard_stops_it_later(slow_start):
+    settings, release, made = slow_start
+    background = spark_utils.BackgroundSession(settings)
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    t0 = time.monotonic()
+    assert background.wait(stop) is None
+    assert time.monotonic() - t0 < 30  # the start itself would have waited 60 s
+    assert not made  # returned before the session existed
+    background.discard()  # must not wait for the start either
+    release.set()
+    background._thread.join(30)
+    assert made and made[0].stopped.wait(30)  # the starting thread stopped the session nobody will use
+
+
+def test_wait_returns_the_session_once_up_and_raises_the_starts_error(slow_start, monkeypatch):
+    settings, release, made = slow_start
+    release.set()
+    background = spark_utils.BackgroundSession(settings)
+    session = background.wait(threading.Event())
+    assert session is made[0] and not session.stopped.is_set()
+    background.discard()
+    assert session.stopped.is_set()
+
+    def broken(settings, app_name, *, extra_conf=None):
+        raise spark_utils.ProcessorError("no Java here")
+
+    monkeypatch.setattr(spark_utils, "start_session", broken)
+    with pytest.raises(spark_utils.ProcessorError, match="no Java here"):
+        spark_utils.BackgroundSession(settings).wait()
+
+
+def test_the_class_archive_is_mapped_only_when_built_for_this_java_and_spark(tmp_path):
+    """`start_session` adds `-XX:SharedArchiveFile` only for an archive under DATA_DIR whose name is the key of
+    this Java, Spark and class path; another key's file (an older Java or Spark) is never passed to the JVM."""
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path)}, dotenv=Path("/nonexistent"))
+    archive = spark_utils.class_archive(settings)
+    assert archive.parent == tmp_path / "spark" / "class-archive"
+    assert spark_utils.class_archive_conf(settings) == {}
+    archive.parent.mkdir(parents=True)
+    stale = archive.with_name("driver-0000000000000000.jsa")
+    stale.write_bytes(b"made for another Java")
+    assert spark_utils.class_archive_conf(settings) == {}
+    archive.write_bytes(b"stand-in: the JVM checks the content itself and ignores an archive it cannot map")
+    conf = spark_utils.class_archive_conf(settings)
+    assert conf == {"spark.driver.extraJavaOptions": f"-XX:SharedArchiveFile={archive.resolve()}"}
+    other = Settings.from_env({"DATA_DIR": str(tmp_path), "SPARK_JARS": str(archive)}, dotenv=Path("/nonexistent"))
+    assert spark_utils.class_archive(other) == archive  # SPARK_JARS only matters with a bucket (driver class path)
