@@ -373,9 +373,11 @@ def stage_rows(cur: Cursor, seq: int, payload: bytes) -> None:
 
 
 def staged_chunks(db: Database, seqs: list[int]) -> set[int]:
-    """Which of these chunks have staged rows (an index probe each: the rows themselves are not read)."""
+    """Which of these chunks have their rows staged: those with staged rows (an index probe each, the rows are
+    not read), and those without a row to stage."""
     rows = db.query(
-        "SELECT s FROM unnest(%s::bigint[]) AS s WHERE EXISTS (SELECT 1 FROM staged_rows r WHERE r.seq = s)",
+        "SELECT s FROM unnest(%s::bigint[]) AS s WHERE EXISTS (SELECT 1 FROM staged_rows r WHERE r.seq = s) "
+        "OR EXISTS (SELECT 1 FROM chunks c WHERE c.seq = s AND c.rows_valid = 0)",
         (seqs,),
     )
     return {r[0] for r in rows}

@@ -1,14 +1,18 @@
 """Mechanism Y: the chunks X records, in ledger order, through Spark into the running state and the patterns.
 
-Y takes every chunk that is waiting (up to Y_MAX_BATCH_CHUNKS) as one batch: it reads their Parquet
-objects with Spark in one pass, annotates problems, folds the clean rows into the per (merchant,
-customer) state and judges PatId1-3 at each chunk's own boundary (`pattern_detector.detect_batch`), so
-the detections and the chunk each is credited to are those of one-by-one processing. Keeping up, a
-batch is one chunk; behind (start-up, a burst, a restart), it catches up without paying Spark's
-per-job cost per chunk. It then commits in ONE PostgreSQL transaction: the clean rows
-(`transactions`), the state delta (`y_state`), the new detections and every chunk's processed mark.
-A crash before the commit leaves no trace, so the batch is done again from the state of the previous
-commit; after it, none of its chunks is ever redone.
+Y takes every chunk that is waiting (up to Y_MAX_BATCH_CHUNKS) as one batch and, in ONE Spark action
+(`_single_pass`), reads their Parquet objects, annotates problems, folds the clean rows into the per
+(merchant, customer) state and judges PatId1-3 at each chunk's own boundary
+(`pattern_detector.detect_batch`), so the detections and the chunk each is credited to are those of
+one-by-one processing. Keeping up, a batch is one chunk; behind (start-up, a burst, a restart), it
+catches up without paying Spark's per-job cost per chunk. The action returns to the driver only the
+detections, each chunk's counts and its rejected rows: the rows themselves reach `transactions` from the
+copy X staged with each chunk's ledger record (`staged_rows`). Y then commits in ONE PostgreSQL
+transaction: the staged rows published (minus the rejected) and folded into `y_state`, the new
+detections and every chunk's processed mark. A crash before the commit leaves no trace, so the batch is
+done again from the state of the previous commit; after it, none of its chunks is ever redone. Chunks
+without staged rows (recorded by an older X) and chunks repeating a row id take the driver path: their
+rows are collected, and the commit loads them.
 
     python -m src.mechanism_y.stream_processor [--drain]
 """
@@ -127,9 +131,8 @@ class StreamProcessor:
         self._prefetched_weights: tuple[int, pa.Table] | None = None
         self._warmed = False
         self._idle_since: float | None = None
-        self.rows_to_driver = (
-            0  # rows the last batch's Spark work returned to this driver (detections, counts, rejects)
-        )
+        # Rows the last batch's Spark work returned to this driver: hits, per-chunk summaries and rejected rows.
+        self.rows_to_driver = 0
 
     # ---------------------------------------------------------------- start-up
 
@@ -266,7 +269,7 @@ class StreamProcessor:
                 break  # strictly in order: a chunk whose object is not written yet holds back the rest
             total += c.rows_total or 0
             if batch and total > MAX_BATCH_ROWS:
-                break  # the batch's rows are held in memory on the driver: bound them, whatever BATCH_SIZE is
+                break  # bound the batch (the driver path holds its rows in memory), whatever BATCH_SIZE is
             batch.append(c)
         return batch
 
