@@ -14,6 +14,9 @@ per chunk, whose `seq` is the global order Y follows. The guarantees rest on how
   gives up on takes its rows back out of its file's counters, so the ledger never claims rows the lake
   lacks.
 
+X also stages each chunk's rows in `staged_rows` with its record (`stage_rows`), and Y's commit publishes
+them into `transactions` and `y_state` (`publish_staged`).
+
 The operator's views (the status page and command, the metrics, the quality report, X's processing log)
 read through the functions at the end of this module (`file_summaries`, `chunk_totals`, ...).
 
@@ -367,7 +370,8 @@ def staging_payload(good: pa.Table) -> bytes:
 
 def stage_rows(cur: Cursor, seq: int, payload: bytes) -> None:
     """Stage chunk `seq`'s rows (`staging_payload`) in the caller's transaction: the one recording the chunk,
-    so a recorded chunk has all its staged rows or, recorded by an older X, none."""
+    so a recorded chunk has all its staged rows or none (recorded by an older X, or emptied by a server crash:
+    the table is unlogged), never a part."""
     cur.execute("SELECT set_config('tp.staged_seq', %s, true)", (str(seq),))
     copy_csv(cur, "staged_rows", list(TRANSACTION_COLUMNS.values()), payload)
 
