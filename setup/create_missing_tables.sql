@@ -129,3 +129,30 @@ CREATE TABLE IF NOT EXISTS leaders (
     term        BIGINT      NOT NULL,             -- +1 at every change of leader
     since       TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+
+-- Added 2026-12-02 (issues 11 and 12): each chunk's rows, staged by Mechanism X in the transaction that
+-- records the chunk, under the chunk's ledger `seq` (filled from `tp.staged_seq`, which ledger.stage_rows
+-- sets). Mechanism Y's commit moves them into `transactions` (minus the rows it rejects) and folds them into
+-- `y_state` in PostgreSQL, so a batch's rows never travel through Y's driver. Cheap for X on purpose:
+-- UNLOGGED (no WAL; a server crash empties the table, and a replica never has it) and one index, on `seq`
+-- alone (a chunk's rows share one key, which a B-tree stores once). Nothing depends on the staging being there: Y checks each chunk's staged rows
+-- against what it read from the chunk's object, and without them (or when they differ) it loads the rows
+-- from the object through its driver, as before the staging. Columns are nullable: staging never refuses
+-- a chunk; what `transactions` would refuse, Y rejects first.
+CREATE UNLOGGED TABLE IF NOT EXISTS staged_rows (
+    seq             BIGINT        NOT NULL DEFAULT current_setting('tp.staged_seq')::bigint,
+    source_file_id  TEXT,
+    source_line     BIGINT,
+    chunk_seq       INTEGER,
+    step            INTEGER,
+    customer        TEXT,
+    age             TEXT,
+    gender          TEXT,
+    zipcode_ori     TEXT,
+    merchant        TEXT,
+    zip_merchant    TEXT,
+    category        TEXT,
+    amount          NUMERIC(18,2),
+    fraud           SMALLINT
+);
+CREATE INDEX IF NOT EXISTS staged_rows_seq_idx ON staged_rows (seq);

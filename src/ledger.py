@@ -16,6 +16,8 @@ per chunk, whose `seq` is the global order Y follows. The guarantees rest on how
 
 With several daemons on one database, each file is leased to one X at a time (`claim_file`, `fence_file`,
 `renew_leases`, `release_file`) and Y's leader is recorded beside its advisory lock (`take_leadership`).
+X also stages each chunk's rows in `staged_rows` with its record (`stage_rows`), and Y's commit publishes
+them into `transactions` and `y_state` (`publish_staged`).
 
 The operator's views (the status page and command, the metrics, the quality report, X's processing log)
 read through the functions at the end of this module (`file_summaries`, `chunk_totals`, ...).
@@ -32,12 +34,15 @@ import secrets
 import socket
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg2.extensions
 
 from src.errors import ProcessorError
-from src.utils.db import CHUNK_CHANNEL, Database
+from src.utils.db import CHUNK_CHANNEL, Database, copy_csv
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 Cursor = psycopg2.extensions.cursor
@@ -335,6 +340,7 @@ def fail_chunk(cur: Cursor, seq: int, reason: str, *, rollback_counters: bool) -
         (reason, seq),
     )
     row = cur.fetchone()
+    cur.execute("DELETE FROM staged_rows WHERE seq = %s", (seq,))  # rows of a chunk no Y will publish
     if row is None or not rollback_counters:
         return
     file_id, first, last, total, valid, quarantined = row
@@ -343,6 +349,93 @@ def fail_chunk(cur: Cursor, seq: int, reason: str, *, rollback_counters: bool) -
         "rows_quarantined = rows_quarantined - %s, reason = %s, updated_at = now() WHERE file_id = %s",
         (total, valid, quarantined, f"lines {first}-{last} could not be written to the lake: {reason}", file_id),
     )
+
+
+# ---------------------------------------------------------------------------------------------- staged rows
+# X stages a chunk's rows with its ledger record; Y's commit publishes them (`publish_staged`). Neither
+# worker's driver ever carries rows to the other: only the chunk's seq and counts.
+
+# Chunk column (Arrow) -> `transactions` / `staged_rows` column (PostgreSQL).
+TRANSACTION_COLUMNS = {
+    "source_file_id": "source_file_id",
+    "source_line": "source_line",
+    "chunk_seq": "chunk_seq",
+    "step": "step",
+    "customer": "customer",
+    "age": "age",
+    "gender": "gender",
+    "zipcodeOri": "zipcode_ori",
+    "merchant": "merchant",
+    "zipMerchant": "zip_merchant",
+    "category": "category",
+    "amount": "amount",
+    "fraud": "fraud",
+}
+
+
+def staging_payload(good: pa.Table) -> bytes:
+    """A chunk's good rows as the CSV payload of `stage_rows` (built off X's hot path, in its parse thread)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    table = good.select(list(TRANSACTION_COLUMNS)).rename_columns(list(TRANSACTION_COLUMNS.values()))
+    sink = pa.BufferOutputStream()
+    pacsv.write_csv(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def stage_rows(cur: Cursor, seq: int, payload: bytes) -> None:
+    """Stage chunk `seq`'s rows (`staging_payload`) in the caller's transaction: the one recording the chunk,
+    so a recorded chunk has all its staged rows or none (recorded by an older X, or emptied by a server crash:
+    the table is unlogged), never a part."""
+    cur.execute("SELECT set_config('tp.staged_seq', %s, true)", (str(seq),))
+    copy_csv(cur, "staged_rows", list(TRANSACTION_COLUMNS.values()), payload)
+
+
+def staged_chunks(db: Database, seqs: list[int]) -> set[int]:
+    """Which of these chunks have their rows staged: those with staged rows (an index probe each, the rows are
+    not read), and those without a row to stage."""
+    rows = db.query(
+        "SELECT s FROM unnest(%s::bigint[]) AS s WHERE EXISTS (SELECT 1 FROM staged_rows r WHERE r.seq = s) "
+        "OR EXISTS (SELECT 1 FROM chunks c WHERE c.seq = s AND c.rows_valid = 0)",
+        (seqs,),
+    )
+    return {r[0] for r in rows}
+
+
+def publish_staged(cur: Cursor, seqs: list[int], rejected: list[tuple[int, int]]) -> dict[int, tuple[int, Any]]:
+    """In Y's commit transaction: move chunks `seqs`' staged rows into `transactions`, except the `rejected`
+    (seq, source_line), fold the same rows into `y_state`, and empty their staging. Returns {seq: (rows
+    published, sum of their amounts)} for the caller to check against what Spark read from the objects."""
+    pg_columns = ", ".join(TRANSACTION_COLUMNS.values())
+    cur.execute(
+        f"""
+WITH moved AS (
+    DELETE FROM staged_rows WHERE seq = ANY(%(seqs)s::bigint[]) RETURNING *
+), kept AS (
+    SELECT * FROM moved m WHERE NOT EXISTS (
+        SELECT 1 FROM unnest(%(r_seq)s::bigint[], %(r_line)s::bigint[]) AS r(seq, line)
+        WHERE r.seq = m.seq AND r.line = m.source_line)
+), published AS (
+    INSERT INTO transactions ({pg_columns}) SELECT {pg_columns} FROM kept
+), folded AS (
+    INSERT INTO y_state (merchant, customer, n, amount_sum, has_f, has_m)
+    SELECT merchant, customer, count(*), sum(amount), bool_or(gender = 'F'), bool_or(gender = 'M')
+    FROM kept GROUP BY merchant, customer
+    ON CONFLICT (merchant, customer) DO UPDATE SET
+        n = y_state.n + EXCLUDED.n, amount_sum = y_state.amount_sum + EXCLUDED.amount_sum,
+        has_f = y_state.has_f OR EXCLUDED.has_f, has_m = y_state.has_m OR EXCLUDED.has_m
+)
+SELECT seq, count(*), sum(amount) FROM kept GROUP BY seq
+""",  # noqa: S608 - constant column names
+        {"seqs": seqs, "r_seq": [s for s, _ in rejected], "r_line": [ln for _, ln in rejected]},
+    )
+    return {seq: (n, total) for seq, n, total in cur.fetchall()}
+
+
+def discard_staged(cur: Cursor, seqs: list[int]) -> None:
+    """Empty chunks `seqs`' staging (Y's commit when it loads their rows itself, from the objects)."""
+    cur.execute("DELETE FROM staged_rows WHERE seq = ANY(%s::bigint[])", (seqs,))
 
 
 @dataclass(frozen=True)

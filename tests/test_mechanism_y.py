@@ -636,6 +636,72 @@ def test_validator_rejects_reach_the_lake_quarantine(small_clean_run, spark):
     assert ("handmade-neg", 2) in lines, f"no lake quarantine object holds the rejected row; objects: {objects}"
 
 
+def _stage(run: Run, seq: int, rows: list[dict]) -> None:
+    """Stage `rows` for chunk `seq` as X does in the chunk's record transaction (ledger.stage_rows)."""
+    from src import ledger
+    from src.schemas.transaction_schemas import CHUNK_ARROW_SCHEMA
+    from src.utils.db import Database
+
+    table = pa.Table.from_pylist(rows, schema=pa.schema([f.with_nullable(True) for f in CHUNK_ARROW_SCHEMA]))
+    db = Database(run.settings)
+    try:
+        db.run(lambda cur: ledger.stage_rows(cur, seq, ledger.staging_payload(table)), what="stage a hand-made chunk")
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("case", ["single pass", "row id repeated", "object replaced"])
+def test_staged_chunk_reaches_transactions_without_its_rows_on_ys_driver(small_clean_run, spark, case):
+    """Issues 11 and 12: a chunk X staged is published by Y's commit from the staging: Y's driver gets the
+    detections, per-chunk counts and rejected rows, never the chunk's rows. A chunk repeating a row id, or whose
+    staged rows are not its object's (replaced after X wrote it), goes through the driver, from the object."""
+    from src.mechanism_y.data_validator import DUPLICATE
+    from src.mechanism_y.stream_processor import StreamProcessor
+    from src.resources import open_lake
+    from src.utils.db import Database
+
+    run = small_clean_run
+    fid = "handmade-staged"
+    rows = [_row(2, file_id=fid), _row(3, amount="-1.00", file_id=fid)]
+    rows += [_row(line, customer=f"C_S{line % 7}", amount=f"{line}.50", file_id=fid) for line in range(4, 400)]
+    good = [r for r in rows if r["amount"] >= 0]  # what X stages: its good rows (X never takes a negative amount)
+    staged = good
+    if case == "row id repeated":
+        rows = [*rows, dict(rows[-1], amount=Decimal("9.99"))]  # a later copy of line 399: rejected, the first kept
+    if case == "object replaced":
+        staged = [dict(r, amount=r["amount"] + 1) for r in good]
+    seq = _register_chunk(run, fid, rows)
+    _stage(run, seq, staged)
+
+    db = Database(run.settings)
+    try:
+        processor = StreamProcessor(run.settings, db, open_lake(run.settings), spark, threading.Event())
+        assert processor.run(drain=True) == 0
+    finally:
+        db.close()
+
+    duplicated = case == "row id repeated"
+    assert run.rows("SELECT y_rows_clean, y_rows_rejected FROM chunks WHERE seq = %s", (seq,)) == [
+        (len(rows) - 1 - duplicated, 1 + duplicated)
+    ]
+    published = run.rows(
+        "SELECT source_line, amount FROM transactions WHERE source_file_id = %s ORDER BY source_line", (fid,)
+    )
+    assert published == [(r["source_line"], r["amount"]) for r in good]  # the object's rows, each once
+    quarantined = run.rows("SELECT line_no, reason FROM quarantine WHERE stage = 'detect' AND file_id = %s", (fid,))
+    assert sorted(quarantined) == sorted([(3, "negative amount"), *([(399, DUPLICATE)] if duplicated else [])]), (
+        quarantined
+    )
+    assert run.rows("SELECT count(*) FROM staged_rows") == [(0,)]
+    assert_state_matches_transactions(run)
+    if case == "single pass":
+        # A summary row per chunk of the batch (this one and, at most, the two of t.csv), the rejected row, and
+        # detection hits (none here): a few rows, where the chunk has hundreds.
+        assert processor.rows_to_driver <= 4, processor.rows_to_driver
+    else:
+        assert processor.rows_to_driver >= len(rows), processor.rows_to_driver
+
+
 def _wrong_type_payload(rows: list[dict]) -> bytes:
     table = pa.Table.from_pylist(rows)  # inferred types: amount is a string, step an int64, ...
     table = table.set_column(table.schema.get_field_index("amount"), "amount", pc.cast(table["amount"], pa.string()))
@@ -758,7 +824,10 @@ def test_sigkill_y_mid_run_then_restart(make_settings, product_env, pg_conn, tmp
     with pg_conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM chunks")
         total = cur.fetchone()[0]
+        cur.execute("SELECT count(*) FROM staged_rows")
+        staged = cur.fetchone()[0]
     assert total == KILL_ROWS // 200
+    assert staged == KILL_ROWS  # X staged every row with its chunk: Y's commits publish them, across the kills
 
     env = dict(product_env, **KILL_ENV)
     cmd = [sys.executable, "-m", "src.mechanism_y.stream_processor", "--drain"]
@@ -810,6 +879,7 @@ def test_sigkill_y_mid_run_then_restart(make_settings, product_env, pg_conn, tmp
         run.rows("SELECT sum(rows_valid) FROM chunks")[0],
     )
     assert txns == distinct_ids == valid == KILL_ROWS
+    assert run.rows("SELECT count(*) FROM staged_rows") == [(0,)]
     in_lake = lake_detections(run.lake)
     assert not {k: n for k, n in in_lake.items() if n > 1}, "a detection is in two lake files"
     assert set(in_lake) == set(emitted(run))

@@ -2,7 +2,8 @@
 
 Mechanism Y folds each chunk into its running state instead of recomputing from every row seen so far,
 so the rows Spark reads for a batch are the chunk's rows (twice) plus the state (one row per (merchant, customer)
-pair), never the history. Measured, not assumed: each batch runs under a Spark job group of its own,
+pair), never the history; and it does so in one Spark job per batch that returns no row of the chunk to Y's
+driver (issues 11 and 12). Measured, not assumed: each batch runs under a Spark job group of its own,
 and Spark's status store (what its UI shows as "Input") says how many records the batch's stages read,
 from Parquet objects and from the checkpointed state and weights alike.
 
@@ -63,6 +64,7 @@ def test_rows_spark_reads_per_chunk_stay_flat_as_history_grows(make_settings, sp
     run_x(settings)
     tag = uuid.uuid4().hex[:8]
     groups: list[str] = []
+    to_driver: list[int] = []
 
     class ObservedProcessor(StreamProcessor):
         """The product's processor; each batch's Spark jobs are tagged with a job group of their own."""
@@ -73,6 +75,7 @@ def test_rows_spark_reads_per_chunk_stay_flat_as_history_grows(make_settings, sp
             try:
                 return super().process_batch(batch)
             finally:
+                to_driver.append(self.rows_to_driver)
                 self.spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
 
     db = Database(settings)
@@ -80,15 +83,24 @@ def test_rows_spark_reads_per_chunk_stay_flat_as_history_grows(make_settings, sp
         processor = ObservedProcessor(settings, db, open_lake(settings), spark, threading.Event())
         assert processor.run(drain=True) == 0
         state_pairs = processor.state.count()
+        published, staged_left = db.query(
+            "SELECT (SELECT count(*) FROM transactions), (SELECT count(*) FROM staged_rows)"
+        )[0]
     finally:
         db.close()
     spark.sparkContext._jsc.sc().listenerBus().waitUntilEmpty()  # the status store has every stage's end
     read = [_records_read(spark, g) for g in groups]
+    jobs = [len(spark.sparkContext.statusTracker().getJobIdsForGroup(g)) for g in groups]
 
     assert len(groups) == CHUNKS, groups
+    # ONE Spark job per batch (issue 12), and what it returns to Y's driver is a summary row per chunk (no
+    # detection, no rejected row here), not the chunk's rows: those reach `transactions` from X's staging.
+    assert jobs == [1] * CHUNKS, f"Spark jobs per batch: {jobs}"
+    assert to_driver == [1] * CHUNKS, f"rows returned to Y's driver per batch: {to_driver}"
+    assert (published, staged_left) == (CHUNKS * CHUNK_ROWS, 0)
     assert state_pairs == PAIRS
     assert read[0] > CHUNK_ROWS, f"Spark read {read[0]} records for a chunk of {CHUNK_ROWS} rows: not measured"
-    # A batch reads its chunk twice (the rows the commit loads, and the fold's own scan of the object), the
+    # A batch reads its chunk twice (the fold's scan of the object, and the per-chunk summary's), the
     # state (the previous batch's versions: one row per pair, plus one per pair the previous chunk touched),
     # its own versions and the weights. The state fills during the first two batches (empty, then built on an
     # empty base); from the third on, the history grows by CHUNK_ROWS per batch and what Spark reads does not.

@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 
@@ -473,9 +474,9 @@ class Ingestor:
         )
 
     def _prepared_chunks(self, path: Path, start: int, first_line: int, chunk_seq: int, file_id: str):
-        """(rows, chunk_seq, parsed, parquet payload) for each chunk in file order. Parsing and Parquet encoding
-        of the next READ_AHEAD chunks run in a helper thread (Arrow releases the GIL) while the caller records
-        and writes the current one."""
+        """(rows, chunk_seq, parsed, payloads) for each chunk in file order. Parsing and encoding (Parquet, and the
+        staged rows' CSV) of the next READ_AHEAD chunks run in a helper thread (Arrow releases the GIL) while the
+        caller records and writes the current one."""
         with ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="x-parse") as pool:
             ahead: deque = deque()
             for cut in itertools.chain(self._cut(path, start, first_line, chunk_seq), [None]):
@@ -507,7 +508,7 @@ class Ingestor:
         rows: RowBlock,
         chunk_seq: int,
         parsed: ParsedRows,
-        payload: bytes,
+        payload: _Payloads,
         writer: ThreadPoolExecutor,
         previous: _InFlight | None,
     ) -> _InFlight:
@@ -539,8 +540,10 @@ class Ingestor:
         if previous is not None:
             release = (previous.seq, previous.write.result())
             self._pace()
-        seq = self._record_chunk(f, chunk, parsed, release=release)
-        write = writer.submit(self._write_chunk_objects, chunk.object_key, f.file_id, chunk_seq, parsed, payload)
+        seq = self._record_chunk(f, chunk, parsed, release=release, staged=payload.staged)
+        write = writer.submit(
+            self._write_chunk_objects, chunk.object_key, f.file_id, chunk_seq, parsed, payload.parquet
+        )
         if previous is not None:
             self._log_release(f, previous)
         return _InFlight(chunk, seq, write, t0)
@@ -568,16 +571,24 @@ class Ingestor:
         )
 
     def _record_chunk(
-        self, f: SourceFile, chunk: ledger.NewChunk, parsed: ParsedRows, *, release: tuple[int, str] | None = None
+        self,
+        f: SourceFile,
+        chunk: ledger.NewChunk,
+        parsed: ParsedRows,
+        *,
+        release: tuple[int, str] | None = None,
+        staged: bytes | None = None,
     ) -> int:
-        """The chunk's ledger row, the file's progress and the chunk's quarantined rows, in one transaction,
-        with the previous chunk's release (seq, content md5) when given."""
+        """The chunk's ledger row, the file's progress, its staged rows (for Y's commit to publish) and its
+        quarantined rows, in one transaction, with the previous chunk's release (seq, content md5) when given."""
 
         def fn(cur) -> int | None:
             self.leases.fence(cur, f.file_id)  # LeaseLost if another X has taken the file over
             if release is not None:
                 ledger.mark_written(cur, *release)
             seq = ledger.record_chunk(cur, chunk)
+            if seq is not None and staged is not None:
+                ledger.stage_rows(cur, seq, staged)
             if seq is None or not parsed.bad_lines:
                 return seq
             copy_rows(
@@ -777,9 +788,15 @@ def _glued_to_last_row(path: Path, start: int) -> bool:
     return not (nxt.startswith(b"\n") or nxt.startswith(b"\r\n") or nxt == b"\r")
 
 
-def _prepare_chunk(rows: RowBlock, file_id: str, chunk_seq: int) -> tuple[ParsedRows, bytes]:
+class _Payloads(NamedTuple):
+    parquet: bytes  # the chunk object
+    staged: bytes | None  # its rows for `ledger.stage_rows`; None when it has none
+
+
+def _prepare_chunk(rows: RowBlock, file_id: str, chunk_seq: int) -> tuple[ParsedRows, _Payloads]:
     parsed = parse_transactions(rows, file_id=file_id, chunk_seq=chunk_seq)
-    return parsed, parquet_bytes(parsed.good)
+    staged = ledger.staging_payload(parsed.good) if parsed.good.num_rows else None
+    return parsed, _Payloads(parquet_bytes(parsed.good), staged)
 
 
 def _concat_blocks(blocks) -> RowBlock:

@@ -1,14 +1,18 @@
 """Mechanism Y: the chunks X records, in ledger order, through Spark into the running state and the patterns.
 
-Y takes every chunk that is waiting (up to Y_MAX_BATCH_CHUNKS) as one batch: it reads their Parquet
-objects with Spark in one pass, annotates problems, folds the clean rows into the per (merchant,
-customer) state and judges PatId1-3 at each chunk's own boundary (`pattern_detector.detect_batch`), so
-the detections and the chunk each is credited to are those of one-by-one processing. Keeping up, a
-batch is one chunk; behind (start-up, a burst, a restart), it catches up without paying Spark's
-per-job cost per chunk. It then commits in ONE PostgreSQL transaction: the clean rows
-(`transactions`), the state delta (`y_state`), the new detections and every chunk's processed mark.
-A crash before the commit leaves no trace, so the batch is done again from the state of the previous
-commit; after it, none of its chunks is ever redone.
+Y takes every chunk that is waiting (up to Y_MAX_BATCH_CHUNKS) as one batch and, in ONE Spark action
+(`_single_pass`), reads their Parquet objects, annotates problems, folds the clean rows into the per
+(merchant, customer) state and judges PatId1-3 at each chunk's own boundary
+(`pattern_detector.detect_batch`), so the detections and the chunk each is credited to are those of
+one-by-one processing. Keeping up, a batch is one chunk; behind (start-up, a burst, a restart), it
+catches up without paying Spark's per-job cost per chunk. The action returns to the driver only the
+detections, each chunk's counts and its rejected rows: the rows themselves reach `transactions` from the
+copy X staged with each chunk's ledger record (`staged_rows`). Y then commits in ONE PostgreSQL
+transaction: the staged rows published (minus the rejected) and folded into `y_state`, the new
+detections and every chunk's processed mark. A crash before the commit leaves no trace, so the batch is
+done again from the state of the previous commit; after it, none of its chunks is ever redone. Chunks
+without staged rows (recorded by an older X) and chunks repeating a row id take the driver path: their
+rows are collected, and the commit loads them.
 
     python -m src.mechanism_y.stream_processor [--drain]
 """
@@ -23,9 +27,10 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Callable
+from typing import Callable, TypeVar
 
 import psycopg2.extras
 import pyarrow as pa
@@ -69,21 +74,7 @@ log = logging.getLogger(__name__)
 COMPONENT = "mechanism_y"
 SINGLE_Y_LOCK = 7261002
 
-TRANSACTION_COLUMNS = {
-    "source_file_id": "source_file_id",
-    "source_line": "source_line",
-    "chunk_seq": "chunk_seq",
-    "step": "step",
-    "customer": "customer",
-    "age": "age",
-    "gender": "gender",
-    "zipcodeOri": "zipcode_ori",
-    "merchant": "merchant",
-    "zipMerchant": "zip_merchant",
-    "category": "category",
-    "amount": "amount",
-    "fraud": "fraud",
-}
+TRANSACTION_COLUMNS = ledger.TRANSACTION_COLUMNS
 ACTIONS = patterns.ACTION_TYPES
 CUT = "_cut"
 WARM_UP_AFTER_IDLE_S = 2.0  # a chunk X releases when Y reports ready comes well within this
@@ -91,6 +82,28 @@ WARM_UP_ROWS = 1_000  # the plans do not depend on the size: a small made-up chu
 STATE_SQL = "SELECT merchant, customer, n, amount_sum, has_f, has_m FROM y_state"
 WEIGHTS_SQL = "SELECT source, target, sum(weight), count(*) FROM customer_importance GROUP BY source, target"
 MAX_BATCH_ROWS = 200_000  # a batch takes more than one chunk only while it stays within this many rows
+HIT, SUMMARY = "hit", "summary"  # the two kinds of rows the single pass returns
+T = TypeVar("T")
+
+# What a batch's single Spark action returns (`_summary_and_hits`): every detection hit, and per (chunk, file id,
+# 32,768-line bucket) of the scanned rows: how many row ids and distinct row ids (a bitmap: exact, and partial
+# aggregation keeps the shuffle to a few rows), the clean rows' count and amount, and the rejected rows.
+_SUMMARY_AND_HITS_SQL = """
+SELECT 'hit' AS kind, cut, pattern_id, customer_name, merchant_id,
+       CAST(NULL AS BIGINT) AS ids, CAST(NULL AS BIGINT) AS distinct_ids, CAST(NULL AS BIGINT) AS clean,
+       CAST(NULL AS DECIMAL(38,2)) AS clean_amount,
+       CAST(NULL AS ARRAY<STRUCT<line: BIGINT, problem: STRING>>) AS rejected
+FROM {hits}
+UNION ALL
+SELECT 'summary', cut, NULL, NULL, NULL,
+       count(source_line),
+       bitmap_count(bitmap_construct_agg(bitmap_bit_position(source_line))),
+       count_if(_problem IS NULL),
+       CAST(sum(CASE WHEN _problem IS NULL THEN amount END) AS DECIMAL(38,2)),
+       collect_list(CASE WHEN _problem IS NOT NULL THEN named_struct('line', source_line, 'problem', _problem) END)
+FROM {rows}
+GROUP BY cut, source_file_id, bitmap_bucket_number(source_line)
+"""
 
 
 class StandbyDone(ProcessorError):
@@ -128,6 +141,8 @@ class StreamProcessor:
         self._reported_ready = False
         self.standby_session = None  # a BackgroundSession a standby may warm up while it waits (run_worker)
         self._standby_warm_up: threading.Thread | None = None
+        # Rows the last batch's Spark work returned to this driver: hits, per-chunk summaries and rejected rows.
+        self.rows_to_driver = 0
 
     # ---------------------------------------------------------------- start-up
 
@@ -291,9 +306,7 @@ class StreamProcessor:
         t0 = time.perf_counter()
         fetched, self._prefetched_weights = self._prefetched_weights, None
         if fetched is None or fetched[0] != version:
-            fetched = self._fetch_weights()
-            if fetched is None:
-                return False
+            fetched = (version, self._copy_out(WEIGHTS_SQL, WEIGHTS_ARROW_SCHEMA))  # the version just read
         version, table = fetched
         if self.weights is not None:
             self.weights.unpersist()
@@ -326,7 +339,7 @@ class StreamProcessor:
                 break  # strictly in order: a chunk whose object is not written yet holds back the rest
             total += c.rows_total or 0
             if batch and total > MAX_BATCH_ROWS:
-                break  # the batch's rows are held in memory on the driver: bound them, whatever BATCH_SIZE is
+                break  # bound the batch (the driver path holds its rows in memory), whatever BATCH_SIZE is
             batch.append(c)
         return batch
 
@@ -493,37 +506,30 @@ class StreamProcessor:
         """Put a small made-up chunk once through the whole Spark path (read, validate, fold, detect), so a chunk
         arriving later does not pay for Spark's first query plans, code generation and JIT compilation
         (seconds on a 2-core machine). Run only while Y is idle (`_warm_up_while_idle`), never before a chunk
-        that is already waiting: that chunk warms Spark up just as well. `abandon()` is asked between the
-        phases; True stops the warm-up there. Returns whether it ran to the end."""
-        if not self.settings.spark_master.startswith("local"):
+        that is already waiting: that chunk warms Spark up just as well. `abandon()` is asked before the
+        Spark work; True stops the warm-up there. Returns whether it ran to the end."""
+        if not self.settings.spark_local:
             return False  # executors elsewhere cannot read a local scratch file; the first chunks warm them up
         t0 = time.perf_counter()
         scratch = self.settings.data_dir / "spark" / "warm-up"
         scratch.mkdir(parents=True, exist_ok=True)
         path = scratch / f"warm-up-{os.getpid()}.parquet"
         path.write_bytes(parquet_bytes(made_up_chunk(WARM_UP_ROWS)))
-        versions = None
+        done = None
         try:
             state = patterns.by_merchant(self.spark.createDataFrame([], schema=state_spark_schema()))
             state = state.localCheckpoint(eager=False)  # the shape of the real state's plan (`_load_state`)
             weights = self.weights
             if weights is None:
                 weights = patterns.by_merchant(self.spark.createDataFrame([], schema=weights_spark_schema()))
-            # The path a batch takes (`_read_batch`): rows collected, the fold fed straight from the scan, the
-            # versions checkpointed lazily and filled by the detection's one job.
-            scan = self._scan([path.as_uri()])
-            self._collect_rows(scan, [path.name])
             if abandon():
                 return False
-            fold_rows = self._fold_input_from_scan(scan, [path.name])
-            versions = patterns.fold_batch(state, fold_rows, 1).localCheckpoint(eager=False)
-            if abandon():
-                return False
-            patterns.detect_batch(versions, weights, 1, self.thresholds).collect()
+            # The path a batch takes (`_single_pass`): one job reads, folds, judges and summarises the chunk.
+            done = self._single_pass(self._scan([path.as_uri()]), [path.name], state, weights)
         finally:
             path.unlink(missing_ok=True)
-            if versions is not None:
-                versions.unpersist()
+            if done is not None:
+                done.versions.unpersist()
         log.info("Spark warmed up in %.1f s, while idle", time.perf_counter() - t0, extra={"event": "y_warmed_up"})
         return True
 
@@ -548,6 +554,69 @@ class StreamProcessor:
         df = self.spark.read.schema(chunk_spark_schema()).parquet(*uris)
         return annotate_problems(df).withColumn(CUT, F.col("_metadata.file_name"))
 
+    def _single_pass(self, scan, names: list[str], state, weights) -> _Pass | None:
+        """The batch in ONE Spark action whose result is only what the driver needs: the detections, and per chunk
+        its counts and rejected rows (`_summary_and_hits`). The rows stay in Spark; the commit publishes X's
+        staged copy of them. None when a chunk repeats a row id: only the driver path knows which copy comes
+        first, so the caller takes it (rare: X never writes such a chunk)."""
+        k = len(names)
+        # Checkpointed every batch: it cuts the lineage, so planning and work stay flat with history, and it keeps
+        # the merchant partitioning, so the detection reads it without a shuffle. Lazily: this batch's one job
+        # computes the versions, keeps them as the checkpoint and judges them.
+        rows = _with_cut(scan, names)
+        versions = checkpoint(patterns.fold_batch(state, _clean_for_fold(rows), k), self.settings, eager=False)
+        hits = patterns.detect_batch(versions, weights, k, self.thresholds)
+        planned = time.perf_counter()
+        result = _summary_and_hits(rows, hits).collect()
+        summary = [r for r in result if r["kind"] == SUMMARY]
+        if any(r["ids"] != r["distinct_ids"] for r in summary):
+            versions.unpersist()
+            return None
+        rejected = [(r["cut"], x["line"], x["problem"]) for r in summary for x in r["rejected"]]
+        clean_amounts = [Decimal(0)] * k
+        for r in summary:
+            clean_amounts[r["cut"]] += r["clean_amount"] or 0
+        return _Pass(
+            versions=versions,
+            found=patterns.first_hits(r for r in result if r["kind"] == HIT),
+            rejected=_rejected_table(rejected),
+            per_cut_clean=_sum_per_cut(((r["cut"], r["clean"]) for r in summary), k),
+            per_cut_rejected=_sum_per_cut(((cut, 1) for cut, _, _ in rejected), k),
+            clean=None,
+            clean_amounts=clean_amounts,
+            rows_to_driver=len(result) + len(rejected),
+            planned=planned,
+        )
+
+    def _driver_pass(self, scan, names: list[str]) -> _Pass:
+        """The batch with its rows collected on the driver, for what the single pass cannot do: a chunk without
+        staged rows (recorded by an X older than the staging) or repeating a row id. The commit loads the clean
+        rows from here. Two Spark jobs: the rows, then the fold and detection."""
+        k = len(names)
+        rows = self._collect_rows(scan, names)
+        problem = rows.column(PROBLEM)
+        clean_mask = pc.is_null(problem)
+        clean = rows.filter(clean_mask).drop_columns([PROBLEM])
+        rejected = rows.filter(pc.invert(clean_mask)).select([CUT, "source_line", PROBLEM])
+        if pc.any(pc.equal(problem, DUPLICATE)).as_py():
+            fold_rows = self._fold_input(clean)  # the duplicates are known on the driver only: fold from there
+        else:
+            fold_rows = _clean_for_fold(_with_cut(scan, names))  # the rows never travel driver -> Spark
+        versions = checkpoint(patterns.fold_batch(self.state, fold_rows, k), self.settings, eager=False)
+        planned = time.perf_counter()
+        found = patterns.first_hits(patterns.detect_batch(versions, self.weights, k, self.thresholds).collect())
+        return _Pass(
+            versions=versions,
+            found=found,
+            rejected=rejected,
+            per_cut_clean=_counts(clean.column(CUT), k),
+            per_cut_rejected=_counts(rejected.column(CUT), k),
+            clean=clean,
+            clean_amounts=None,
+            rows_to_driver=rows.num_rows + len(found),
+            planned=planned,
+        )
+
     @staticmethod
     def _collect_rows(df, names: list[str]) -> pa.Table:
         """`_scan`'s rows on the driver, `_cut` turned into the index of the file in `names`, duplicates marked."""
@@ -570,89 +639,109 @@ class StreamProcessor:
         )
         return self.spark.createDataFrame(folded, schema=batch_rows_spark_schema())
 
-    @staticmethod
-    def _fold_input_from_scan(scan, names: list[str]):
-        """The clean rows of `_scan` as `fold_batch` takes them, straight from the Parquet read: the rows never
-        travel driver -> Spark (a local relation of the batch's rows would also be planned and shipped with
-        every task). Only for batches without repeated row ids, whose clean rows are exactly `_problem IS NULL`."""
-        from pyspark.sql import functions as F
+    def _reading(self, batch: list[ChunkRef], names: list[str], step: Callable[[], T], *, read_only: bool) -> T:
+        """`step()`, a Spark step that reads the batch's objects. When it fails, each object is judged by its own
+        footer (`_fail_unreadable`): a bad one is failed and the batch ends (`_ChunksFailed`; the others come
+        again next round). With every object fine, a read-only step or a failure naming one of the objects was
+        the lake's (or Spark's access to it): retried; any other failure is raised as it is, and counted."""
+        try:
+            return step()
+        except Exception as exc:  # noqa: BLE001 - the object may be bad; find out which before giving up
+            if self.stop.is_set():
+                raise
+            if self._fail_unreadable(batch, exc):
+                raise _ChunksFailed from exc
+            if read_only or any(name in str(exc) for name in names):
+                raise RetryableError(f"Spark could not read the batch's objects: {brief(exc)}") from exc
+            raise
 
-        cut = F.array_position(F.array(*(F.lit(n) for n in names)), F.col(CUT)).cast("int") - 1
-        return scan.where(F.col(PROBLEM).isNull()).select(cut.alias("cut"), "merchant", "customer", "gender", "amount")
-
-    def _read_batch(self, batch: list[ChunkRef]):
-        """The batch's rows on the driver, and their clean rows as a Spark DataFrame for the fold."""
-        names = [c.key.rsplit("/", 1)[-1] for c in batch]
-        scan = self._scan([self.store.spark_uri(c.key) for c in batch])
-        rows = self._collect_rows(scan, names)
-        if pc.any(pc.equal(rows.column(PROBLEM), DUPLICATE)).as_py():
-            return rows, None  # rare: the duplicates are known on the driver only, fold from there
-        return rows, self._fold_input_from_scan(scan, names)
+    def _spark_pass(self, batch: list[ChunkRef], names: list[str], scan, *, staged: bool) -> _Pass:
+        """The batch's Spark work: the single pass when every chunk is staged and no row id repeats, else the
+        driver path."""
+        if staged:
+            done = self._reading(
+                batch, names, lambda: self._single_pass(scan, names, self.state, self.weights), read_only=False
+            )
+            if done is not None:
+                return done
+            log.info(
+                "batch from chunk %d repeats a row id within a chunk; its rows go through the driver",
+                batch[0].seq,
+                extra={"event": "batch_driver_path", "chunk_id": batch[0].seq},
+            )
+        return self._reading(batch, names, lambda: self._driver_pass(scan, names), read_only=False)
 
     def process_batch(self, batch: list[ChunkRef]) -> int:
-        """Fold, judge and commit the chunks of `batch` (consecutive in the ledger); returns new detections."""
+        """Fold, judge and commit the chunks of `batch` (consecutive in the ledger); returns new detections.
+
+        Chunks X staged (all, from a current X) take the single pass: one Spark action, and their rows reach
+        `transactions` from the staging, inside the commit. A chunk not staged, or repeating a row id, sends its
+        batch down the driver path, the way every batch went before the staging."""
         t0 = time.perf_counter()
+        names = [c.key.rsplit("/", 1)[-1] for c in batch]
+        uris = [self.store.spark_uri(c.key) for c in batch]
         try:
-            rows, fold_rows = self._read_batch(batch)
-        except Exception as exc:  # noqa: BLE001 - the object may be bad; find out which before giving up
-            if self._fail_unreadable(batch, exc):
-                return 0
-            # Every object is a fine chunk: the lake (or Spark's access to it) failed, not the data.
-            raise RetryableError(f"Spark could not read the batch's objects: {brief(exc)}") from exc
-        k = len(batch)
-        batch_id = uuid.uuid4().hex[:16]
-        t_read = time.perf_counter()
-        self._stop_point()
-        problem = rows.column(PROBLEM)
-        clean_mask = pc.is_null(problem)
-        clean = rows.filter(clean_mask).drop_columns([PROBLEM])
-        rejected = rows.filter(pc.invert(clean_mask))
-
-        # Checkpointed every batch: it cuts the lineage, so planning and work stay flat with history, and it
-        # keeps the merchant partitioning, so the detection reads it without a shuffle. Lazily: the detection's
-        # one job computes the versions, keeps them as the checkpoint and judges them (fold and detect used to
-        # be two jobs, the first only to fill the checkpoint).
-        if fold_rows is None:
-            fold_rows = self._fold_input(clean)
-        versions = checkpoint(patterns.fold_batch(self.state, fold_rows, k), self.settings, eager=False)
-        t_fold = time.perf_counter()
-        self._stop_point()
-        found = patterns.first_hits(patterns.detect_batch(versions, self.weights, k, self.thresholds).collect())
-        t_spark = time.perf_counter()
-        self._stop_point()
-        new = sorted((cut, key) for key, cut in found.items() if key not in self.emitted)
-
-        per_cut_clean = _counts(clean.column(CUT), k)
-        per_cut_rejected = _counts(rejected.column(CUT), k)
-        if rejected.num_rows:
-            self._write_rejected_objects(batch, rejected)  # before the commit: idempotent, same bytes on a redo
-        self._commit(batch_id, batch, clean, rejected, new, per_cut_clean, per_cut_rejected)
+            scan = self._reading(batch, names, lambda: self._scan(uris), read_only=True)
+            staged = len(ledger.staged_chunks(self.db, [c.seq for c in batch])) == len(batch)
+            t_read = time.perf_counter()
+            self._stop_point()
+            batch_id = uuid.uuid4().hex[:16]
+            while True:
+                done = self._spark_pass(batch, names, scan, staged=staged)
+                t_spark = time.perf_counter()
+                self._stop_point()
+                new = sorted((cut, key) for key, cut in done.found.items() if key not in self.emitted)
+                if done.rejected.num_rows:
+                    self._write_rejected_objects(batch, done.rejected)  # before the commit: same bytes on a redo
+                try:
+                    self._commit(batch_id, batch, done, new)
+                    break
+                except _StagingMismatch as exc:
+                    done.versions.unpersist()
+                    staged = False
+                    log.warning(
+                        "%s; the batch goes through the driver, from the objects",
+                        exc,
+                        extra={"event": "batch_driver_path", "chunk_id": batch[0].seq},
+                    )
+        except _ChunksFailed:
+            return 0
         t_commit = time.perf_counter()
+        self._after_commit(batch, batch_id, done, new, (t0, t_read, done.planned, t_spark, t_commit))
+        return len(new)
+
+    def _after_commit(
+        self, batch: list[ChunkRef], batch_id: str, done: _Pass, new: list, times: tuple[float, ...]
+    ) -> None:
+        """The committed batch becomes Y's state in Spark; its chunks are logged and measured."""
+        t0, t_read, t_fold, t_spark, t_commit = times
+        k = len(batch)
         if self._versions is not None:
             self._versions.unpersist()
-        self._versions = versions
-        self.state = patterns.latest_state(versions, k)
+        self._versions = done.versions
+        self.state = patterns.latest_state(done.versions, k)
+        self.rows_to_driver = done.rows_to_driver
         self.emitted.update(key for _, key in new)
         self.writer.note_new(len(new))
-        done = datetime.now(timezone.utc)
+        finished = datetime.now(timezone.utc)
         metrics.observe_batch(t_read - t0, t_fold - t_read, t_spark - t_fold, t_commit - t_spark)
         for i, c in enumerate(batch):
             here = [key for cut, key in new if cut == i]
             if c.written_at is not None:
-                metrics.observe_chunk_latency((done - c.written_at).total_seconds())
+                metrics.observe_chunk_latency((finished - c.written_at).total_seconds())
             log.info(
                 "chunk %d (%s-%06d): %d rows, %d rejected, %d new detection(s) %s, latency %.3f s "
                 "[batch of %d: %.0f ms in Y (read %.0f, fold %.0f, detect %.0f, commit %.0f)]",
                 c.seq,
                 c.file_id,
                 c.chunk_seq,
-                per_cut_clean[i],
-                per_cut_rejected[i],
+                done.per_cut_clean[i],
+                done.per_cut_rejected[i],
                 len(here),
                 "(" + ", ".join(f"{p}:{sum(1 for x in here if x[0] == p)}" for p in ACTIONS) + ")",
-                (done - c.written_at).total_seconds() if c.written_at else float("nan"),
+                (finished - c.written_at).total_seconds() if c.written_at else float("nan"),
                 k,
-                (time.perf_counter() - t0) * 1000,
+                (t_commit - t0) * 1000,
                 (t_read - t0) * 1000,
                 (t_fold - t_read) * 1000,
                 (t_spark - t_fold) * 1000,
@@ -665,30 +754,28 @@ class StreamProcessor:
                     "batch_id": batch_id,
                 },
             )
-        if rejected.num_rows:
+        if done.rejected.num_rows:
             self.write_quality_report()
-        return len(new)
 
     def _commit(
-        self,
-        batch_id: str,
-        batch: list[ChunkRef],
-        clean: pa.Table,
-        rejected: pa.Table,
-        new: list[tuple[int, tuple[str, str, str]]],
-        per_cut_clean: list[int],
-        per_cut_rejected: list[int],
+        self, batch_id: str, batch: list[ChunkRef], done: _Pass, new: list[tuple[int, tuple[str, str, str]]]
     ) -> None:
         """ONE PostgreSQL transaction for the whole batch, touching only the database: every chunk's processed
-        mark (guarded, so a chunk is never counted twice), the clean rows, the state delta, the new detections
-        and the rejected rows. Redone on a new connection if the server goes away; a redo finds the batch id
-        when the first attempt had committed after all, and then does nothing."""
+        mark (guarded, so a chunk is never counted twice), the clean rows and the state delta (published from
+        X's staging, or loaded from the driver), the new detections and the rejected rows. Redone on a new
+        connection if the server goes away; a redo finds the batch id when the first attempt had committed
+        after all, and then does nothing."""
         per_cut_new = [0] * len(batch)
         for cut, _ in new:
             per_cut_new[cut] += 1
-        marks = [ChunkMark(c.seq, per_cut_clean[i], per_cut_rejected[i], per_cut_new[i]) for i, c in enumerate(batch)]
-        payload = _transactions_csv(clean) if clean.num_rows else None
-        delta = _state_delta(clean) if clean.num_rows else None
+        marks = [
+            ChunkMark(c.seq, done.per_cut_clean[i], done.per_cut_rejected[i], per_cut_new[i])
+            for i, c in enumerate(batch)
+        ]
+        seqs = [c.seq for c in batch]
+        clean = done.clean
+        payload = _transactions_csv(clean) if clean is not None and clean.num_rows else None
+        delta = _state_delta(clean) if payload is not None else None
 
         def fn(cur) -> None:
             cur.execute("SELECT 1 FROM chunks WHERE y_batch_id = %s LIMIT 1", (batch_id,))
@@ -696,8 +783,12 @@ class StreamProcessor:
                 log.info("batch %s had committed before the connection was lost; not redone", batch_id)
                 return
             ledger.mark_batch_processed(cur, batch_id, marks)
-            if payload is not None:
-                self._insert_rows(cur, payload, delta)
+            if clean is None:
+                self._publish_staged(cur, batch, done)
+            else:
+                ledger.discard_staged(cur, seqs)  # the rows come from the objects: a staged copy has no use left
+                if payload is not None:
+                    self._insert_rows(cur, payload, delta)
             if new:
                 now = datetime.now(timezone.utc)
                 psycopg2.extras.execute_values(
@@ -706,10 +797,28 @@ class StreamProcessor:
                     "y_start_time, detection_time, chunk_id) VALUES %s",
                     [(p, ACTIONS[p], c, m, self.y_start, now, batch[cut].seq) for cut, (p, c, m) in new],
                 )
-            if rejected.num_rows:
-                self._copy_rejected(cur, batch, rejected, per_cut_rejected)
+            if done.rejected.num_rows:
+                self._copy_rejected(cur, batch, done.rejected, done.per_cut_rejected)
 
         self.db.run(fn, what=f"commit batch {batch_id} (chunks {batch[0].seq}..{batch[-1].seq})")
+
+    @staticmethod
+    def _publish_staged(cur, batch: list[ChunkRef], done: _Pass) -> None:
+        """X's staged rows of the batch into `transactions` and `y_state`, minus the rows Spark rejected, checked
+        chunk by chunk against what Spark read from the objects (count and amount): they are the same rows
+        unless an object was replaced after X wrote it; then `_StagingMismatch` rolls the commit back."""
+        cuts = done.rejected.column(CUT).to_pylist()
+        lines = done.rejected.column("source_line").to_pylist()
+        rejected = [(batch[cut].seq, ln) for cut, ln in zip(cuts, lines) if ln is not None]
+        published = ledger.publish_staged(cur, [c.seq for c in batch], rejected)
+        for i, c in enumerate(batch):
+            n, total = published.get(c.seq, (0, None))
+            expected = (done.per_cut_clean[i], done.clean_amounts[i])
+            if (n, total or 0) != expected:
+                raise _StagingMismatch(
+                    f"chunk {c.seq}: X staged {n} clean row(s) summing to {total or 0}, its object {expected[0]} "
+                    f"summing to {expected[1]}"
+                )
 
     def _insert_rows(self, cur, payload: bytes, delta: pa.Table) -> None:
         """The clean rows into `transactions`, and their fold into `y_state`: the durable twin of Spark's fold,
@@ -823,6 +932,67 @@ class StreamProcessor:
 
     def write_quality_report(self) -> None:
         write_quality_report(self.db, self.store)  # X's and Y's rejects, one report (src/quality_report.py)
+
+
+@dataclass
+class _Pass:
+    """What a batch's Spark work leaves on the driver, for its commit."""
+
+    versions: object  # the fold's versions (DataFrame), checkpointed: the state after the commit is read from them
+    found: dict[tuple[str, str, str], int]  # first cut of every detection key that holds in the batch
+    rejected: pa.Table  # CUT, source_line, PROBLEM: one row per rejected row
+    per_cut_clean: list[int]
+    per_cut_rejected: list[int]
+    clean: pa.Table | None  # the driver path's clean rows; None: the commit publishes X's staged rows
+    clean_amounts: list[Decimal] | None  # single pass: per chunk, the sum of the clean rows' amounts
+    rows_to_driver: int
+    planned: float  # perf_counter when the Spark plans were built and the work began
+
+
+class _ChunksFailed(Exception):
+    """A bad object of the batch was failed and quarantined: the batch ends, the other chunks come next round."""
+
+
+class _StagingMismatch(ProcessorError):
+    """X's staged rows of a chunk are not the rows of its object (replaced after X wrote it)."""
+
+
+def _with_cut(scan, names: list[str]):
+    """`_scan`'s rows with `cut`: the position of their object's file name in `names` (the chunk in the batch)."""
+    from pyspark.sql import functions as F
+
+    cut = F.array_position(F.array(*(F.lit(n) for n in names)), F.col(CUT)).cast("int") - 1
+    return scan.withColumn("cut", cut)
+
+
+def _clean_for_fold(rows):
+    """The clean rows of `_with_cut`, as `fold_batch` takes them. Only for batches without repeated row ids,
+    whose clean rows are exactly `_problem IS NULL`."""
+    return rows.where(f"{PROBLEM} IS NULL").select("cut", "merchant", "customer", "gender", "amount")
+
+
+def _summary_and_hits(rows, hits):
+    """The single pass's one result: `_SUMMARY_AND_HITS_SQL` over the annotated rows and the detection hits."""
+    return rows.sparkSession.sql(_SUMMARY_AND_HITS_SQL, rows=rows, hits=hits)
+
+
+def _rejected_table(rejected: list[tuple[int, int | None, str]]) -> pa.Table:
+    """(cut, source_line, problem) triples as the rejected rows' table."""
+    return pa.table(
+        {
+            CUT: pa.array([r[0] for r in rejected], pa.int32()),
+            "source_line": pa.array([r[1] for r in rejected], pa.int64()),
+            PROBLEM: pa.array([r[2] for r in rejected], pa.string()),
+        }
+    )
+
+
+def _sum_per_cut(pairs, k: int) -> list[int]:
+    """Sum (cut, n) pairs per cut 0..k-1."""
+    sums = [0] * k
+    for cut, n in pairs:
+        sums[cut] += n
+    return sums
 
 
 def _quarantine_whole_chunk(cur, c: ChunkRef, why: str) -> None:
