@@ -49,7 +49,9 @@ log = logging.getLogger("supervisor")
 
 EXIT_CONFIG = 2  # a worker exiting with this code has a settings problem: restarting will not help
 EXIT_FAILED = 1  # main.py's exit code when a drain cannot finish
-STOP_TIMEOUT = 8.0
+STOP_TIMEOUT = (
+    20.0  # a worker still running this long after SIGTERM is killed (Spark's stop can take a while on 2 busy cores)
+)
 MAX_BACKOFF = 60.0
 HEALTHY_AFTER = 60.0  # a worker up this long has its restart backoff reset
 TICK = 0.2  # seconds between two looks at the workers

@@ -260,7 +260,8 @@ def test_same_args_same_bytes_and_other_seed_differs(tmp_path):
 
 
 def test_generation_is_fast_and_reports_counts(default_sample):
-    assert default_sample.seconds < 30, f"generation took {default_sample.seconds:.1f}s"
+    # Seconds here (about 10); the bound leaves room for a 3x slower machine shared with another test worker.
+    assert default_sample.seconds < 120, f"generation took {default_sample.seconds:.1f}s"
     assert default_sample.stats == {
         "rows": 594_643,
         "customers": 4_112,
