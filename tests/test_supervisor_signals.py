@@ -89,4 +89,9 @@ def test_no_worker_nor_spark_jvm_outlives_a_killed_supervisor(tmp_path, product_
     left = _survivors(tree, 30)
     assert not left, f"outlived the supervisor by 30 s: {left}\n{log.read_text(errors='replace')[-3000:]}"
     text = log.read_text(errors="replace")
-    assert "the supervisor (pid %d) is gone" % proc.pid in text
+    # Each worker learnt of it: from the parent-death signal (SIGTERM, at once) or from its watchdog's poll.
+    # Which comes first is a race: a worker whose stop ends its start at once (Y's session wait gives way
+    # to a stop) exits before the watchdog's next look.
+    for name in ("mechanism X", "mechanism Y"):
+        told = (f"{name}: SIGTERM received", f"{name}: the supervisor (pid {proc.pid}) is gone")
+        assert any(t in text for t in told), f"{name} logged neither {told}:\n{text[-3000:]}"
