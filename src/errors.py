@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 
 
 class ProcessorError(Exception):
@@ -65,6 +66,13 @@ RETRYABLE_ERRNOS = frozenset(
         errno.EAGAIN,
     }
 )
+
+
+def command_failed(exc: ProcessorError) -> int:
+    """A one-shot command's end on `exc`: its one line on stderr, and the exit code the workers use too
+    (2: the settings cannot work, 1: any other failure)."""
+    sys.stderr.write(f"error: {exc}\n")
+    return 2 if isinstance(exc, SettingsError) else 1
 
 
 def is_retryable(exc: BaseException) -> bool:

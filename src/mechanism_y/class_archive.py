@@ -20,7 +20,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from config.config import Settings
-from src.errors import ProcessorError, SettingsError
+from src.errors import ProcessorError, command_failed
 from src.mechanism_y import pattern_detector as patterns
 from src.schemas.transaction_schemas import (
     STATE_ARROW_SCHEMA,
@@ -61,12 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         path = build_class_archive(settings, lambda spark: exercise(spark, settings))
-    except SettingsError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
     except ProcessorError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 1
+        return command_failed(exc)
     log.info("class archive ready: %s", path)
     return 0
 

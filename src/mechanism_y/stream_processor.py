@@ -572,19 +572,19 @@ class StreamProcessor:
         if any(r["ids"] != r["distinct_ids"] for r in summary):
             versions.unpersist()
             return None
-        rejected = [(r["cut"], x["line"], x["problem"]) for r in summary for x in r["rejected"]]
+        rejected = _rejected_table([(r["cut"], x["line"], x["problem"]) for r in summary for x in r["rejected"]])
         clean_amounts = [Decimal(0)] * k
         for r in summary:
             clean_amounts[r["cut"]] += r["clean_amount"] or 0
         return _Pass(
             versions=versions,
             found=patterns.first_hits(r for r in result if r["kind"] == HIT),
-            rejected=_rejected_table(rejected),
+            rejected=rejected,
             per_cut_clean=_sum_per_cut(((r["cut"], r["clean"]) for r in summary), k),
-            per_cut_rejected=_sum_per_cut(((cut, 1) for cut, _, _ in rejected), k),
+            per_cut_rejected=_counts(rejected.column(CUT), k),
             clean=None,
             clean_amounts=clean_amounts,
-            rows_to_driver=len(result) + len(rejected),
+            rows_to_driver=len(result) + rejected.num_rows,
             planned=planned,
         )
 
@@ -1148,7 +1148,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """`python -m src.mechanism_y.stream_processor`, or this file as spark-submit's script (the code then comes
     from the `--py-files` zip, and the master and conf from spark-submit)."""
-    from src.errors import SettingsError
+    from src.errors import SettingsError, command_failed
     from src.packaging import submitted_conf, use_submitted_master
     from src.worker import worker_main
 
@@ -1156,8 +1156,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         use_submitted_master(submitted)
     except SettingsError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
+        return command_failed(exc)
 
     def run(settings: Settings, args: argparse.Namespace, stop: threading.Event) -> int:
         # Under `main.py --drain`, Y learns that X is done from the supervisor's file (runtime.x_finished).

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlparse
 
 from config.config import Settings
-from src.errors import ProcessorError, SettingsError
+from src.errors import ProcessorError, SettingsError, command_failed
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -513,12 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         jars = fetch_hadoop_aws_jars(Settings.from_env())
-    except SettingsError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
     except ProcessorError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 1
+        return command_failed(exc)
     sys.stdout.write(",".join(str(j) for j in jars) + "\n")
     return 0
 
