@@ -146,6 +146,13 @@ class Settings(BaseSettings):
         ge=1,
         le=1000,
     )
+    x_lease_seconds: float = _seconds(
+        15, "a file leased to one Mechanism X is free this long after its holder's last renewal", positive=True
+    )
+    x_lease_renew_seconds: float = _seconds(5, "a Mechanism X renews its file leases this often", positive=True)
+    y_standby_poll_seconds: float = _seconds(
+        1, "a standby Mechanism Y looks this often whether the leader's lock is free", positive=True
+    )
     spark_master: str = Field("local[*]", description="Spark master URL")
     spark_driver_memory: str = Field("1g", description="Spark driver memory")
     spark_ui_enabled: bool = Field(False, description="Spark web UI")
@@ -290,6 +297,12 @@ class Settings(BaseSettings):
         if bool(self.aws_access_key_id) != bool(self.aws_secret_access_key):
             raise SettingsError("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together (or neither)")
         _check_cluster_paths(self)
+        if self.x_lease_renew_seconds * 2 > self.x_lease_seconds:
+            raise SettingsError(
+                f"X_LEASE_RENEW_SECONDS={self.x_lease_renew_seconds:g} must be at most half of "
+                f"X_LEASE_SECONDS={self.x_lease_seconds:g}: a lease renewed less often than that expires under a "
+                "live holder after one late renewal, and another daemon takes its file over"
+            )
         return self
 
     @classmethod

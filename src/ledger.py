@@ -638,6 +638,9 @@ def lease_holders(cur: Cursor) -> dict[str, str]:
     return dict(cur.fetchall())
 
 
+Y_ROLE = "mechanism_y"  # Mechanism Y's row in `leaders` (its COMPONENT)
+
+
 def take_leadership(cur: Cursor, role: str, holder: str) -> tuple[int, str | None]:
     """Record `holder` as the leader of `role` (its caller holds the role's advisory lock); returns (its term,
     the previous leader)."""
@@ -703,6 +706,31 @@ def file_counts_by_status(cur: Cursor, *, kind: str | None = None) -> dict[str, 
     else:
         cur.execute("SELECT status, count(*) FROM source_files WHERE kind = %s GROUP BY status", (kind,))
     return dict(cur.fetchall())
+
+
+@dataclass(frozen=True)
+class Leadership:
+    """Who works now, for the status page and /metrics: Y's leader and the live file leases."""
+
+    leader: dict[str, Any] | None  # holder, term, since (Y's active daemon); None before any Y has led
+    leases: list[dict[str, Any]]  # file_id, holder, expires_in_seconds, takeovers, for leases held by a live X
+    takeovers: int  # leases ever taken from a holder that stopped renewing
+
+
+def leadership(cur: Cursor) -> Leadership:
+    """`Leadership` as the database sees it now. A lease counts as held while it has not expired and its
+    holder's renewing session is still connected (see `_LEASE_FREE`)."""
+    cur.execute("SELECT holder, term, since FROM leaders WHERE role = %s", (Y_ROLE,))
+    row = cur.fetchone()
+    leader = dict(zip(("holder", "term", "since"), row)) if row else None
+    cur.execute(
+        "SELECT l.file_id, l.holder, extract(epoch FROM l.expires_at - clock_timestamp())::float8, l.takeovers "
+        "FROM file_leases l WHERE l.holder IS NOT NULL AND l.expires_at > clock_timestamp() "
+        "AND EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.holder_pid) ORDER BY l.file_id"
+    )
+    leases = [dict(zip(("file_id", "holder", "expires_in_seconds", "takeovers"), r)) for r in cur.fetchall()]
+    cur.execute("SELECT coalesce(sum(takeovers), 0) FROM file_leases")
+    return Leadership(leader, leases, int(cur.fetchone()[0]))
 
 
 def file_reject_totals(cur: Cursor) -> tuple[int, int]:

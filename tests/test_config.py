@@ -129,6 +129,9 @@ BAD_VALUES = [
     ("RETRY_MAX_DELAY_SECONDS", "0", ["out of range", "> 0"]),
     ("POSTGRES_CONNECT_TIMEOUT", "0", ["out of range"]),
     ("POSTGRES_STATEMENT_TIMEOUT", "-1", ["out of range"]),
+    ("X_LEASE_SECONDS", "0", ["out of range", "> 0"]),
+    ("X_LEASE_RENEW_SECONDS", "-1", ["out of range"]),
+    ("Y_STANDBY_POLL_SECONDS", "0", ["out of range", "> 0"]),
 ]
 # Settings where any text is a valid value (a path, a name), so no value can be refused on sight.
 FREE_TEXT = {"LOCAL_LAKE_DIR", "POSTGRES_DB", "POSTGRES_USER", "LOCAL_INBOX_DIR", "DATA_DIR", "SPARK_JARS", "LOG_FILE"}
@@ -156,6 +159,16 @@ def test_bad_value_is_one_line_naming_the_variable(name, value, words):
         assert word in message, (message, word)
     if name in SECRETS:
         assert value not in message and "tok-Zq81" not in message
+
+
+def test_lease_renewal_must_fit_twice_in_the_lease():
+    """A lease renewed less often than half its length expires under a live holder after one late renewal."""
+    message = settings_error(X_LEASE_SECONDS="10", X_LEASE_RENEW_SECONDS="6")
+    assert "X_LEASE_RENEW_SECONDS=6" in message and "X_LEASE_SECONDS=10" in message and "half" in message
+    assert "\n" not in message
+    assert build(X_LEASE_SECONDS="10", X_LEASE_RENEW_SECONDS="5").x_lease_renew_seconds == 5
+    defaults = build()
+    assert (defaults.x_lease_seconds, defaults.x_lease_renew_seconds, defaults.y_standby_poll_seconds) == (15, 5, 1)
 
 
 def test_several_bad_values_are_named_on_the_one_line():
@@ -386,6 +399,9 @@ NON_DEFAULT = {
     "DETECTIONS_PER_FILE": "3",
     "DETECTIONS_FLUSH_SECONDS": "1.5",
     "Y_MAX_BATCH_CHUNKS": "4",
+    "X_LEASE_SECONDS": "30",
+    "X_LEASE_RENEW_SECONDS": "10",
+    "Y_STANDBY_POLL_SECONDS": "0.5",
     "SPARK_MASTER": "spark://spark-master:7077",
     "SPARK_DRIVER_MEMORY": "2G",
     "SPARK_UI_ENABLED": "true",

@@ -100,6 +100,40 @@ def test_a_file_lease_is_held_by_one_x_skipped_while_locked_and_taken_over_when_
         b.close()
 
 
+def test_status_shows_the_y_leader_and_the_leases_of_live_x_only(make_settings, pg_conn):
+    from src.observability.cli import render_status
+    from src.observability.status import collect_from
+
+    settings = make_settings()
+    a, b = Database(settings), Database(settings)
+    a.apply_schema()
+    try:
+        before = collect_from(pg_conn)["leadership"]
+        assert before == {"y_leader": None, "leases": [], "lease_takeovers": 0}
+        assert "none yet" in render_status(collect_from(pg_conn))
+
+        assert ledger.claim_file(a, "f1", "host-a:1:aa", seconds=60).got
+        assert ledger.claim_file(b, "f2", "host-b:2:bb", seconds=60).got
+        with b.transaction() as cur:
+            term, _ = ledger.take_leadership(cur, ledger.Y_ROLE, "host-b:2:bb")
+        who = collect_from(pg_conn)["leadership"]
+        assert who["y_leader"]["holder"] == "host-b:2:bb" and who["y_leader"]["term"] == term == 1
+        assert [(x["file_id"], x["holder"]) for x in who["leases"]] == [("f1", "host-a:1:aa"), ("f2", "host-b:2:bb")]
+        assert all(50 < x["expires_in_seconds"] <= 60 for x in who["leases"]), who["leases"]
+        text = render_status(collect_from(pg_conn))
+        assert "host-b:2:bb" in text and "term 1" in text and "f1, renewal due within" in text
+
+        # A's session ends (its process was killed): its lease is no longer held, though not yet expired.
+        _query(pg_conn, "SELECT pg_terminate_backend(%s)", (a.conn.get_backend_pid(),))
+        _until(lambda: len(collect_from(pg_conn)["leadership"]["leases"]) == 1, "the dead holder's lease to drop")
+        assert [x["file_id"] for x in collect_from(pg_conn)["leadership"]["leases"]] == ["f2"]
+        assert ledger.claim_file(b, "f1", "host-b:2:bb", seconds=60).taken_over_from == "host-a:1:aa"
+        assert collect_from(pg_conn)["leadership"]["lease_takeovers"] == 1
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_standby_takes_the_lock_when_the_leader_ends_and_a_leader_cut_off_meanwhile_stops(
     make_settings, pg_conn, caplog
 ):

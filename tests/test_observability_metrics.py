@@ -63,6 +63,8 @@ def _ledger(conn) -> dict:
         quarantined = dict(cur.fetchall())
         cur.execute("SELECT status, count(*) FROM source_files WHERE kind = 'transactions' GROUP BY 1")
         files = dict(cur.fetchall())
+        cur.execute("SELECT term FROM leaders WHERE role = 'mechanism_y'")
+        leader = cur.fetchone()  # None until Y leads
     return {
         "rows": int(rows),
         "written": written,
@@ -71,6 +73,7 @@ def _ledger(conn) -> dict:
         "detections": detections,
         "quarantined": quarantined,
         "files": files,
+        "leader_term": leader[0] if leader else None,
     }
 
 
@@ -169,6 +172,10 @@ def test_a_run_exports_metrics_equal_to_the_ledger_and_logs_joinable_json(tmp_pa
     reasons = {lab["reason"] for lab, v in scrape["tp_rows_quarantined_total"] if v}
     assert all(re.fullmatch(r"[a-z_]+", r) for r in reasons), reasons  # values stripped from the label
     assert _one(scrape, "tp_files", status="done") == 1
+    # One daemon: its Y led from the start (term 1), its X gave the file back when done, no takeover.
+    assert _one(scrape, "tp_y_leader_term") == led["leader_term"] == 1
+    assert _one(scrape, "tp_file_leases_held") == 0
+    assert _one(scrape, "tp_file_lease_takeovers_total") == 0
 
     # Worker-observed histograms have observations, merged from Y's process.
     assert _one(scrape, "tp_chunk_latency_seconds_count") == led["processed"]

@@ -222,3 +222,14 @@ def test_status_page_shows_the_ledger_in_a_real_browser(daemon, browser, pg_conn
     assert "file_failed" in browser.find_element("id", "failures").text
     last = browser.find_elements("css selector", "#detections tbody tr")
     assert len(last) == min(20, ledger["detections"])
+
+    # who works: this daemon's Y leads (the holder the leaders table names), no X holds a lease once the file is done
+    with pg_conn.cursor() as cur:
+        cur.execute("SELECT holder, term FROM leaders WHERE role = 'mechanism_y'")
+        holder, term = cur.fetchone()
+    who = [
+        [td.text for td in r.find_elements("tag name", "td")]
+        for r in browser.find_elements("css selector", "#leadership tbody tr")
+    ]
+    assert who[0][:2] == ["Y leader", holder] and who[0][2].startswith(f"term {term} since "), who
+    assert who[1:] == [["lease takeovers", "0", "files taken from an X that stopped renewing"]], who

@@ -1,7 +1,7 @@
 """File leases: which Mechanism X works on which source file when several daemons share one database.
 
 An X claims a file before it touches it (`claim`), and gives it back when it is done with it (`release`).
-While it holds leases a thread renews them every LEASE_RENEW_SECONDS on a connection of its own: the
+While it holds leases a thread renews them every X_LEASE_RENEW_SECONDS on a connection of its own: the
 ingest loop's connection is busy for seconds at a time (an importance load, waiting for Mechanism Y). The
 ledger statements that move a file on are fenced by the lease (`fence`), so an X that lost a lease can no
 longer record anything for that file; see `src/ledger.py` for when a lease is free.
@@ -21,10 +21,9 @@ from src.utils.db import Database
 from src.utils.retry import brief
 
 log = logging.getLogger(__name__)
-# A lease lasts this long past its last renewal; a holder that stops renewing (hung, cut off) loses its files
-# after it. A holder that dies loses them at once: its renewing session ends with it (see ledger._LEASE_FREE).
-LEASE_SECONDS = 15.0
-LEASE_RENEW_SECONDS = 5.0
+# A lease lasts X_LEASE_SECONDS past its last renewal; a holder that stops renewing (hung, cut off) loses its
+# files after it. A holder that dies loses them at once: its renewing session ends with it (see
+# ledger._LEASE_FREE).
 
 
 class LeaseKeeper:
@@ -35,7 +34,7 @@ class LeaseKeeper:
         self.db = db
         self.stop = stop
         self.holder = holder or ledger.holder_id()
-        self.seconds = LEASE_SECONDS
+        self.seconds = settings.x_lease_seconds
         self._held: set[str] = set()
         self._lock = threading.Lock()
         self._renew_db: Database | None = None
@@ -70,7 +69,7 @@ class LeaseKeeper:
     # ------------------------------------------------------------ renewal
 
     def start(self) -> None:
-        """Renew the held leases every LEASE_RENEW_SECONDS until `close` (or the stop flag)."""
+        """Renew the held leases every X_LEASE_RENEW_SECONDS until `close` (or the stop flag)."""
         if self._thread is not None:
             return
         self._renew_db = Database(self.settings, stop=self._closing)
@@ -80,7 +79,7 @@ class LeaseKeeper:
         self._thread.start()
 
     def _renew_loop(self) -> None:
-        while not self._closing.wait(LEASE_RENEW_SECONDS):
+        while not self._closing.wait(self.settings.x_lease_renew_seconds):
             try:
                 self.renew_once()
             except Exception as exc:  # noqa: BLE001 - the loop's own fences catch what a missed renewal risks

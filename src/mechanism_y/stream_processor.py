@@ -172,7 +172,13 @@ class StreamProcessor:
         PostgreSQL connection and reads nothing of the state before it leads (the leader is changing it). The
         lock is re-taken on every reconnect; if another Y led meanwhile, LockLost ends this one (its state in
         memory is stale) and the supervisor starts it again, as a standby."""
-        self.db.hold_lock(SINGLE_Y_LOCK, who="Mechanism Y", while_waiting=self._stand_by, on_taken=self._on_leading)
+        self.db.hold_lock(
+            SINGLE_Y_LOCK,
+            who="Mechanism Y",
+            while_waiting=self._stand_by,
+            on_taken=self._on_leading,
+            poll=self.settings.y_standby_poll_seconds,
+        )
 
     def _stand_by(self, conn) -> None:
         """At each poll of a standby: chunks are served by the leader, so this daemon's X need not hold them
@@ -213,7 +219,7 @@ class StreamProcessor:
     def _on_leading(self, conn, first: bool) -> None:
         with conn.cursor() as cur:
             if first:
-                self._term, previous = ledger.take_leadership(cur, COMPONENT, self.holder)
+                self._term, previous = ledger.take_leadership(cur, ledger.Y_ROLE, self.holder)
                 log.info(
                     "mechanism Y %s leads (term %d; previous leader %s)",
                     self.holder,
@@ -221,7 +227,7 @@ class StreamProcessor:
                     previous or "none",
                     extra={"event": "y_leader"},
                 )
-            elif not ledger.still_leader(cur, COMPONENT, self.holder, self._term):
+            elif not ledger.still_leader(cur, ledger.Y_ROLE, self.holder, self._term):
                 raise LockLost("another Mechanism Y led while this one's connection was down; starting again")
 
     def start(self) -> None:

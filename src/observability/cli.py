@@ -170,6 +170,11 @@ def render_status(status: dict[str, Any]) -> str:
             ],
         ),
         _section(
+            "Who works (two daemons: Y's leader, X's file leases)",
+            ["role", "holder", "detail"],
+            _leadership_rows(status["leadership"]),
+        ),
+        _section(
             "Last failures (processing_logs ERROR)",
             ["when (UTC)", "component", "event", "file", "chunk", "message"],
             [
@@ -192,6 +197,21 @@ def render_status(status: dict[str, Any]) -> str:
         ),
     ]
     return "\n".join(parts) + "\n"
+
+
+def _leadership_rows(who: dict[str, Any]) -> list[list[Any]]:
+    leader = who["y_leader"]
+    rows = [
+        ["Y leader", leader["holder"], f"term {leader['term']} since {leader['since']}"]
+        if leader
+        else ["Y leader", "none yet", ""]
+    ]
+    rows += [
+        ["X lease", lease["holder"], f"{lease['file_id']}, renewal due within {lease['expires_in_seconds']:.0f} s"]
+        for lease in who["leases"]
+    ]
+    rows.append(["lease takeovers", who["lease_takeovers"], "files taken from an X that stopped renewing"])
+    return rows
 
 
 def _detection_rows(detections: dict[str, Any]) -> list[list[Any]]:

@@ -125,6 +125,7 @@ class LedgerReading:
     files_by_status: dict[str, int]  # transactions files only
     detections: dict[str, int]
     quarantined: list[tuple[str, str, int]]  # (stage, reason, rows)
+    leadership: ledger.Leadership
 
 
 def read_ledger(cur: Any) -> LedgerReading:
@@ -133,7 +134,11 @@ def read_ledger(cur: Any) -> LedgerReading:
     cur.execute(QUARANTINE_SQL)
     quarantined = cur.fetchall()
     return LedgerReading(
-        ledger.chunk_totals(cur), ledger.file_counts_by_status(cur, kind="transactions"), detections, quarantined
+        ledger.chunk_totals(cur),
+        ledger.file_counts_by_status(cur, kind="transactions"),
+        detections,
+        quarantined,
+        ledger.leadership(cur),
     )
 
 
@@ -182,6 +187,16 @@ class LedgerCollector(Collector):
         yield _every_label(detections, PATTERNS, reading.detections)
         files = GaugeMetricFamily("tp_files", "Transaction files in the ledger, by status.", labels=["status"])
         yield _every_label(files, FILE_STATUSES, reading.files_by_status)
+        who = reading.leadership
+        yield _gauge(
+            "tp_y_leader_term",
+            "Term of Mechanism Y's active leader: +1 at every change of leader (0 before any Y has led).",
+            who.leader["term"] if who.leader else 0,
+        )
+        yield _gauge("tp_file_leases_held", "Source files leased to a live Mechanism X now.", len(who.leases))
+        yield _counter(
+            "tp_file_lease_takeovers", "File leases taken from a Mechanism X that stopped renewing.", who.takeovers
+        )
 
 
 def _every_label(family: Any, labels: tuple[str, ...], counts: dict[str, int]) -> Any:

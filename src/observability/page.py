@@ -109,6 +109,8 @@ td.reason, td.msg { color:var(--muted); max-width:520px; overflow-wrap:anywhere;
         <h2 style="margin-top:14px">Failed chunks</h2><table id="failed-chunks"><thead><tr><th>chunk</th>
         <th>file</th><th>#</th><th>lines</th></tr></thead><tbody></tbody></table></div>
     </div>
+    <div class="card"><h2>Who works (Y's leader, X's file leases)</h2><table id="leadership"><thead><tr>
+      <th>role</th><th>holder</th><th>detail</th></tr></thead><tbody></tbody></table></div>
   </section>
 </main>
 <script>
@@ -248,6 +250,14 @@ function render(s) {
     [e.message, "msg"]]);
   fillTable("failed-chunks", s.failures.failed_chunks, (c) => [[c.seq, "n"], [c.name], [c.chunk_seq, "n"],
     [c.first_line + "-" + c.last_line]]);
+  const who = s.leadership, leader = who.y_leader;
+  fillTable("leadership", [
+    leader ? ["Y leader", leader.holder, "term " + leader.term + " since " + when(leader.since) + " UTC"]
+           : ["Y leader", "none yet", ""],
+    ...who.leases.map((l) => ["X lease", l.holder,
+      l.file_id + ", renewal due within " + Math.round(l.expires_in_seconds) + " s"]),
+    ["lease takeovers", fmt(who.lease_takeovers), "files taken from an X that stopped renewing"],
+  ], (r) => [[r[0]], [r[1]], [r[2], "msg"]]);
   document.body.dataset.loaded = s.generated_at;
 }
 

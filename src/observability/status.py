@@ -108,6 +108,7 @@ def _collect(cur: Any) -> dict[str, Any]:
             "failed_chunks": [_jsonable(c) for c in ledger.failed_chunks(cur, TABLE_LIMIT)],
         },
     }
+    status["leadership"] = _leadership(ledger.leadership(cur))
     rows, bad = ledger.rows_written_since(cur, QUARANTINE_MINUTES)
     status["quarantine_recent"] = {"minutes": QUARANTINE_MINUTES, "rows": int(rows), "quarantined": int(bad)}
     status["waiting_for"] = _waiting_for(cur, status)
@@ -127,6 +128,14 @@ def _totals(t: ledger.ChunkTotals) -> dict[str, Any]:
         "failed_chunks": t.failed,
         "seconds_since_last_processed": t.seconds_since_last_processed,
         "oldest_waiting_seconds": t.oldest_waiting_seconds,
+    }
+
+
+def _leadership(who: ledger.Leadership) -> dict[str, Any]:
+    return {
+        "y_leader": _jsonable(who.leader) if who.leader else None,
+        "leases": [_jsonable(lease) for lease in who.leases],
+        "lease_takeovers": who.takeovers,
     }
 
 

@@ -109,6 +109,9 @@ def _dsn_location(dsn: str) -> str:
     return f"{host}:{parts.port or 5432}{parts.path or ''}"
 
 
+LOCK_POLL_SECONDS = 1.0  # default of `hold_lock`'s poll (Mechanism Y passes Y_STANDBY_POLL_SECONDS)
+
+
 class Database:
     """One connection to PostgreSQL, rebuilt with backoff whenever it is lost; see the module docstring."""
 
@@ -257,10 +260,11 @@ class Database:
         wait: bool = True,
         while_waiting: Callable[[psycopg2.extensions.connection], None] | None = None,
         on_taken: Callable[[psycopg2.extensions.connection, bool], None] | None = None,
+        poll: float = LOCK_POLL_SECONDS,
     ) -> None:
         """Hold session advisory lock `key` on this connection, now and after every reconnect.
 
-        With `wait`, poll every LOCK_POLL_SECONDS while another process holds it — a standby waiting for the
+        With `wait`, poll every `poll` seconds while another process holds it — a standby waiting for the
         active one (`while_waiting(conn)` runs at each poll: it may raise to give up); without, raise LockHeld
         at once. `on_taken(conn, first)` runs once the lock is held. After a reconnect the lock is taken again
         without waiting: if another process took it while the connection was down, LockLost is raised (the
@@ -270,7 +274,9 @@ class Database:
 
         def take(conn: psycopg2.extensions.connection) -> None:
             nonlocal first
-            waited = _wait_for_lock(conn, key, who, wait=wait and first, while_waiting=while_waiting, stop=self.stop)
+            waited = _wait_for_lock(
+                conn, key, who, wait=wait and first, while_waiting=while_waiting, stop=self.stop, poll=poll
+            )
             if waited is None and first:
                 raise LockHeld(f"another {who} is already running against this database; stop it first")
             if waited is None:
@@ -300,9 +306,6 @@ class Database:
                 self.reset()
 
 
-LOCK_POLL_SECONDS = 1.0  # a standby looks this often: it takes over within a second or two of the lock's release
-
-
 def _wait_for_lock(
     conn: psycopg2.extensions.connection,
     key: int,
@@ -311,6 +314,7 @@ def _wait_for_lock(
     wait: bool,
     while_waiting: Callable[[psycopg2.extensions.connection], None] | None,
     stop: threading.Event | None,
+    poll: float = LOCK_POLL_SECONDS,
 ) -> float | None:
     """Take advisory lock `key` on `conn`; returns the seconds waited, None when it is held and `wait` is off."""
     t0 = time.monotonic()
@@ -341,7 +345,7 @@ def _wait_for_lock(
             announced = True
         if while_waiting is not None:
             while_waiting(conn)
-        if (stop or threading.Event()).wait(LOCK_POLL_SECONDS):
+        if (stop or threading.Event()).wait(poll):
             raise LockHeld(f"stopped while waiting for another {who} to stop")
 
 
