@@ -73,10 +73,15 @@ class LeaseKeeper:
         if self._thread is not None:
             return
         self._renew_db = Database(self.settings, stop=self._closing)
-        # Claims name this session as the one that renews: the leases die with this process, not later.
-        self._pid = self._renew_db.query("SELECT pg_backend_pid()")[0][0]
+        # Claims name this session as the one that renews: the leases die with this process, not later. Its
+        # server pid is noted at every (re)connection, so claims made after a reconnect name the new session.
+        self._renew_db.on_connect(self._note_pid)
+        self._renew_db.conn  # noqa: B018 - connect now: the first claims need the pid
         self._thread = threading.Thread(target=self._renew_loop, name="x-leases", daemon=True)
         self._thread.start()
+
+    def _note_pid(self, conn: psycopg2.extensions.connection) -> None:
+        self._pid = conn.get_backend_pid()
 
     def _renew_loop(self) -> None:
         while not self._closing.wait(self.settings.x_lease_renew_seconds):
@@ -96,8 +101,6 @@ class LeaseKeeper:
         with self._lock:
             held = set(self._held)
         kept = ledger.renew_leases(db, self.holder, seconds=self.seconds) if held else set()
-        if self._renew_db is not None:
-            self._pid = self._renew_db.query("SELECT pg_backend_pid()")[0][0]
         for file_id in held - kept:
             with self._lock:
                 still = file_id in self._held
