@@ -25,6 +25,10 @@ from src.utils.object_store import ObjectStore
 
 log = logging.getLogger(__name__)
 
+# The lake's reports (this one, and X's processing log) are rebuilt from the ledger by whichever worker last
+# changed what they show: an X of either daemon, or Y. One writer at a time, under this advisory lock, so an
+# older view never lands over a newer one.
+LAKE_REPORTS_LOCK = 7261004
 TOP_REASONS = 50  # reasons listed per stage; the rest are summed under OTHER_REASONS
 LIST_LIMIT = 100  # files and chunks listed (most recent first); the counts cover all of them
 OTHER_REASONS = "(other reasons)"
@@ -134,10 +138,12 @@ def _build(cur: Cursor) -> dict[str, Any]:
 
 
 def write_quality_report(db: Database, store: ObjectStore) -> dict[str, Any]:
-    """Rewrite the report in the lake; returns what was written."""
-    doc = build_quality_report(db)
-    data = json.dumps(doc, indent=2).encode()
-    store.put_bytes(lake_paths.QUALITY_REPORT_KEY, data, overwrite=True)
+    """Rewrite the report in the lake, under LAKE_REPORTS_LOCK (the caller may hold it already); returns what
+    was written."""
+    with db.session_lock(LAKE_REPORTS_LOCK):
+        doc = build_quality_report(db)
+        data = json.dumps(doc, indent=2).encode()
+        store.put_bytes(lake_paths.QUALITY_REPORT_KEY, data, overwrite=True)
     log.debug(
         "quality report: %d row(s) rejected, %d file(s) failed",
         doc["rows_rejected"],

@@ -264,3 +264,36 @@ def test_quality_report_keeps_the_top_reasons_and_sums_the_rest(make_settings, i
     assert len(reasons) == TOP_REASONS + 1 and reasons[OTHER_REASONS] == distinct + 1 - TOP_REASONS
     assert report["rejected_by_reason"] == reasons  # Y has rejected nothing: the totals are X's
     assert report["stages"]["detect"]["rows_rejected"] == 0
+
+
+def test_quality_report_waits_for_another_writer_of_the_lake_reports(make_settings, lake, pg_conn):
+    """X of either daemon and Y rewrite the report from the ledger: one at a time, under LAKE_REPORTS_LOCK, so
+    an older view never lands over a newer one."""
+    import threading
+
+    from src.quality_report import LAKE_REPORTS_LOCK, write_quality_report
+    from src.resources import open_lake
+    from src.utils.db import Database
+
+    settings = make_settings()
+    db = Database(settings)
+    db.apply_schema()
+    report = lake / "pattern-detections/validation/quality_reports.json"
+    pg_conn.autocommit = True
+    with pg_conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_lock(%s)", (LAKE_REPORTS_LOCK,))
+    writer = threading.Thread(target=write_quality_report, args=(db, open_lake(settings)), daemon=True)
+    try:
+        writer.start()
+        writer.join(1.0)
+        assert writer.is_alive() and not report.exists(), "the report was written while another writer held the lock"
+    finally:
+        with pg_conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_unlock(%s)", (LAKE_REPORTS_LOCK,))
+    writer.join(60)
+    assert not writer.is_alive() and json.loads(report.read_text())["rows_rejected"] == 0
+    with pg_conn.cursor() as cur:  # the writer let its lock go: another session takes it at once
+        cur.execute("SELECT pg_try_advisory_lock(%s)", (LAKE_REPORTS_LOCK,))
+        assert cur.fetchone()[0]
+        cur.execute("SELECT pg_advisory_unlock(%s)", (LAKE_REPORTS_LOCK,))
+    db.close()

@@ -47,7 +47,7 @@ from src.mechanism_x.csv_parser import (
 from src.mechanism_x.file_monitor import FileMonitor, FileWork, looks_like_importance
 from src.mechanism_x.importance import copy_importance
 from src.mechanism_x.leases import LeaseKeeper
-from src.quality_report import reject_counts, write_quality_report
+from src.quality_report import LAKE_REPORTS_LOCK, reject_counts, write_quality_report
 from src.schemas.transaction_schemas import QUARANTINE_SCHEMA, QUARANTINE_TABLE_COLUMNS
 from src.utils import lake_paths
 from src.utils.db import CHUNK_CHANNEL, Database, copy_rows
@@ -59,8 +59,6 @@ from src.utils.sources import Source, SourceFile, md5_file
 log = logging.getLogger(__name__)
 COMPONENT = "mechanism_x"
 # Several X may share a database: each file is leased to one of them at a time (src/mechanism_x/leases.py).
-# The processing log is written by one X at a time, under this lock, from the ledger as it is then.
-LOG_WRITER_LOCK = 7261004
 # A file missing from the source while one of its chunks is pending keeps the chunk pending this long
 # (a Drive file moved for a minute comes back); after that the chunk is given up and its rows taken
 # back out of the file's counters.
@@ -236,7 +234,7 @@ class Ingestor:
         finally:
             self._importance_done()
         if len(work) > self.skipped - skipped_before:  # this X did something
-            with self.db.session_lock(LOG_WRITER_LOCK):  # another X may be writing them: one at a time
+            with self.db.session_lock(LAKE_REPORTS_LOCK):  # another X, or Y, may be writing them: one at a time
                 self._write_processing_log()
                 if reject_counts(self.db) != rejects_before:  # rows quarantined or a file failed: report it
                     write_quality_report(self.db, self.store)
