@@ -16,8 +16,8 @@ per chunk, whose `seq` is the global order Y follows. The guarantees rest on how
 
 With several daemons on one database, each file is leased to one X at a time (`claim_file`, `fence_file`,
 `renew_leases`, `release_file`) and Y's leader is recorded beside its advisory lock (`take_leadership`).
-X also stages each chunk's rows in `staged_rows` with its record (`stage_rows`), and Y's commit publishes
-them into `transactions` and `y_state` (`publish_staged`).
+X also stages each chunk's rows in `staged_rows` between its record and its release (`stage_chunk`, on a
+connection of its own), and Y's commit publishes them into `transactions` and `y_state` (`publish_staged`).
 
 The operator's views (the status page and command, the metrics, the quality report, X's processing log)
 read through the functions at the end of this module (`file_summaries`, `chunk_totals`, ...).
@@ -352,8 +352,8 @@ def fail_chunk(cur: Cursor, seq: int, reason: str, *, rollback_counters: bool) -
 
 
 # ---------------------------------------------------------------------------------------------- staged rows
-# X stages a chunk's rows with its ledger record; Y's commit publishes them (`publish_staged`). Neither
-# worker's driver ever carries rows to the other: only the chunk's seq and counts.
+# X stages a chunk's rows after its ledger record and before its release (`stage_chunk`); Y's commit publishes
+# them (`publish_staged`). Neither worker's driver ever carries rows to the other: only the chunk's seq and counts.
 
 # Chunk column (Arrow) -> `transactions` / `staged_rows` column (PostgreSQL).
 TRANSACTION_COLUMNS = {
@@ -385,11 +385,35 @@ def staging_payload(good: pa.Table) -> bytes:
 
 
 def stage_rows(cur: Cursor, seq: int, payload: bytes) -> None:
-    """Stage chunk `seq`'s rows (`staging_payload`) in the caller's transaction: the one recording the chunk,
-    so a recorded chunk has all its staged rows or none (recorded by an older X, or emptied by a server crash:
-    the table is unlogged), never a part."""
+    """Add `payload` (`staging_payload`) to chunk `seq`'s staged rows in the caller's transaction (X goes through
+    `stage_chunk`, which replaces them)."""
     cur.execute("SELECT set_config('tp.staged_seq', %s, true)", (str(seq),))
     copy_csv(cur, "staged_rows", list(TRANSACTION_COLUMNS.values()), payload)
+
+
+def stage_chunk(cur: Cursor, seq: int, payload: bytes) -> bool:
+    """Stage the rows of chunk `seq` (`staging_payload`) in the caller's transaction, replacing any a previous
+    attempt staged; False (nothing staged) when the chunk is no longer `pending`.
+
+    X commits it after recording the chunk and before marking it written, so Y never sees a written chunk
+    whose staging is half done: it has all its rows staged or none (a crash in between, or a server crash,
+    which empties the unlogged table), and without them Y loads the chunk from its object. The chunk's row
+    stays locked until the commit, so two stagers of one chunk (an X rebuilding it after a takeover, the X
+    that lost it) go one after the other, and one that comes after the chunk was written or failed leaves it.
+    Only the unlogged table is written, so the commit need not wait for the WAL flush (`synchronous_commit`
+    off for this transaction alone): a server crash loses the staged rows either way.
+    """
+    cur.execute(
+        "SELECT status, set_config('tp.staged_seq', %s, true), set_config('synchronous_commit', 'off', true) "
+        "FROM chunks WHERE seq = %s FOR NO KEY UPDATE",
+        (str(seq), seq),
+    )
+    row = cur.fetchone()
+    if row is None or row[0] != "pending":
+        return False
+    cur.execute("DELETE FROM staged_rows WHERE seq = %s", (seq,))
+    copy_csv(cur, "staged_rows", list(TRANSACTION_COLUMNS.values()), payload)
+    return True
 
 
 def staged_chunks(db: Database, seqs: list[int]) -> set[int]:
@@ -605,6 +629,16 @@ def fence_file(cur: Cursor, file_id: str, holder: str, *, seconds: float) -> Non
         "WHERE file_id = %s AND holder = %s RETURNING 1",
         (seconds, file_id, holder),
     )
+    if cur.fetchone() is None:
+        raise LeaseLost(f"file {file_id}: another Mechanism X has taken over its lease; this one stops work on it")
+
+
+def hold_file(cur: Cursor, file_id: str, holder: str) -> None:
+    """In the caller's transaction: raise LeaseLost unless `holder` holds the lease on `file_id`, and keep it
+    until the commit without blocking the holder's own `fence_file` (a KEY SHARE lock: another X's
+    `claim_file` skips the row, while the holder's no-key updates of it go on). For work on a second
+    connection of the holder beside its fenced ledger transactions (X's staging)."""
+    cur.execute("SELECT 1 FROM file_leases WHERE file_id = %s AND holder = %s FOR KEY SHARE", (file_id, holder))
     if cur.fetchone() is None:
         raise LeaseLost(f"file {file_id}: another Mechanism X has taken over its lease; this one stops work on it")
 
