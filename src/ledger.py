@@ -373,22 +373,41 @@ TRANSACTION_COLUMNS = {
 }
 
 
+# The lineage columns every row of a chunk shares: `staged_rows` fills them from the chunk's ledger row.
+_CHUNK_CONSTANT = ("source_file_id", "chunk_seq")
+_STAGED_COLUMNS = [c for c in TRANSACTION_COLUMNS if c not in _CHUNK_CONSTANT]
+
+
 def staging_payload(good: pa.Table) -> bytes:
-    """A chunk's good rows as the CSV payload of `stage_rows` (built off X's hot path, in its parse thread)."""
+    """A chunk's good rows as the CSV payload of `stage_rows` (built off X's hot path, in its parse thread),
+    without the columns the whole chunk shares. Strings are quoted, so an empty one stays empty, not NULL."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    table = good.select(list(TRANSACTION_COLUMNS)).rename_columns(list(TRANSACTION_COLUMNS.values()))
+    table = good.select(_STAGED_COLUMNS).rename_columns([TRANSACTION_COLUMNS[c] for c in _STAGED_COLUMNS])
     sink = pa.BufferOutputStream()
     pacsv.write_csv(table, sink)
     return sink.getvalue().to_pybytes()
 
 
+# Sets what `staged_rows` fills in itself (the chunk's seq, file and chunk_seq) from the chunk's ledger row.
+_STAGING_SETTINGS = (
+    "set_config('tp.staged_seq', seq::text, true), set_config('tp.staged_file', file_id, true), "
+    "set_config('tp.staged_chunk', chunk_seq::text, true)"
+)
+
+
 def stage_rows(cur: Cursor, seq: int, payload: bytes) -> None:
-    """Add `payload` (`staging_payload`) to chunk `seq`'s staged rows in the caller's transaction (X goes through
-    `stage_chunk`, which replaces them)."""
-    cur.execute("SELECT set_config('tp.staged_seq', %s, true)", (str(seq),))
-    copy_csv(cur, "staged_rows", list(TRANSACTION_COLUMNS.values()), payload)
+    """Add `payload` (`staging_payload`) to the staged rows of recorded chunk `seq` in the caller's transaction
+    (X goes through `stage_chunk`, which replaces them)."""
+    cur.execute(f"SELECT {_STAGING_SETTINGS} FROM chunks WHERE seq = %s", (seq,))  # noqa: S608 - constant
+    if cur.fetchone() is None:
+        raise ProcessorError(f"chunk {seq} is not in the ledger: its rows cannot be staged")
+    _copy_staged(cur, payload)
+
+
+def _copy_staged(cur: Cursor, payload: bytes) -> None:
+    copy_csv(cur, "staged_rows", [TRANSACTION_COLUMNS[c] for c in _STAGED_COLUMNS], payload)
 
 
 def stage_chunk(cur: Cursor, seq: int, payload: bytes) -> bool:
@@ -404,15 +423,15 @@ def stage_chunk(cur: Cursor, seq: int, payload: bytes) -> bool:
     off for this transaction alone): a server crash loses the staged rows either way.
     """
     cur.execute(
-        "SELECT status, set_config('tp.staged_seq', %s, true), set_config('synchronous_commit', 'off', true) "
+        f"SELECT status, {_STAGING_SETTINGS}, set_config('synchronous_commit', 'off', true) "  # noqa: S608 - constant
         "FROM chunks WHERE seq = %s FOR NO KEY UPDATE",
-        (str(seq), seq),
+        (seq,),
     )
     row = cur.fetchone()
     if row is None or row[0] != "pending":
         return False
     cur.execute("DELETE FROM staged_rows WHERE seq = %s", (seq,))
-    copy_csv(cur, "staged_rows", list(TRANSACTION_COLUMNS.values()), payload)
+    _copy_staged(cur, payload)
     return True
 
 

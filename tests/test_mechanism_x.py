@@ -628,6 +628,8 @@ def _staged_and_objects(conn, lake: Path) -> tuple[dict, dict]:
     """{seq: (source lines, row count, amount sum)} of the written chunks' staged rows, and the same read from
     their objects with pyarrow."""
     staged: dict[int, tuple] = {}
+    lineage = "SELECT count(*) FROM staged_rows s JOIN chunks c USING (seq) WHERE (s.source_file_id, s.chunk_seq) = "
+    assert query(conn, lineage + "(c.file_id, c.chunk_seq)") == query(conn, "SELECT count(*) FROM staged_rows")
     for seq, line, amount in query(conn, "SELECT seq, source_line, amount FROM staged_rows ORDER BY seq, source_line"):
         lines, n, total = staged.get(seq, ([], 0, Decimal(0)))
         staged[seq] = ([*lines, line], n + 1, total + amount)
