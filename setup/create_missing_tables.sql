@@ -130,9 +130,9 @@ CREATE TABLE IF NOT EXISTS leaders (
     since       TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
--- Added 2026-12-02 (issues 11 and 12): each chunk's rows, staged by Mechanism X in the transaction that
--- records the chunk, under the chunk's ledger `seq` (filled from `tp.staged_seq`, which ledger.stage_rows
--- sets). Mechanism Y's commit moves them into `transactions` (minus the rows it rejects) and folds them into
+-- Added 2026-12-02 (issues 11 and 12): each chunk's rows, staged by Mechanism X after it records the chunk and
+-- before it marks it written, under the chunk's ledger `seq` (filled, with the chunk's file and chunk_seq, from
+-- `tp.staged_*`, which ledger.stage_rows sets: the COPY carries only what differs from row to row). Mechanism Y's commit moves them into `transactions` (minus the rows it rejects) and folds them into
 -- `y_state` in PostgreSQL, so a batch's rows never travel through Y's driver. Cheap for X on purpose:
 -- UNLOGGED (no WAL; a server crash empties the table, and a replica never has it) and one index, on `seq`
 -- alone (a chunk's rows share one key, which a B-tree stores once). Nothing depends on the staging being there: Y checks each chunk's staged rows
@@ -141,9 +141,9 @@ CREATE TABLE IF NOT EXISTS leaders (
 -- a chunk; what `transactions` would refuse, Y rejects first.
 CREATE UNLOGGED TABLE IF NOT EXISTS staged_rows (
     seq             BIGINT        NOT NULL DEFAULT current_setting('tp.staged_seq')::bigint,
-    source_file_id  TEXT,
+    source_file_id  TEXT          DEFAULT current_setting('tp.staged_file'),
     source_line     BIGINT,
-    chunk_seq       INTEGER,
+    chunk_seq       INTEGER       DEFAULT current_setting('tp.staged_chunk')::integer,
     step            INTEGER,
     customer        TEXT,
     age             TEXT,
@@ -156,3 +156,14 @@ CREATE UNLOGGED TABLE IF NOT EXISTS staged_rows (
     fraud           SMALLINT
 );
 CREATE INDEX IF NOT EXISTS staged_rows_seq_idx ON staged_rows (seq);
+-- A staged_rows created before the lineage defaults gets them (only then: ALTER TABLE locks the table).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+                   WHERE d.adrelid = 'staged_rows'::regclass AND a.attname = 'chunk_seq') THEN
+        ALTER TABLE staged_rows
+            ALTER COLUMN source_file_id SET DEFAULT current_setting('tp.staged_file'),
+            ALTER COLUMN chunk_seq SET DEFAULT current_setting('tp.staged_chunk')::integer;
+    END IF;
+END
+$$;

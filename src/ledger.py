@@ -16,8 +16,8 @@ per chunk, whose `seq` is the global order Y follows. The guarantees rest on how
 
 With several daemons on one database, each file is leased to one X at a time (`claim_file`, `fence_file`,
 `renew_leases`, `release_file`) and Y's leader is recorded beside its advisory lock (`take_leadership`).
-X also stages each chunk's rows in `staged_rows` with its record (`stage_rows`), and Y's commit publishes
-them into `transactions` and `y_state` (`publish_staged`).
+X also stages each chunk's rows in `staged_rows` between its record and its release (`stage_chunk`, on a
+connection of its own), and Y's commit publishes them into `transactions` and `y_state` (`publish_staged`).
 
 The operator's views (the status page and command, the metrics, the quality report, X's processing log)
 read through the functions at the end of this module (`file_summaries`, `chunk_totals`, ...).
@@ -352,8 +352,8 @@ def fail_chunk(cur: Cursor, seq: int, reason: str, *, rollback_counters: bool) -
 
 
 # ---------------------------------------------------------------------------------------------- staged rows
-# X stages a chunk's rows with its ledger record; Y's commit publishes them (`publish_staged`). Neither
-# worker's driver ever carries rows to the other: only the chunk's seq and counts.
+# X stages a chunk's rows after its ledger record and before its release (`stage_chunk`); Y's commit publishes
+# them (`publish_staged`). Neither worker's driver ever carries rows to the other: only the chunk's seq and counts.
 
 # Chunk column (Arrow) -> `transactions` / `staged_rows` column (PostgreSQL).
 TRANSACTION_COLUMNS = {
@@ -373,23 +373,66 @@ TRANSACTION_COLUMNS = {
 }
 
 
+# The lineage columns every row of a chunk shares: `staged_rows` fills them from the chunk's ledger row.
+_CHUNK_CONSTANT = ("source_file_id", "chunk_seq")
+_STAGED_COLUMNS = [c for c in TRANSACTION_COLUMNS if c not in _CHUNK_CONSTANT]
+
+
 def staging_payload(good: pa.Table) -> bytes:
-    """A chunk's good rows as the CSV payload of `stage_rows` (built off X's hot path, in its parse thread)."""
+    """A chunk's good rows as the CSV payload of `stage_rows` (built off X's hot path, in its parse thread),
+    without the columns the whole chunk shares. Strings are quoted, so an empty one stays empty, not NULL."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    table = good.select(list(TRANSACTION_COLUMNS)).rename_columns(list(TRANSACTION_COLUMNS.values()))
+    table = good.select(_STAGED_COLUMNS).rename_columns([TRANSACTION_COLUMNS[c] for c in _STAGED_COLUMNS])
     sink = pa.BufferOutputStream()
     pacsv.write_csv(table, sink)
     return sink.getvalue().to_pybytes()
 
 
+# Sets what `staged_rows` fills in itself (the chunk's seq, file and chunk_seq) from the chunk's ledger row.
+_STAGING_SETTINGS = (
+    "set_config('tp.staged_seq', seq::text, true), set_config('tp.staged_file', file_id, true), "
+    "set_config('tp.staged_chunk', chunk_seq::text, true)"
+)
+
+
 def stage_rows(cur: Cursor, seq: int, payload: bytes) -> None:
-    """Stage chunk `seq`'s rows (`staging_payload`) in the caller's transaction: the one recording the chunk,
-    so a recorded chunk has all its staged rows or none (recorded by an older X, or emptied by a server crash:
-    the table is unlogged), never a part."""
-    cur.execute("SELECT set_config('tp.staged_seq', %s, true)", (str(seq),))
-    copy_csv(cur, "staged_rows", list(TRANSACTION_COLUMNS.values()), payload)
+    """Add `payload` (`staging_payload`) to the staged rows of recorded chunk `seq` in the caller's transaction
+    (X goes through `stage_chunk`, which replaces them)."""
+    cur.execute(f"SELECT {_STAGING_SETTINGS} FROM chunks WHERE seq = %s", (seq,))  # noqa: S608 - constant
+    if cur.fetchone() is None:
+        raise ProcessorError(f"chunk {seq} is not in the ledger: its rows cannot be staged")
+    _copy_staged(cur, payload)
+
+
+def _copy_staged(cur: Cursor, payload: bytes) -> None:
+    copy_csv(cur, "staged_rows", [TRANSACTION_COLUMNS[c] for c in _STAGED_COLUMNS], payload)
+
+
+def stage_chunk(cur: Cursor, seq: int, payload: bytes) -> bool:
+    """Stage the rows of chunk `seq` (`staging_payload`) in the caller's transaction, replacing any a previous
+    attempt staged; False (nothing staged) when the chunk is no longer `pending`.
+
+    X commits it after recording the chunk and before marking it written, so Y never sees a written chunk
+    whose staging is half done: it has all its rows staged or none (a crash in between, or a server crash,
+    which empties the unlogged table), and without them Y loads the chunk from its object. The chunk's row
+    stays locked until the commit, so two stagers of one chunk (an X rebuilding it after a takeover, the X
+    that lost it) go one after the other, and one that comes after the chunk was written or failed leaves it.
+    Only the unlogged table is written, so the commit need not wait for the WAL flush (`synchronous_commit`
+    off for this transaction alone): a server crash loses the staged rows either way.
+    """
+    cur.execute(
+        f"SELECT status, {_STAGING_SETTINGS}, set_config('synchronous_commit', 'off', true) "  # noqa: S608 - constant
+        "FROM chunks WHERE seq = %s FOR NO KEY UPDATE",
+        (seq,),
+    )
+    row = cur.fetchone()
+    if row is None or row[0] != "pending":
+        return False
+    cur.execute("DELETE FROM staged_rows WHERE seq = %s", (seq,))
+    _copy_staged(cur, payload)
+    return True
 
 
 def staged_chunks(db: Database, seqs: list[int]) -> set[int]:
@@ -605,6 +648,16 @@ def fence_file(cur: Cursor, file_id: str, holder: str, *, seconds: float) -> Non
         "WHERE file_id = %s AND holder = %s RETURNING 1",
         (seconds, file_id, holder),
     )
+    if cur.fetchone() is None:
+        raise LeaseLost(f"file {file_id}: another Mechanism X has taken over its lease; this one stops work on it")
+
+
+def hold_file(cur: Cursor, file_id: str, holder: str) -> None:
+    """In the caller's transaction: raise LeaseLost unless `holder` holds the lease on `file_id`, and keep it
+    until the commit without blocking the holder's own `fence_file` (a KEY SHARE lock: another X's
+    `claim_file` skips the row, while the holder's no-key updates of it go on). For work on a second
+    connection of the holder beside its fenced ledger transactions (X's staging)."""
+    cur.execute("SELECT 1 FROM file_leases WHERE file_id = %s AND holder = %s FOR KEY SHARE", (file_id, holder))
     if cur.fetchone() is None:
         raise LeaseLost(f"file {file_id}: another Mechanism X has taken over its lease; this one stops work on it")
 

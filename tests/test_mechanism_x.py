@@ -624,6 +624,51 @@ def test_pending_chunk_is_rebuilt_byte_identically(make_settings, inbox, lake, p
     assert query(pg_conn, "SELECT count(*) FROM quarantine") == [(1,)]
 
 
+def _staged_and_objects(conn, lake: Path) -> tuple[dict, dict]:
+    """{seq: (source lines, row count, amount sum)} of the written chunks' staged rows, and the same read from
+    their objects with pyarrow."""
+    staged: dict[int, tuple] = {}
+    lineage = "SELECT count(*) FROM staged_rows s JOIN chunks c USING (seq) WHERE (s.source_file_id, s.chunk_seq) = "
+    assert query(conn, lineage + "(c.file_id, c.chunk_seq)") == query(conn, "SELECT count(*) FROM staged_rows")
+    for seq, line, amount in query(conn, "SELECT seq, source_line, amount FROM staged_rows ORDER BY seq, source_line"):
+        lines, n, total = staged.get(seq, ([], 0, Decimal(0)))
+        staged[seq] = ([*lines, line], n + 1, total + amount)
+    objects = {}
+    for c in chunk_records(conn):
+        assert c["status"] == "written", c
+        table = read_object(lake, c["object_key"])
+        if table.num_rows:
+            amounts = table.column("amount").to_pylist()
+            objects[c["seq"]] = (sorted(table.column("source_line").to_pylist()), table.num_rows, sum(amounts))
+    return staged, objects
+
+
+def test_every_written_chunk_has_exactly_its_rows_staged_rebuilt_chunks_too(make_settings, inbox, lake, pg_conn):
+    """Issue 12: X stages a chunk's rows for Y's commit (on a connection of its own) before it marks the chunk
+    written. After X, each written chunk has exactly its object's rows staged, a chunk with no valid row has none;
+    and a chunk recovery rebuilds (X stopped after its record, its rows staged or not yet) is staged once."""
+    r = rows(12)
+    bad = [row(gender="Z"), row(amount="-1.00"), row(fraud="7")]  # chunk 1: no valid row
+    write_csv(inbox / "tx.csv", [*r[:3], *bad, *r[3:7], row(gender="Q"), *r[7:]])
+    ingest(make_settings(BATCH_SIZE="3"))
+    staged, objects = _staged_and_objects(pg_conn, lake)
+    assert len(chunk_records(pg_conn)) == 6 and len(objects) == 5
+    assert staged == objects
+    assert sum(n for _, n, _ in staged.values()) == 12
+
+    # As if X stopped after recording two chunks: one whose staging had not committed yet, one whose had.
+    seqs = [c["seq"] for c in chunk_records(pg_conn)]
+    unstaged, restaged = seqs[2], seqs[4]
+    query(pg_conn, "DELETE FROM staged_rows WHERE seq = %s RETURNING seq", (unstaged,))
+    query(
+        pg_conn,
+        "UPDATE chunks SET status = 'pending', written_at = NULL, content_md5 = NULL WHERE seq = ANY(%s) RETURNING seq",
+        ([unstaged, restaged],),
+    )
+    ingest(make_settings(BATCH_SIZE="3"))
+    assert _staged_and_objects(pg_conn, lake) == (objects, objects)
+
+
 def test_pending_chunk_of_a_changed_file_is_marked_failed_not_rewritten(make_settings, inbox, lake, pg_conn):
     write_csv(inbox / "tx.csv", rows(6))
     ingest(make_settings(BATCH_SIZE="3"))

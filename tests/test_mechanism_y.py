@@ -702,6 +702,55 @@ def test_staged_chunk_reaches_transactions_without_its_rows_on_ys_driver(small_c
         assert processor.rows_to_driver >= len(rows), processor.rows_to_driver
 
 
+def test_chunks_without_staged_rows_go_through_the_driver_and_match_the_reference(pg_server, spark, tmp_path):
+    """Issue 12: a written chunk whose staged rows are missing (a server crash empties the unlogged table, an
+    older X staged none) is processed from its object through Y's driver, the others from X's staging: the
+    detections are the reference's, each at its chunk, the state is the source rows', and `transactions` holds
+    each row once."""
+    from src.mechanism_y.stream_processor import StreamProcessor
+    from src.resources import open_lake
+    from src.sample_data import generate
+    from src.utils.db import Database
+
+    with product_run(pg_server, tmp_path, GENERATED_ENV) as run:
+        generate(run.inbox, rows=GENERATED_ROWS, seed=GENERATED_SEED)
+        run_x(run.settings)
+        rows_of = dict(run.rows("SELECT seq, rows_valid FROM chunks WHERE status = 'written'"))
+        dropped = sorted(rows_of)[1::3]
+        run.rows("DELETE FROM staged_rows WHERE seq = ANY(%s) RETURNING seq", (dropped,))
+        assert {s for (s,) in run.rows("SELECT DISTINCT seq FROM staged_rows")} == set(rows_of) - set(dropped)
+
+        to_driver: dict[int, int] = {}
+
+        class ObservedProcessor(StreamProcessor):
+            """The product's processor; what each batch (one chunk: Y_MAX_BATCH_CHUNKS=1) returned to the driver."""
+
+            def process_batch(self, batch):
+                try:
+                    return super().process_batch(batch)
+                finally:
+                    to_driver[batch[0].seq] = self.rows_to_driver
+
+        db = Database(run.settings)
+        try:
+            processor = ObservedProcessor(run.settings, db, open_lake(run.settings), spark, threading.Event())
+            assert processor.run(drain=True) == 0
+            run.spark_state = sorted(tuple(r) for r in processor.state.collect())
+        finally:
+            db.close()
+
+        assert sorted(to_driver) == sorted(rows_of)
+        assert all(to_driver[s] >= rows_of[s] for s in dropped), (to_driver, rows_of)  # the chunk's rows
+        assert all(to_driver[s] < rows_of[s] for s in rows_of if s not in dropped), to_driver  # a summary
+        assert_detections_match_replay(run)
+        assert_state_matches_sources(run)
+        assert_state_matches_transactions(run)
+        assert run.rows("SELECT count(*), count(DISTINCT (source_file_id, source_line)) FROM transactions") == [
+            (sum(rows_of.values()),) * 2
+        ]
+        assert run.rows("SELECT count(*) FROM staged_rows") == [(0,)]
+
+
 def _wrong_type_payload(rows: list[dict]) -> bytes:
     table = pa.Table.from_pylist(rows)  # inferred types: amount is a string, step an int64, ...
     table = table.set_column(table.schema.get_field_index("amount"), "amount", pc.cast(table["amount"], pa.string()))

@@ -4,7 +4,9 @@ Exactly once: a chunk's ledger row (with its key, line range and byte range) and
 progress commit together *before* the object is written; the object is then written (a no-op if
 the same bytes are already there) and the chunk marked `written`. After a crash, `pending`
 chunks are rebuilt from the same bytes and written under the same key; ingestion resumes at the
-file's recorded byte offset, so there is no duplicate and no gap.
+file's recorded byte offset, so there is no duplicate and no gap. Between the record and the release,
+the chunk's rows are staged in PostgreSQL for Y's commit (`ledger.stage_chunk`, on a connection of X's
+staging thread), so a written chunk has all its rows staged or none.
 
     python -m src.mechanism_x.data_ingestion [--drain]
 """
@@ -150,9 +152,10 @@ class Ingestor:
             )
             block = _concat_blocks(blocks)
             parsed = parse_transactions(block, file_id=c.file_id, chunk_seq=c.chunk_seq)
-            ledger.mark_chunk_written(
-                self.db, c.seq, self._write_chunk_objects(c.object_key, c.file_id, c.chunk_seq, parsed)
-            )
+            content_md5 = self._write_chunk_objects(c.object_key, c.file_id, c.chunk_seq, parsed)
+            if parsed.good.num_rows:
+                self._stage(self.db, c.file_id, c.seq, ledger.staging_payload(parsed.good))
+            ledger.mark_chunk_written(self.db, c.seq, content_md5)
         log.info(
             "chunk %s-%06d recovered at %s",
             c.file_id,
@@ -427,14 +430,18 @@ class Ingestor:
         if rec is None or rec["kind"] != KIND_TRANSACTIONS or rec["status"] != "ingesting":
             self.monitor.start_file(f, KIND_TRANSACTIONS)
         chunk_seq = rec["chunks"] if rec is not None else 0
-        with _RunningMd5(path) as hashed, ThreadPoolExecutor(max_workers=1, thread_name_prefix="x-write") as writer:
+        with (
+            _RunningMd5(path) as hashed,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="x-write") as writer,
+            _Stager(self) as stager,
+        ):
             hashed.advance(start)
             in_flight: _InFlight | None = None
             for rows, seq, parsed, payload in self._prepared_chunks(path, start, first_line, chunk_seq, f.file_id):
                 self._importance_done()  # reference data committed before this file's first chunk is
                 if self.stop.is_set():
                     break
-                in_flight = self._emit_chunk(f, hashed, rows, seq, parsed, payload, writer, in_flight)
+                in_flight = self._emit_chunk(f, hashed, rows, seq, parsed, payload, writer, stager, in_flight)
             # The last chunk, or the one under way when asked to stop. After an error it stays `pending`
             # (its write is finished by the executor's exit) and `recover` releases it.
             if in_flight is not None:
@@ -508,13 +515,15 @@ class Ingestor:
         parsed: ParsedRows,
         payload: _Payloads,
         writer: ThreadPoolExecutor,
+        stager: _Stager,
         previous: _InFlight | None,
     ) -> _InFlight:
-        """Release the previous chunk and record this one in one ledger transaction, then start writing its objects.
+        """Release the previous chunk and record this one in one ledger transaction, then start writing its objects
+        and staging its rows.
 
-        The object write (and its fsync) runs while the next chunk is cut and hashed. Each chunk's own order
-        is unchanged: recorded, then written, then marked written, so a crash at any point leaves only
-        `pending` chunks that `recover` rebuilds.
+        The object write (and its fsync) and the staging COPY run in their own threads while the next chunk is
+        cut, hashed and recorded. Each chunk's own order is unchanged: recorded, then written and staged, then
+        marked written, so a crash at any point leaves only `pending` chunks that `recover` rebuilds.
         """
         t0 = time.perf_counter()
         pos, end = hashed.pos, int(rows.end_offset[-1])
@@ -536,19 +545,21 @@ class Ingestor:
         )
         release = None
         if previous is not None:
-            release = (previous.seq, previous.write.result())
+            release = (previous.seq, previous.done())
             self._pace()
-        seq = self._record_chunk(f, chunk, parsed, release=release, staged=payload.staged)
+        seq = self._record_chunk(f, chunk, parsed, release=release)
         write = writer.submit(
             self._write_chunk_objects, chunk.object_key, f.file_id, chunk_seq, parsed, payload.parquet
         )
+        stage = stager.submit(f.file_id, seq, payload.staged) if payload.staged is not None else None
         if previous is not None:
             self._log_release(f, previous)
-        return _InFlight(chunk, seq, write, t0)
+        return _InFlight(chunk, seq, write, stage, t0)
 
     def _release(self, f: SourceFile, c: _InFlight) -> None:
-        """Once the chunk's objects are in the lake, wait for its turn (pace) and mark it written: Y may take it."""
-        content_md5 = c.write.result()
+        """Once the chunk's objects are in the lake and its rows staged, wait for its turn (pace) and mark it
+        written: Y may take it."""
+        content_md5 = c.done()
         self._pace()
         ledger.mark_chunk_written(self.db, c.seq, content_md5)
         self._log_release(f, c)
@@ -575,18 +586,15 @@ class Ingestor:
         parsed: ParsedRows,
         *,
         release: tuple[int, str] | None = None,
-        staged: bytes | None = None,
     ) -> int:
-        """The chunk's ledger row, the file's progress, its staged rows (for Y's commit to publish) and its
-        quarantined rows, in one transaction, with the previous chunk's release (seq, content md5) when given."""
+        """The chunk's ledger row, the file's progress and its quarantined rows, in one transaction, with the
+        previous chunk's release (seq, content md5) when given."""
 
         def fn(cur) -> int | None:
             self.leases.fence(cur, f.file_id)  # LeaseLost if another X has taken the file over
             if release is not None:
                 ledger.mark_written(cur, *release)
             seq = ledger.record_chunk(cur, chunk)
-            if seq is not None and staged is not None:
-                ledger.stage_rows(cur, seq, staged)
             if seq is None or not parsed.bad_lines:
                 return seq
             copy_rows(
@@ -614,6 +622,15 @@ class Ingestor:
         seq = self.db.run(fn, what=f"record chunk {f.file_id}-{chunk.chunk_seq:06d}")
         # None: a redo of a commit that had gone through (its acknowledgement was lost with the connection).
         return seq if seq is not None else ledger.chunk_seq_of(self.db, f.file_id, chunk.chunk_seq)
+
+    def _stage(self, db: Database, file_id: str, seq: int, payload: bytes) -> None:
+        """Stage a recorded chunk's rows for Y's commit (`ledger.stage_chunk`), fenced by the file's lease."""
+
+        def fn(cur) -> None:
+            self.leases.hold(cur, file_id)  # LeaseLost if another X has taken the file over
+            ledger.stage_chunk(cur, seq, payload)
+
+        db.run(fn, what=f"stage chunk {seq}")
 
     def _write_chunk_objects(
         self, key: str, file_id: str, chunk_seq: int, parsed: ParsedRows, payload: bytes | None = None
@@ -765,14 +782,42 @@ class _BackgroundImportance:
             self._db.close()
 
 
+class _Stager:
+    """X's staging thread and its own connection: a chunk's rows are staged (`Ingestor._stage`) while the main
+    thread records the next chunks. One thread, so the connection is never shared."""
+
+    def __init__(self, owner: Ingestor) -> None:
+        self._owner = owner
+        self._db = Database(owner.settings, stop=owner.stop)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="x-stage")
+
+    def submit(self, file_id: str, seq: int, payload: bytes) -> Future:
+        return self._pool.submit(self._owner._stage, self._db, file_id, seq, payload)
+
+    def __enter__(self) -> _Stager:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # After an error, chunks not yet staged stay `pending` and `recover` stages them.
+        self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+        self._db.close()
+
+
 @dataclass(frozen=True)
 class _InFlight:
-    """A chunk recorded in the ledger whose objects are being written, not yet released to Y."""
+    """A chunk recorded in the ledger whose objects are being written and rows staged, not yet released to Y."""
 
     chunk: ledger.NewChunk
     seq: int
     write: Future
+    stage: Future | None  # None: no row to stage
     started: float
+
+    def done(self) -> str:
+        """Wait for the object write and the staging (their faults are raised here); the object's md5."""
+        if self.stage is not None:
+            self.stage.result()
+        return self.write.result()
 
 
 def _glued_to_last_row(path: Path, start: int) -> bool:
@@ -788,7 +833,7 @@ def _glued_to_last_row(path: Path, start: int) -> bool:
 
 class _Payloads(NamedTuple):
     parquet: bytes  # the chunk object
-    staged: bytes | None  # its rows for `ledger.stage_rows`; None when it has none
+    staged: bytes | None  # its rows for `ledger.stage_chunk`; None when it has none
 
 
 def _prepare_chunk(rows: RowBlock, file_id: str, chunk_seq: int) -> tuple[ParsedRows, _Payloads]:

@@ -61,6 +61,10 @@ class LeaseKeeper:
         """In the caller's transaction: LeaseLost unless this X still holds `file_id`."""
         ledger.fence_file(cur, file_id, self.holder, seconds=self.seconds)
 
+    def hold(self, cur: psycopg2.extensions.cursor, file_id: str) -> None:
+        """`fence` for a transaction on another connection of this X, beside its fenced ones (see ledger.hold_file)."""
+        ledger.hold_file(cur, file_id, self.holder)
+
     def release(self, file_id: str) -> None:
         with self._lock:
             self._held.discard(file_id)

@@ -429,10 +429,15 @@ def copy_rows(
     return count
 
 
+COPY_PIECE = 1 << 20  # bytes handed to COPY per read of its payload
+
+
 def copy_csv(cur: psycopg2.extensions.cursor, table: str, columns: Sequence[str], data: bytes | io.IOBase) -> None:
     """COPY a CSV payload with a header row (as written by pyarrow.csv) into `table`."""
     stream = io.BytesIO(data) if isinstance(data, bytes) else data
-    cur.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv, HEADER true)", stream)
+    # Read in large pieces: each piece is a trip through Python (and the GIL) for psycopg2's COPY loop.
+    sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv, HEADER true)"
+    cur.copy_expert(sql, stream, size=COPY_PIECE)
 
 
 def _copy_text(value: Any) -> str:
