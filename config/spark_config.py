@@ -23,6 +23,11 @@ JAVA_OPTIONS_KEY = "spark.driver.extraJavaOptions"
 # The driver JVM compiles with C1 only: C2's compiler threads burn a core for most of a start on a 2-core
 # machine (measured: about half the JVM's CPU to the session up and through the first jobs), and the work
 # per chunk is small enough that C2's faster code never pays that back (bench/README.md, start-up).
+# Measured again on Y's batch of one 10,000-row chunk (bench/README.md, "h-yfast"), driver JVM CPU seconds,
+# C1 only / tiered C1+C2: session up 6.4 / 11.3, session up -> first batch done 13.6 / 26.6, a batch, median
+# of batches 2-30, 1.52 / 2.01. C2 wins only once it has compiled everything (a quiet run saw ~0.8 s per
+# batch after 30 chunks against ~1.0 s); a middle with fewer compiler threads does not exist here: tiered
+# compilation needs at least 2 (`-XX:CICompilerCount=1` is refused), which is already the 2-core default.
 DRIVER_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1"
 
 

@@ -604,6 +604,25 @@ def test_validator_excludes_counts_quarantines_and_reports(small_clean_run, spar
     assert [c["chunk_id"] for c in report["chunks_with_problems"]] == [seq]
 
 
+def test_problem_expression_built_once_serves_every_batch(spark):
+    """Y builds `problem_column()` once per session and adds it to every batch's scan: on two different frames it
+    gives what `annotate_problems` gives each of them."""
+    from src.mechanism_y.data_validator import PROBLEM, annotate_problems, problem_column
+    from src.mechanism_y.stream_processor import made_up_chunk
+
+    first = made_up_chunk(20, seed=1)
+    second = made_up_chunk(30, seed=2)
+    second = second.set_column(second.schema.get_field_index("gender"), "gender", pa.array(["M"] * 29 + ["X"]))
+    problem = problem_column()
+    for table in (first, second):
+        df = spark.createDataFrame(table)
+        reused = [(r["source_line"], r[PROBLEM]) for r in df.select("*", problem.alias(PROBLEM)).collect()]
+        fresh = [(r["source_line"], r[PROBLEM]) for r in annotate_problems(df).collect()]
+        assert sorted(reused) == sorted(fresh)
+    assert [p for _, p in reused if p] == ["unknown gender X"]
+    assert len(reused) == 30
+
+
 def test_validator_row_id_repeated_three_times(small_clean_run, spark):
     """Two rejected copies of one line must not break the chunk's commit (quarantine is keyed by line)."""
     run = small_clean_run

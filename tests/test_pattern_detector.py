@@ -130,6 +130,27 @@ def test_each_detection_is_credited_to_its_first_cut(spark):
     assert judge(spark, thr, rows=rows, cuts=5) == {("PatId2", "c1", "m"): 1, ("PatId3", "", "m"): 3}
 
 
+def test_detection_built_around_another_statement_finds_the_same(spark):
+    # Mechanism Y builds the detection inside its summary statement (one spark.sql call): `{hits}` there must be
+    # exactly what `detect_batch` alone returns, and `{rows}` the frame given beside it.
+    rows = [(0, "m", "c1", "E", "1.00"), (1, "m", "c1", "E", "2.00"), (2, "m", "c1", "E", "99.00")]
+    rows += [(0, "m", "f1", "F", "50"), (0, "m", "m1", "M", "50"), (0, "m", "m2", "M", "50")]
+    rows += [(3, "m", "f2", "F", "50"), (3, "m", "m3", "M", "50"), (4, "m", "f1", "F", "50")]
+    thr = thresholds(PATID2_MIN_TXNS=2, PATID3_MIN_FEMALE_CUSTOMERS=1, PATID1_MIN_MERCHANT_TXNS=10**6)
+    frame = batch_rows(spark, rows)
+    versions = pd.fold_batch(state_df(spark, []), frame, 5).localCheckpoint()
+    weights = pd.by_merchant(weights_df(spark, []))
+    statement = (
+        "SELECT 'hit' AS kind, pattern_id, customer_name, merchant_id, cut FROM {hits} "
+        "UNION ALL SELECT 'rows', NULL, NULL, NULL, CAST(count(*) AS INT) FROM {rows}"
+    )
+    both = pd.detect_batch(versions, weights, 5, thr, around=(statement, frame)).collect()
+    alone = pd.detect_batch(versions, weights, 5, thr).collect()
+    assert sorted(tuple(r)[1:] for r in both if r["kind"] == "hit") == sorted(tuple(r) for r in alone)
+    assert [r["cut"] for r in both if r["kind"] == "rows"] == [len(rows)]
+    assert pd.first_hits(r for r in both if r["kind"] == "hit") == {("PatId2", "c1", "m"): 1, ("PatId3", "", "m"): 3}
+
+
 def test_patid1_merchant_crossing_the_minimum_mid_batch(spark):
     # min T = 10. m: T = 8 after cut 0, 10 after cut 1 (not above), 12 after cut 2 -> PatId1 only at cut 2, for c4:
     # n = [3, 1, 1, 1, 6], P_0.9(n) = 4.8; w = [5, 5, 5, 5, 1], P_0.1(w) = 2.6.

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from src.schemas.transaction_schemas import CHUNK_ARROW_SCHEMA, GENDERS, TRANSACTION_TEXT_COLUMNS
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame
+    from pyspark.sql import Column, DataFrame
 
 PROBLEM = "_problem"
 REQUIRED = ("step", "customer", "gender", "merchant", "amount", "fraud", "source_file_id", "chunk_seq", "source_line")
@@ -43,6 +43,12 @@ def chunk_schema_problems(schema: pa.Schema) -> list[str]:
 
 def annotate_problems(df: "DataFrame") -> "DataFrame":
     """Add `_problem`: the first reason the row cannot enter the state, or null."""
+    return df.withColumn(PROBLEM, problem_column())
+
+
+def problem_column() -> "Column":
+    """The expression `annotate_problems` adds as `_problem`. Unresolved, so one instance serves every DataFrame
+    of its session: Mechanism Y builds it once instead of crossing Py4J for its ~50 parts every batch."""
     from pyspark.sql import functions as F
 
     checks = [(F.col(c).isNull(), F.lit(f"null {c}")) for c in REQUIRED]
@@ -59,7 +65,7 @@ def annotate_problems(df: "DataFrame") -> "DataFrame":
     expr = F.when(checks[0][0], checks[0][1])
     for cond, reason in checks[1:]:
         expr = expr.when(cond, reason)
-    return df.withColumn(PROBLEM, expr.otherwise(F.lit(None).cast("string")))
+    return expr.otherwise(F.lit(None).cast("string"))
 
 
 DUPLICATE = "duplicate row id (source_file_id, source_line)"

@@ -210,16 +210,31 @@ def latest_state(versions: DataFrame, cuts: int) -> DataFrame:
     return versions.sparkSession.sql(_LATEST_SQL, args={"k": int(cuts)}, versions=versions)
 
 
-def detect_batch(versions: DataFrame, weights: DataFrame, cuts: int, thresholds: Thresholds) -> DataFrame:
+def detect_batch(
+    versions: DataFrame,
+    weights: DataFrame,
+    cuts: int,
+    thresholds: Thresholds,
+    *,
+    around: tuple[str, DataFrame] | None = None,
+) -> DataFrame:
     """Every (pattern, customer, merchant, cut) where a condition holds at a cut at which it may have changed.
 
     `weights` are (customer, merchant, weight_sum, weight_count), partitioned by `by_merchant` so the join
     needs no shuffle. Columns: pattern_id, customer_name, merchant_id, cut. A key's first detection is its
     smallest cut (`first_hits`); conditions already holding on the base state are reported at cut 0. Which
     detections are new is the caller's decision.
+
+    `around=(statement, rows)`: instead, the result of `statement`, in which `{hits}` stands for the detections
+    and `{rows}` for the frame `rows`, built in the same `spark.sql` call. Each call parses and analyses its
+    whole statement on the driver and registers a temporary view per frame argument: one call, not two.
     """
     args = {**thresholds.sql_args(), "k": int(cuts)}
-    return versions.sparkSession.sql(_DETECT_SQL, args=args, versions=versions, weights=weights)
+    if around is None:
+        return versions.sparkSession.sql(_DETECT_SQL, args=args, versions=versions, weights=weights)
+    statement, rows = around
+    sql = statement.replace("{hits}", f"({_DETECT_SQL})")
+    return versions.sparkSession.sql(sql, args=args, versions=versions, weights=weights, rows=rows)
 
 
 def by_merchant(df: DataFrame) -> DataFrame:

@@ -46,9 +46,9 @@ from src.mechanism_y import pattern_detector as patterns
 from src.mechanism_y.data_validator import (
     DUPLICATE,
     PROBLEM,
-    annotate_problems,
     chunk_schema_problems,
     mark_duplicates,
+    problem_column,
 )
 from src.mechanism_y.detection_writer import DetectionWriter, ist
 from src.observability import metrics
@@ -85,9 +85,10 @@ MAX_BATCH_ROWS = 200_000  # a batch takes more than one chunk only while it stay
 HIT, SUMMARY = "hit", "summary"  # the two kinds of rows the single pass returns
 T = TypeVar("T")
 
-# What a batch's single Spark action returns (`_summary_and_hits`): every detection hit, and per (chunk, file id,
-# 32,768-line bucket) of the scanned rows: how many row ids and distinct row ids (a bitmap: exact, and partial
-# aggregation keeps the shuffle to a few rows), the clean rows' count and amount, and the rejected rows.
+# What a batch's single Spark action returns: every detection hit (`{hits}`, the detection statement itself, built
+# in the same `spark.sql` call by `detect_batch(..., around=...)`), and per (chunk, file id, 32,768-line bucket) of
+# the scanned rows: how many row ids and distinct row ids (a bitmap: exact, and partial aggregation keeps the
+# shuffle to a few rows), the clean rows' count and amount, and the rejected rows.
 _SUMMARY_AND_HITS_SQL = """
 SELECT 'hit' AS kind, cut, pattern_id, customer_name, merchant_id,
        CAST(NULL AS BIGINT) AS ids, CAST(NULL AS BIGINT) AS distinct_ids, CAST(NULL AS BIGINT) AS clean,
@@ -134,6 +135,7 @@ class StreamProcessor:
         self._state_table: pa.Table | None = None  # read by `prepare`, handed to Spark by `_load_state`
         self._prefetched_weights: tuple[int, pa.Table] | None = None
         self._warmed = False
+        self._problem: tuple[object, object] | None = None  # (session, `problem_column()`): built once per session
         self._idle_since: float | None = None
         self.holder = ledger.holder_id()
         self._term: int | None = None  # of this Y's leadership (ledger.take_leadership)
@@ -531,7 +533,7 @@ class StreamProcessor:
             if abandon():
                 return False
             # The path a batch takes (`_single_pass`): one job reads, folds, judges and summarises the chunk.
-            done = self._single_pass(self._scan([path.as_uri()]), [path.name], state, weights)
+            done = self._single_pass(self._scan([path.as_uri()], [path.name]), [path.name], state, weights)
         finally:
             path.unlink(missing_ok=True)
             if done is not None:
@@ -553,27 +555,34 @@ class StreamProcessor:
         if self.settings.chunk_interval_seconds > 0 and self.weights is not None:
             self.warm_up(abandon=lambda: self.stop.is_set() or bool(self._waiting_chunks()))
 
-    def _scan(self, uris: list[str]):
-        """The annotated Spark read of the objects at `uris`; `_cut` holds each row's object file name."""
+    def _scan(self, uris: list[str], names: list[str]):
+        """The annotated Spark read of the objects at `uris`, whose file names are `names`, in ONE projection (each
+        DataFrame step is analysed on the driver as it is built): `_problem` (`annotate_problems`), `_cut` the
+        row's object file name, `cut` its position in `names` (the chunk in the batch)."""
         from pyspark.sql import functions as F
 
+        if self._problem is None or self._problem[0] is not self.spark:
+            self._problem = (self.spark, problem_column())
+        file_name = F.col("_metadata.file_name")
+        cut = F.array_position(F.array(*(F.lit(n) for n in names)), file_name).cast("int") - 1
         df = self.spark.read.schema(chunk_spark_schema()).parquet(*uris)
-        return annotate_problems(df).withColumn(CUT, F.col("_metadata.file_name"))
+        return df.select("*", self._problem[1].alias(PROBLEM), file_name.alias(CUT), cut.alias("cut"))
 
     def _single_pass(self, scan, names: list[str], state, weights) -> _Pass | None:
         """The batch in ONE Spark action whose result is only what the driver needs: the detections, and per chunk
-        its counts and rejected rows (`_summary_and_hits`). The rows stay in Spark; the commit publishes X's
+        its counts and rejected rows (`_SUMMARY_AND_HITS_SQL`). The rows stay in Spark; the commit publishes X's
         staged copy of them. None when a chunk repeats a row id: only the driver path knows which copy comes
         first, so the caller takes it (rare: X never writes such a chunk)."""
         k = len(names)
         # Checkpointed every batch: it cuts the lineage, so planning and work stay flat with history, and it keeps
         # the merchant partitioning, so the detection reads it without a shuffle. Lazily: this batch's one job
         # computes the versions, keeps them as the checkpoint and judges them.
-        rows = _with_cut(scan, names)
-        versions = checkpoint(patterns.fold_batch(state, _clean_for_fold(rows), k), self.settings, eager=False)
-        hits = patterns.detect_batch(versions, weights, k, self.thresholds)
+        versions = checkpoint(patterns.fold_batch(state, _clean_for_fold(scan), k), self.settings, eager=False)
+        summary_and_hits = patterns.detect_batch(
+            versions, weights, k, self.thresholds, around=(_SUMMARY_AND_HITS_SQL, scan)
+        )
         planned = time.perf_counter()
-        result = _summary_and_hits(rows, hits).collect()
+        result = summary_and_hits.collect()
         summary = [r for r in result if r["kind"] == SUMMARY]
         if any(r["ids"] != r["distinct_ids"] for r in summary):
             versions.unpersist()
@@ -599,7 +608,7 @@ class StreamProcessor:
         staged rows (recorded by an X older than the staging) or repeating a row id. The commit loads the clean
         rows from here. Two Spark jobs: the rows, then the fold and detection."""
         k = len(names)
-        rows = self._collect_rows(scan, names)
+        rows = self._collect_rows(scan.drop("cut"), names)
         problem = rows.column(PROBLEM)
         clean_mask = pc.is_null(problem)
         clean = rows.filter(clean_mask).drop_columns([PROBLEM])
@@ -607,7 +616,7 @@ class StreamProcessor:
         if pc.any(pc.equal(problem, DUPLICATE)).as_py():
             fold_rows = self._fold_input(clean)  # the duplicates are known on the driver only: fold from there
         else:
-            fold_rows = _clean_for_fold(_with_cut(scan, names))  # the rows never travel driver -> Spark
+            fold_rows = _clean_for_fold(scan)  # the rows never travel driver -> Spark
         versions = checkpoint(patterns.fold_batch(self.state, fold_rows, k), self.settings, eager=False)
         planned = time.perf_counter()
         found = patterns.first_hits(patterns.detect_batch(versions, self.weights, k, self.thresholds).collect())
@@ -687,7 +696,7 @@ class StreamProcessor:
         names = [c.key.rsplit("/", 1)[-1] for c in batch]
         uris = [self.store.spark_uri(c.key) for c in batch]
         try:
-            scan = self._reading(batch, names, lambda: self._scan(uris), read_only=True)
+            scan = self._reading(batch, names, lambda: self._scan(uris, names), read_only=True)
             staged = len(ledger.staged_chunks(self.db, [c.seq for c in batch])) == len(batch)
             t_read = time.perf_counter()
             self._stop_point()
@@ -963,23 +972,10 @@ class _StagingMismatch(ProcessorError):
     """X's staged rows of a chunk are not the rows of its object (replaced after X wrote it)."""
 
 
-def _with_cut(scan, names: list[str]):
-    """`_scan`'s rows with `cut`: the position of their object's file name in `names` (the chunk in the batch)."""
-    from pyspark.sql import functions as F
-
-    cut = F.array_position(F.array(*(F.lit(n) for n in names)), F.col(CUT)).cast("int") - 1
-    return scan.withColumn("cut", cut)
-
-
 def _clean_for_fold(rows):
-    """The clean rows of `_with_cut`, as `fold_batch` takes them. Only for batches without repeated row ids,
+    """The clean rows of `_scan`, as `fold_batch` takes them. Only for batches without repeated row ids,
     whose clean rows are exactly `_problem IS NULL`."""
     return rows.where(f"{PROBLEM} IS NULL").select("cut", "merchant", "customer", "gender", "amount")
-
-
-def _summary_and_hits(rows, hits):
-    """The single pass's one result: `_SUMMARY_AND_HITS_SQL` over the annotated rows and the detection hits."""
-    return rows.sparkSession.sql(_SUMMARY_AND_HITS_SQL, rows=rows, hits=hits)
 
 
 def _rejected_table(rejected: list[tuple[int, int | None, str]]) -> pa.Table:
