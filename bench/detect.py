@@ -22,6 +22,7 @@ ratio to its anchor, PASS or FAIL. `--profile` adds Spark's event log (through S
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -44,6 +45,7 @@ if str(ROOT) not in sys.path:
 from bench import anchors  # noqa: E402
 from bench.ingest import IMPORTANCE, TRANSACTIONS, sample_dir  # noqa: E402
 from src.sample_data import DEFAULT_ROWS, DEFAULT_SEED  # noqa: E402
+from tests.spark_standalone import EXECUTOR_MEMORY, WORKER_CORES, WORKER_MEMORY, WORKERS, SparkCluster  # noqa: E402
 
 SAMPLE_EVERY = 0.2
 MIB = 1024 * 1024
@@ -75,18 +77,67 @@ def _tree_rss(proc: psutil.Process) -> int:
     return total
 
 
+def _is_executor(proc: psutil.Process) -> bool:
+    """An executor JVM (a zombie or a process gone meanwhile is not: its command line cannot be read)."""
+    try:
+        return "CoarseGrainedExecutorBackend" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
 class MemorySampler(threading.Thread):
     """Peak RSS per role, and the peak of their sum, sampled every SAMPLE_EVERY seconds."""
 
-    def __init__(self, supervisor: psutil.Process, pgdata: Path) -> None:
+    def __init__(
+        self, supervisor: psutil.Process, pgdata: Path, master: str | None = None, checkpoints: Path | None = None
+    ) -> None:
         super().__init__(daemon=True)
         self.supervisor = supervisor
         self.pgdata = str(pgdata)
+        self.master = master  # spark://host:port of a standalone cluster whose JVMs on this machine are counted
+        self.checkpoints = checkpoints
         self.stop = threading.Event()
         self.peak: dict[str, int] = {"supervisor": 0, "mechanism X": 0, "mechanism Y (+ Spark JVM)": 0}
         self.peak["embedded PostgreSQL"] = 0
         self.peak_total = 0
+        self.peak_checkpoints = 0
+        self.peak_daemon = 0
         self.samples = 0
+        self._daemons: dict[str, psutil.Process] = {}
+
+    def _cluster_daemons(self) -> dict[str, psutil.Process]:
+        """The standalone master and workers of `self.master` running on this machine, by their command lines
+        (found once; the workers' executors are their children)."""
+        if self.master is None or len(self._daemons) > 1:
+            return self._daemons
+        port = self.master.rsplit(":", 1)[-1]
+        found: dict[str, psutil.Process] = {}
+        workers = []
+        for p in psutil.process_iter(["cmdline", "create_time"]):
+            try:
+                cmd = p.info["cmdline"] or []
+            except psutil.Error:
+                continue
+            if "org.apache.spark.deploy.master.Master" in cmd and port in cmd:
+                found["cluster master"] = p
+            elif "org.apache.spark.deploy.worker.Worker" in cmd and self.master in cmd:
+                workers.append(p)
+        for i, w in enumerate(sorted(workers, key=lambda w: (w.info["create_time"], w.pid))):
+            found[f"cluster worker {i}"] = w
+        self._daemons = found
+        return found
+
+    def _sample_cluster(self, now: dict[str, int]) -> None:
+        for name, proc in self._cluster_daemons().items():
+            try:
+                now[name] = proc.memory_info().rss
+                if not name.startswith("cluster worker"):
+                    continue
+                executors = [c for c in proc.children(recursive=True) if _is_executor(c)]
+                if executors or f"executor of {name[8:]}" in self.peak:
+                    now[f"executor of {name[8:]}"] = sum(_tree_rss(e) for e in executors)
+            except psutil.Error:
+                continue
 
     def _postgres(self) -> list[psutil.Process]:
         """The embedded server's postmaster (found by its data directory) and its children."""
@@ -116,8 +167,12 @@ class MemorySampler(threading.Thread):
                 now["embedded PostgreSQL"] += p.memory_info().rss
             except psutil.Error:
                 pass
+        self.peak_daemon = max(self.peak_daemon, sum(now.values()))  # the daemon's machine on a real cluster
+        self._sample_cluster(now)
         for key, value in now.items():
-            self.peak[key] = max(self.peak[key], value)
+            self.peak[key] = max(self.peak.get(key, 0), value)
+        if self.checkpoints is not None and self.samples % 25 == 0:  # every 5 s: a walk of the directory
+            self.peak_checkpoints = max(self.peak_checkpoints, dir_size(self.checkpoints))
         self.peak_total = max(self.peak_total, sum(now.values()))
         self.samples += 1
 
@@ -127,8 +182,21 @@ class MemorySampler(threading.Thread):
             self.stop.wait(SAMPLE_EVERY)
 
 
-def read_ledger(pgdata: Path, db: str) -> list[tuple[int, datetime, datetime | None, int | None]]:
-    """(seq, written_at, processed_at, new detections) for every chunk, through pgserver on the run's data."""
+def dir_size(path: Path) -> int:
+    """Bytes of the files under `path` (0 if it does not exist); files removed meanwhile are skipped."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def read_ledger(pgdata: Path, db: str) -> tuple[list[tuple], list[tuple], list[tuple], tuple[int, int]]:
+    """Through pgserver on the run's data: (seq, written_at, processed_at, new detections) for every chunk, the
+    count per pattern, every detection (pattern, customer, merchant, chunk credited) and y_state's (rows, bytes)."""
     import warnings
 
     warnings.filterwarnings("ignore", module="platformdirs")
@@ -144,10 +212,30 @@ def read_ledger(pgdata: Path, db: str) -> list[tuple[int, datetime, datetime | N
             chunks = cur.fetchall()
             cur.execute("SELECT pattern_id, count(*) FROM pattern_detections GROUP BY 1 ORDER BY 1")
             detections = cur.fetchall()
+            cur.execute(
+                "SELECT pattern_id, customer_name, merchant_id, chunk_id FROM pattern_detections ORDER BY 1, 2, 3"
+            )
+            found = cur.fetchall()
+            cur.execute("SELECT count(*), pg_total_relation_size('y_state') FROM y_state")
+            state = cur.fetchone()
     finally:
         conn.close()
         server.cleanup()
-    return chunks, detections
+    return chunks, detections, found, state
+
+
+def detections_digest(found: list[tuple]) -> str:
+    """A short fingerprint of the detections, each with the chunk it is credited to: equal digests, equal results."""
+    text = "\n".join("\t".join(str(v) for v in row) for row in found)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def first_last_chunks(yb: list[dict[str, int]], n: int = 50) -> tuple[list[float], list[float]] | None:
+    """Y's time per chunk (its batch's time / K, in s) for the first n and the last n chunks; None below 2n."""
+    per_chunk = [x["ms"] / 1000 / x["k"] for x in yb for _ in range(x["k"])]
+    if len(per_chunk) < 2 * n:
+        return None
+    return per_chunk[:n], per_chunk[-n:]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -317,13 +405,15 @@ def startup_timeline(log_text: str, launched: datetime) -> list[tuple[str, float
     return [(label, found[label]) for label, _, _ in STARTUP_MILESTONES if label in found]
 
 
-def write_profile_conf(work: Path) -> tuple[Path, Path]:
-    """A SPARK_CONF_DIR whose spark-defaults.conf turns Spark's event log on (the product has no extra-conf hook)."""
+def write_profile_conf(work: Path, base: Path | None = None) -> tuple[Path, Path]:
+    """A SPARK_CONF_DIR whose spark-defaults.conf turns Spark's event log on (the product has no extra-conf hook),
+    after the lines of `base` (a cluster's spark-defaults.conf) if given."""
     conf_dir, events = work / "spark-conf", work / "spark-events"
     conf_dir.mkdir()
     events.mkdir()
     (conf_dir / "spark-defaults.conf").write_text(
-        f"spark.eventLog.enabled true\nspark.eventLog.dir {events.as_uri()}\nspark.eventLog.compress false\n"
+        (base.read_text() if base is not None else "")
+        + f"spark.eventLog.enabled true\nspark.eventLog.dir {events.as_uri()}\nspark.eventLog.compress false\n"
     )
     return conf_dir, events
 
@@ -383,15 +473,68 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--py-spy", help="path to a py-spy binary: record Y's driver with it (with --profile)")
     parser.add_argument("--no-anchors", action="store_true", help="skip the issue-12 anchors (bench/anchors.py)")
     parser.add_argument(
+        "--master",
+        default="local",
+        help="local (default: SPARK_MASTER's default, Spark in Y's JVM), spark://host:port (an existing standalone "
+        "cluster that reaches this machine's disk) or loopback (a master and 2 one-core workers started on 127.0.0.1 "
+        "from the installed pyspark for the run, stopped at its end)",
+    )
+    parser.add_argument(
         "--class-archive",
         action="store_true",
         help="give the run's DATA_DIR the driver JVM's class archive (python -m src.mechanism_y.class_archive, "
         "built once into bench/out/ and reused; untimed): the daemon and anchor (a) both map it",
     )
     args = parser.parse_args(argv)
+    if args.master not in ("local", "loopback") and not args.master.startswith("spark://"):
+        parser.error(f"--master {args.master}: expected local, loopback or spark://host:port")
 
     sample = sample_dir(args.rows, args.seed)
     work = Path(tempfile.mkdtemp(prefix="tp-bench-detect-"))
+    cluster = None
+    try:
+        if args.master == "loopback":
+            cluster = SparkCluster(work / "spark-cluster")
+            print(f"starting the loopback cluster (a master and {WORKERS} workers) in {cluster.root} ...", flush=True)
+            started = time.perf_counter()
+            cluster.start()
+            print(
+                f"  {cluster.master_url}: {WORKERS} workers alive in {time.perf_counter() - started:.1f} s", flush=True
+            )
+        return run(args, sample, work, cluster)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def cluster_settings(args: argparse.Namespace, work: Path, cluster: SparkCluster | None) -> tuple[dict, str]:
+    """SPARK_MASTER and what a cluster's executors must reach, and the header's line on the master. On one machine
+    the local lake and a checkpoint directory under the run's temp dir are on the disk every executor reads:
+    LOCAL_LAKE_SHARED=true is then true."""
+    if args.master == "local":
+        return {}, "local (SPARK_MASTER unset: Spark runs in Y's JVM, localCheckpoint)"
+    url = cluster.master_url if cluster is not None else args.master
+    env = {"SPARK_MASTER": url, "LOCAL_LAKE_SHARED": "true", "SPARK_CHECKPOINT_DIR": str(work / "checkpoints")}
+    if cluster is not None:
+        env["SPARK_CONF_DIR"] = str(cluster.conf_dir)
+        what = (
+            f"{url}: loopback standalone cluster, {WORKERS} workers x {WORKER_CORES} core, {WORKER_MEMORY} each, "
+            f"executors of {EXECUTOR_MEMORY}, on this machine"
+        )
+    else:
+        what = f"{url}: existing standalone cluster"
+    note = (
+        f"\n                lake {work / 'lake'} with LOCAL_LAKE_SHARED=true and checkpoints in {work / 'checkpoints'}: "
+        "the executors run on this machine and read the same disk (one machine: no network file system)"
+    )
+    return env, what + note
+
+
+def run(args: argparse.Namespace, sample: Path, work: Path, cluster: SparkCluster | None) -> int:
     inbox, data = work / "inbox", work / "data"
     inbox.mkdir()
     for name in (IMPORTANCE, TRANSACTIONS):
@@ -413,59 +556,62 @@ def main(argv: list[str] | None = None) -> int:
     if args.class_archive:
         install_class_archive(env, data)
     anchor_env = dict(env)
+    spark_env, master_line = cluster_settings(args, work, cluster)
+    env.update(spark_env)
+    checkpoints = Path(spark_env["SPARK_CHECKPOINT_DIR"]) if spark_env else None
     events = None
     if args.profile:
-        conf_dir, events = write_profile_conf(work)
+        base = Path(env["SPARK_CONF_DIR"]) / "spark-defaults.conf" if "SPARK_CONF_DIR" in spark_env else None
+        conf_dir, events = write_profile_conf(work, base)
         env["SPARK_CONF_DIR"] = str(conf_dir)
+    run_anchors = not args.no_anchors and args.master == "local"
+    if not args.no_anchors and not run_anchors:
+        print("anchors skipped: they measure a local session (Spark in one JVM), not this cluster", flush=True)
     db_name = env.get("POSTGRES_DB") or "transactions"
     log_path = args.log or work / "daemon.log"
     print(
         f"running python main.py --drain on {args.rows:,} rows, CHUNK_INTERVAL_SECONDS={args.interval:g}, in {work}",
         flush=True,
     )
-    try:
-        with open(log_path, "wb") as log_file:
-            started = time.perf_counter()
-            launched = datetime.now(timezone.utc)
-            proc = subprocess.Popen(
-                [sys.executable, "main.py", "--drain"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
-            )
-            sampler = MemorySampler(psutil.Process(proc.pid), data / "postgres")
-            sampler.start()
-            spy = None
-            if args.profile and args.py_spy:
-                spy = PySpy(args.py_spy, psutil.Process(proc.pid), work / "py-spy.txt")
-                spy.start()
-            try:
-                code = proc.wait(timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                code = proc.wait(30)
-                print(f"timed out after {args.timeout:.0f} s")
-            wall = time.perf_counter() - started
-            sampler.stop.set()
-            sampler.join()
-        if code != 0:
-            print(f"python main.py --drain exited with {code}; last lines of {log_path}:")
-            print("\n".join(Path(log_path).read_text(errors="replace").splitlines()[-30:]))
-            return 1
-        if spy is not None:
-            spy.join(60)
-        chunks, detections = read_ledger(data / "postgres", db_name)
-        log_text = Path(log_path).read_text(errors="replace")
-        profile = spark_profile(events, chunks) if events else None
-        stacks = py_spy_summary(work / "py-spy.txt") if spy is not None else None
-        anchor = None
-        if not args.no_anchors:
-            print("measuring the anchors (bench/anchors.py) ...", flush=True)
-            anchor = anchors.bare_session(anchor_env)
-            anchor.update(anchors.warm(anchor_env, work / "lake", inbox / IMPORTANCE))
-    finally:
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-
+    load_start = os.getloadavg()
+    with open(log_path, "wb") as log_file:
+        started = time.perf_counter()
+        launched = datetime.now(timezone.utc)
+        proc = subprocess.Popen(
+            [sys.executable, "main.py", "--drain"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+        sampler = MemorySampler(psutil.Process(proc.pid), data / "postgres", spark_env.get("SPARK_MASTER"), checkpoints)
+        sampler.start()
+        spy = None
+        if args.profile and args.py_spy:
+            spy = PySpy(args.py_spy, psutil.Process(proc.pid), work / "py-spy.txt")
+            spy.start()
+        try:
+            code = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            code = proc.wait(30)
+            print(f"timed out after {args.timeout:.0f} s")
+        wall = time.perf_counter() - started
+        load_end = os.getloadavg()
+        sampler.stop.set()
+        sampler.join()
+    if code != 0:
+        print(f"python main.py --drain exited with {code}; last lines of {log_path}:")
+        print("\n".join(Path(log_path).read_text(errors="replace").splitlines()[-30:]))
+        return 1
+    if spy is not None:
+        spy.join(60)
+    chunks, detections, found, state = read_ledger(data / "postgres", db_name)
+    checkpoints_end = dir_size(checkpoints) if checkpoints is not None else None
+    log_text = Path(log_path).read_text(errors="replace")
+    profile = spark_profile(events, chunks) if events else None
+    stacks = py_spy_summary(work / "py-spy.txt") if spy is not None else None
+    anchor = None
+    if run_anchors:
+        print("measuring the anchors (bench/anchors.py) ...", flush=True)
+        anchor = anchors.bare_session(anchor_env)
+        anchor.update(anchors.warm(anchor_env, work / "lake", inbox / IMPORTANCE))
     done = [c for c in chunks if c[1] is not None and c[2] is not None]
     if not done:
         print(f"no processed chunk in the ledger ({len(chunks)} chunks recorded)")
@@ -494,14 +640,19 @@ def main(argv: list[str] | None = None) -> int:
         return "meets" if ok else "MISSES"
 
     total = sum(sampler.peak.values())
+    yb = y_batches(log_text)
     # The wall-time and p95 targets of issue 3 are for the 594,643-row sample at full speed.
     reference_run = args.rows == DEFAULT_ROWS and args.interval == 0
     lines = [
         f"run             python main.py --drain, {args.rows:,} rows, CHUNK_INTERVAL_SECONDS={args.interval:g}",
+        f"master          {master_line}",
+        f"load average    {' '.join(f'{x:.2f}' for x in load_start)} at the start, "
+        f"{' '.join(f'{x:.2f}' for x in load_end)} at the end (2 cores, shared)",
         f"wall time       {wall:.1f} s, Spark start included"
         + (f"  (target <= {TARGET_WALL_S:.0f} s: {verdict(wall <= TARGET_WALL_S)})" if reference_run else ""),
         f"chunks          {len(done)} processed of {len(chunks)} recorded; first write -> last processed {span:.1f} s",
-        f"detections      {', '.join(f'{p}: {n}' for p, n in detections) or 'none'}",
+        f"detections      {', '.join(f'{p}: {n}' for p, n in detections) or 'none'}; digest "
+        f"{detections_digest(found)} (pattern, customer, merchant, chunk credited: equal digests, equal results)",
         f"latency         written_at -> processed_at: median {med:.3f} s, p95 {p95:.3f} s, max {max(latencies):.3f} s"
         + (f"  (target p95 <= {TARGET_P95_S:.1f} s: {verdict(p95 <= TARGET_P95_S)})" if reference_run else ""),
         f"  first 10      median {first10:.3f} s",
@@ -522,14 +673,35 @@ def main(argv: list[str] | None = None) -> int:
             if args.interval >= 1
             else ""
         ),
+        f"state           y_state {state[0]:,} (merchant, customer) pairs, {state[1] / MIB:,.1f} MiB "
+        "(pg_total_relation_size); Spark's checkpoints: "
+        + (
+            "none (local master: localCheckpoint, blocks in Y's JVM)"
+            if checkpoints_end is None
+            else f"{checkpoints_end / MIB:,.1f} MiB at the end, peak {sampler.peak_checkpoints / MIB:,.1f} MiB "
+            "(sampled every 5 s)"
+        ),
+        *first_last_lines(yb),
         f"peak RSS        sampled every {SAMPLE_EVERY} s ({sampler.samples} samples)",
         *(f"  {name:<26}{value / MIB:>8,.0f} MiB" for name, value in sampler.peak.items()),
+        *(
+            ["  (no JVM of the cluster found on this machine)"]
+            if args.master.startswith("spark://") and not any(k.startswith("cluster") for k in sampler.peak)
+            else []
+        ),
         f"  {'sum of the peaks':<26}{total / MIB:>8,.0f} MiB",
         f"  {'peak of the sum':<26}{sampler.peak_total / MIB:>8,.0f} MiB"
         f"  (target < {TARGET_RSS_MIB / 1024:.0f} GiB: {verdict(sampler.peak_total / MIB < TARGET_RSS_MIB)})",
+        *(
+            [
+                f"  {'the daemon alone':<26}{sampler.peak_daemon / MIB:>8,.0f} MiB  (peak of the sum without the cluster's "
+                "JVMs: what the daemon's machine needs when the cluster is elsewhere)"
+            ]
+            if any(k.startswith("cluster") for k in sampler.peak)
+            else []
+        ),
     ]
     print("\n".join(["", "== bench/detect.py " + "=" * 60, *lines, "=" * 79]))
-    yb = y_batches(log_text)
     if anchor is not None:
         startup = (done[0][2] - launched).total_seconds()
         timeline = startup_timeline(log_text, launched)
@@ -539,6 +711,34 @@ def main(argv: list[str] | None = None) -> int:
     if profile is not None or stacks is not None:
         print_profile(profile, stacks, yb)
     return 0
+
+
+def first_last_lines(yb: list[dict[str, int]]) -> list[str]:
+    """Y's time per chunk (batch time / K, from its log) over the first 50 and the last 50 chunks (runs of >= 100)."""
+    fl = first_last_chunks(yb)
+    if fl is None:
+        return []
+    first, last = fl
+    med = statistics.median(last) / statistics.median(first)
+    mean = statistics.mean(last) / statistics.mean(first)
+    cold = yb[0]["k"]
+    lines = [
+        f"Y per chunk     batch time / K from Y's log lines, first 50 chunks: median {statistics.median(first):.3f} s, "
+        f"mean {statistics.mean(first):.3f} s (the first {cold} in the first, cold batch)",
+        f"  last 50       median {statistics.median(last):.3f} s, mean {statistics.mean(last):.3f} s: "
+        f"{med:.2f}x the first 50 by medians, {mean:.2f}x by means  (target <= {TARGET_DRIFT}x: "
+        f"{'meets' if max(med, mean) <= TARGET_DRIFT else 'MISSES'})",
+    ]
+    warm = first_last_chunks(yb[1:])  # the cold first batch flatters the ratio: judged without it too
+    if warm is not None:
+        wmed = statistics.median(warm[1]) / statistics.median(warm[0])
+        wmean = statistics.mean(warm[1]) / statistics.mean(warm[0])
+        lines.append(
+            f"  warm          without the first batch, first 50: median {statistics.median(warm[0]):.3f} s, mean "
+            f"{statistics.mean(warm[0]):.3f} s; last 50 {wmed:.2f}x by medians, {wmean:.2f}x by means  "
+            f"(target <= {TARGET_DRIFT}x: {'meets' if max(wmed, wmean) <= TARGET_DRIFT else 'MISSES'})"
+        )
+    return lines
 
 
 def _pf(ok: bool) -> str:
