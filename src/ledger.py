@@ -598,10 +598,11 @@ class Claim:
     taken_over_from: str | None = None  # when got from a holder that stopped renewing
 
 
-_LEASE_FREE = (
-    "l.holder IS NULL OR l.holder = %(me)s OR l.expires_at <= clock_timestamp() "
-    "OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.holder_pid)"
+# A lease `l` whose holder still has it: not expired, and the holder's renewing session still connected.
+_LEASE_LIVE = (
+    "l.expires_at > clock_timestamp() AND EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.holder_pid)"
 )
+_LEASE_FREE = f"l.holder IS NULL OR l.holder = %(me)s OR NOT ({_LEASE_LIVE})"
 
 
 def claim_file(db: Database, file_id: str, holder: str, *, seconds: float, pid: int | None = None) -> Claim:
@@ -685,12 +686,6 @@ def release_file(db: Database, file_id: str, holder: str) -> None:
     )
 
 
-def lease_holders(cur: Cursor) -> dict[str, str]:
-    """file_id -> holder of every lease held and not expired (for the operator's views and the tests)."""
-    cur.execute("SELECT file_id, holder FROM file_leases WHERE holder IS NOT NULL AND expires_at > clock_timestamp()")
-    return dict(cur.fetchall())
-
-
 Y_ROLE = "mechanism_y"  # Mechanism Y's row in `leaders` (its COMPONENT)
 
 
@@ -771,15 +766,13 @@ class Leadership:
 
 
 def leadership(cur: Cursor) -> Leadership:
-    """`Leadership` as the database sees it now. A lease counts as held while it has not expired and its
-    holder's renewing session is still connected (see `_LEASE_FREE`)."""
+    """`Leadership` as the database sees it now: the leases held are the live ones (`_LEASE_LIVE`)."""
     cur.execute("SELECT holder, term, since FROM leaders WHERE role = %s", (Y_ROLE,))
     row = cur.fetchone()
     leader = dict(zip(("holder", "term", "since"), row)) if row else None
     cur.execute(
-        "SELECT l.file_id, l.holder, extract(epoch FROM l.expires_at - clock_timestamp())::float8, l.takeovers "
-        "FROM file_leases l WHERE l.holder IS NOT NULL AND l.expires_at > clock_timestamp() "
-        "AND EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.holder_pid) ORDER BY l.file_id"
+        "SELECT l.file_id, l.holder, extract(epoch FROM l.expires_at - clock_timestamp())::float8, l.takeovers "  # noqa: S608 - constant
+        f"FROM file_leases l WHERE l.holder IS NOT NULL AND {_LEASE_LIVE} ORDER BY l.file_id"
     )
     leases = [dict(zip(("file_id", "holder", "expires_in_seconds", "takeovers"), r)) for r in cur.fetchall()]
     cur.execute("SELECT coalesce(sum(takeovers), 0) FROM file_leases")
