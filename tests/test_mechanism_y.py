@@ -656,7 +656,8 @@ def test_validator_rejects_reach_the_lake_quarantine(small_clean_run, spark):
 
 
 def _stage(run: Run, seq: int, rows: list[dict]) -> None:
-    """Stage `rows` for chunk `seq` as X does in the chunk's record transaction (ledger.stage_rows)."""
+    """Stage `rows` for chunk `seq`, already recorded as written (`ledger.stage_rows`; X itself stages a pending
+    chunk with `ledger.stage_chunk` before marking it written)."""
     from src import ledger
     from src.schemas.transaction_schemas import CHUNK_ARROW_SCHEMA
     from src.utils.db import Database
