@@ -85,7 +85,29 @@ def build_spark_session(
     for key, value in conf.items():
         builder = builder.config(key, value)
     session = builder.getOrCreate()
+    leave_sigterm_to_python(session)
     session.sparkContext.setLogLevel("WARN")
     session.sparkContext.setCheckpointDir(conf["spark.checkpoint.dir"])
     log.info("Spark %s session up (master %s)", session.version, settings.spark_master)
     return session
+
+
+def leave_sigterm_to_python(session: "SparkSession") -> bool:
+    """Make the driver JVM that PySpark launched for this process ignore SIGTERM; True if it did.
+
+    A SIGTERM sent to the whole process group (`timeout`, systemd's default control-group stop, `kill -TERM
+    -<pgid>`) also reaches the JVM, whose shutdown hooks then stop Spark under the worker's running batch: the
+    batch dies with Py4J errors and Spark's ERROR lines, and the worker's last steps (the quality report, the
+    final detections flush) find the JVM gone. The worker's own stop handler already turns SIGTERM into a clean
+    stop that ends with `session.stop()`, so the JVM need not act on it. The JVM still cannot outlive its
+    worker: PySpark's gateway exits when the worker's end of its stdin closes, SIGKILL included. PySpark
+    already starts it with SIGINT ignored, for the same reason (Ctrl-C reaches the terminal's whole group).
+
+    Not done when the JVM came first (spark-submit runs the Python driver as its child): that JVM is the
+    process the operator signals, and it must stop on SIGTERM."""
+    gateway = session.sparkContext._gateway
+    if getattr(gateway, "proc", None) is None:
+        return False
+    jvm = session.sparkContext._jvm
+    jvm.sun.misc.Signal.handle(jvm.sun.misc.Signal("TERM"), jvm.sun.misc.SignalHandler.SIG_IGN)
+    return True

@@ -374,6 +374,8 @@ class StreamProcessor:
             return self._run(drain=drain)
         finally:
             self._running = False
+            if self.stop.is_set():
+                self._quiet_spark(False)
 
     def _run(self, *, drain: bool) -> int:
         self.start()
@@ -461,6 +463,8 @@ class StreamProcessor:
         """After a stop request, cancel Spark's jobs for a while: also those submitted after the first cancel,
         by a phase of the batch that was already planning when the request came."""
         self.stop.wait()
+        if self._running:
+            self._quiet_spark(True)
         for _ in range(40):
             if not self._running:
                 return  # run() is over: the session's later jobs are someone else's (tests share it)
@@ -470,6 +474,15 @@ class StreamProcessor:
                 log.debug("cancelling Spark jobs on stop failed", exc_info=True)
                 return
             time.sleep(0.25)
+
+    def _quiet_spark(self, quiet: bool) -> None:
+        """While a stop cancels the batch's jobs, Spark's log is limited to FATAL: its tasks, killed on purpose,
+        report the cancellation as warnings and errors (a shuffle fetch cut off, a block not stored) that are
+        the stop's doing, not faults. Y's own log says what became of the batch ("abandoned: stopping")."""
+        try:
+            self.spark.sparkContext.setLogLevel("FATAL" if quiet else "WARN")
+        except Exception:  # noqa: BLE001 - the session may be stopping already
+            log.debug("setting Spark's log level failed", exc_info=True)
 
     def _stop_point(self) -> None:
         """Between the phases of a batch: a stop request abandons it (nothing is committed before the end)."""
