@@ -1,5 +1,6 @@
 """The start of the driver's session (src/utils/spark_utils.py): a stop request during the JVM's start is not held up
-by it (`BackgroundSession`), and the class archive is mapped only when it was made for this Java and Spark.
+by it (`BackgroundSession`), and the class archive is mapped only when it was made for this Java and Spark (and,
+end to end, that the command that builds it makes one a real session then maps).
 
 The JVM start is replaced by a stand-in that blocks until the test lets it finish: what is under test is the
 waiting and discarding around it, which must not depend on how long a real start takes.
@@ -7,6 +8,9 @@ waiting and discarding around it, which must not depend on how long a real start
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -89,3 +93,57 @@ def test_the_class_archive_is_mapped_only_when_built_for_this_java_and_spark(tmp
     assert conf == {"spark.driver.extraJavaOptions": f"-XX:SharedArchiveFile={archive.resolve()}"}
     other = Settings.from_env({"DATA_DIR": str(tmp_path), "SPARK_JARS": str(archive)}, dotenv=Path("/nonexistent"))
     assert spark_utils.class_archive(other) == archive  # SPARK_JARS only matters with a bucket (driver class path)
+
+
+_MAPS_THE_ARCHIVE = """
+import sys
+from pathlib import Path
+from config.config import Settings
+from src.utils.spark_utils import start_session
+log = sys.argv[1]
+spark = start_session(
+    Settings.from_env(dotenv=Path("/nonexistent")),
+    "check",
+    extra_conf={"spark.driver.extraJavaOptions": f"-Xlog:class+load=info:file={log}"},
+)
+spark.range(3).count()
+spark.stop()
+"""
+
+
+@pytest.mark.slow
+def test_the_class_archive_command_builds_an_archive_that_the_next_session_maps(tmp_path):
+    """`python -m src.mechanism_y.class_archive` (README, bench/README.md): the archive lands under its key's name,
+    nothing temporary is left, and a session started afterwards loads Spark's classes from it (the JVM's class
+    loading log names the archive's top layer as their source), without being told anything but DATA_DIR."""
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in {"SPARK_MASTER", "PYSPARK_SUBMIT_ARGS"}}
+    env.update(DATA_DIR=str(tmp_path / "data"), SPARK_LOCAL_IP="127.0.0.1", LOG_FORMAT="text")
+    built = subprocess.run(
+        [sys.executable, "-m", "src.mechanism_y.class_archive"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-3000:]
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path / "data")}, dotenv=Path("/nonexistent"))
+    archive = spark_utils.class_archive(settings)
+    assert f"class archive ready: {archive}" in built.stdout + built.stderr
+    assert archive.is_file() and archive.stat().st_size > 10 * 2**20
+    assert sorted(p.name for p in archive.parent.iterdir()) == [archive.name]
+
+    loads = tmp_path / "class-load.log"
+    mapped = subprocess.run(
+        [sys.executable, "-c", _MAPS_THE_ARCHIVE, str(loads)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert mapped.returncode == 0, mapped.stderr[-3000:]
+    sources = loads.read_text(errors="replace")
+    assert "source: shared objects file (top)" in sources, "no class came from the dynamic archive"
+    assert "org.apache.spark.SparkContext source: shared objects file (top)" in sources
