@@ -9,6 +9,7 @@ checked and typed with Arrow compute kernels; only the (rare) bad rows are touch
 from __future__ import annotations
 
 import codecs
+import functools
 import hashlib
 import os
 import re
@@ -19,6 +20,7 @@ from typing import BinaryIO, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 
 from src.errors import FileRejected
 from src.schemas.transaction_schemas import (
@@ -558,10 +560,19 @@ def _good_only(cols: list[pa.Array], good_idx: pa.Array) -> list[pa.Array]:
     return [c.take(good_idx) for c in cols]
 
 
-def parse_transactions(block: RowBlock, *, file_id: str, chunk_seq: int) -> ParsedRows:
-    """Validate rows per SPEC §2; good rows typed as CHUNK_ARROW_SCHEMA, bad rows with reasons."""
+def parse_transactions(block: RowBlock, *, file_id: str, chunk_seq: int, fast: bool = True) -> ParsedRows:
+    """Validate rows per SPEC §2; good rows typed as CHUNK_ARROW_SCHEMA, bad rows with reasons.
+
+    A chunk whose rows are all good usually goes through `_fast_transactions` (Arrow's CSV reader); any other
+    chunk, or with `fast=False`, through the field split below, which names each bad row's line and reason.
+    Both give the same table for the same rows.
+    """
     if not len(block):
         return ParsedRows(CHUNK_ARROW_SCHEMA.empty_table())
+    if fast:
+        good = _fast_transactions(block, file_id, chunk_seq)
+        if good is not None:
+            return ParsedRows(good)
 
     def checks(cols: list[pa.Array]) -> list[Check]:
         step, customer, _age, gender, _zo, merchant, _zm, _cat, amount, fraud = cols
@@ -572,7 +583,7 @@ def parse_transactions(block: RowBlock, *, file_id: str, chunk_seq: int) -> Pars
             ),
             (pc.greater(pc.utf8_length(customer), 0), lambda v: "empty customer id"),
             (
-                pc.is_in(gender, value_set=pa.array(GENDERS)),
+                pc.is_in(gender, value_set=_gender_set()),
                 lambda v: f"unknown gender {_show(v[3])} (expected M, F, E or U)",
             ),
             (pc.greater(pc.utf8_length(merchant), 0), lambda v: "empty merchant id"),
@@ -582,7 +593,6 @@ def parse_transactions(block: RowBlock, *, file_id: str, chunk_seq: int) -> Pars
 
     cols, good_idx, good_lines, out = _validate(block, TRANSACTION_HEADER, checks)
     step, customer, age, gender, zip_ori, merchant, zip_m, category, amount, fraud = _good_only(cols, good_idx)
-    n_good = len(good_idx)
     out.good = pa.table(
         {
             "step": step.cast(pa.int32()),
@@ -595,13 +605,120 @@ def parse_transactions(block: RowBlock, *, file_id: str, chunk_seq: int) -> Pars
             "category": category,
             "amount": amount.cast(CHUNK_ARROW_SCHEMA.field("amount").type),
             "fraud": fraud.cast(pa.int8()),
-            "source_file_id": pa.array([file_id] * n_good, pa.string()),
-            "chunk_seq": pa.array(np.full(n_good, chunk_seq, dtype=np.int32)),
-            "source_line": pa.array(good_lines),
+            **_lineage(file_id, chunk_seq, good_lines),
         },
         schema=CHUNK_ARROW_SCHEMA,
     )
     return out
+
+
+@functools.cache
+def _gender_set() -> pa.Array:
+    """The genders as an Arrow array, made on first use (a conversion at import would import pandas)."""
+    return pa.array(GENDERS, pa.string())
+
+
+def _lineage(file_id: str, chunk_seq: int, lines: np.ndarray) -> dict[str, pa.Array]:
+    n = len(lines)
+    return {
+        "source_file_id": pa.repeat(pa.scalar(file_id, pa.string()), n),
+        "chunk_seq": pa.array(np.full(n, chunk_seq, dtype=np.int32)),
+        "source_line": pa.array(lines),
+    }
+
+
+# The fast path reads a chunk with Arrow's CSV reader: no quoting (a quote is a character like any other, as in
+# the field split), step and fraud typed by the reader, the other columns as text.
+_FAST_TYPED = {"step": pa.int32(), "fraud": pa.int8()}
+_FAST_TEXT = tuple(c for c in TRANSACTION_HEADER if c not in _FAST_TYPED)
+_FAST_PARSE = pacsv.ParseOptions(delimiter=",", quote_char=False, escape_char=False, newlines_in_values=False)
+_FAST_CONVERT = pacsv.ConvertOptions(
+    column_types={c: _FAST_TYPED.get(c, pa.string()) for c in TRANSACTION_HEADER},
+    null_values=[],
+    strings_can_be_null=False,
+    quoted_strings_can_be_null=False,
+    check_utf8=False,  # the lines are UTF-8 already (RowBlock)
+)
+_STEP_MAX = 999_999_999  # the most a step of at most 9 digits (_NONNEG_INT) can be
+_POWERS_OF_TEN = np.array([10**k for k in range(1, 10)], dtype=np.int64)
+
+
+def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
+def _lengths(strings: pa.Array) -> np.ndarray:
+    """Byte length of each value of a string array, from its offsets."""
+    offsets = np.frombuffer(strings.buffers()[1], dtype=np.int32, count=len(strings) + 1, offset=strings.offset * 4)
+    return np.diff(offsets)
+
+
+def _fast_transactions(block: RowBlock, file_id: str, chunk_seq: int) -> pa.Table | None:
+    """The chunk's table when every row is good, read by Arrow's CSV reader; None when any row may not be.
+
+    None sends the chunk through the field split, so a bad row's record (line, reason, raw text) is what it
+    always was. The result is the field split's: the reader splits each line on commas exactly as
+    `split_pattern` does (no quoting, no escapes, a line with another field count fails the read); the
+    text columns get the same trim and checks. Step and fraud are typed by the reader, which also accepts
+    forms the split refuses (`-0`, `007`, ` 7`, `0x7`): each of them is longer than the number it reads
+    as, so the chunk is taken only if its bytes add up to the text columns' bytes plus the digits of
+    step and fraud written plainly, plus commas and line breaks.
+    """
+    if block.flaw is not None or block.maybe_control:
+        return None  # a flawed line or a control character: the split says which and where
+    n = len(block)
+    joined = pc.binary_join_element_wise(block.lines, "", "\n")  # each line and its LF
+    offsets = np.frombuffer(joined.buffers()[1], dtype=np.int32, count=n + 1, offset=joined.offset * 4)
+    body = joined.buffers()[2][int(offsets[0]) : int(offsets[-1])]
+    if body[:3] == BOM:  # the reader would drop a BOM that begins the chunk; the split keeps it in the step
+        return None
+    read = pacsv.ReadOptions(column_names=list(TRANSACTION_HEADER), use_threads=False, block_size=len(body) + 1)
+    try:
+        raw = pacsv.read_csv(
+            pa.BufferReader(body), read_options=read, parse_options=_FAST_PARSE, convert_options=_FAST_CONVERT
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None  # a field count, a step or a fraud the reader refuses: the split names the row
+    if raw.num_rows != n:
+        return None
+    cols = {c: _one_chunk(raw.column(c)) for c in TRANSACTION_HEADER}
+    step, fraud = cols["step"], cols["fraud"]
+    if step.null_count or fraud.null_count:
+        return None
+    step_np = step.to_numpy()
+    fraud_np = fraud.to_numpy()
+    if step_np.min() < 0 or step_np.max() > _STEP_MAX or fraud_np.min() < 0 or fraud_np.max() > 1:
+        return None
+    # Bytes of the raw fields: the text columns' as read, step's and fraud's as plain digits. Every other form
+    # the reader takes is longer, so equality means every step and fraud was written plainly.
+    text_bytes = sum(_lengths(cols[c]).sum() for c in _FAST_TEXT)
+    step_digits = n + int(np.searchsorted(_POWERS_OF_TEN, step_np, side="right").sum())
+    if int(text_bytes) + step_digits + n + (len(TRANSACTION_HEADER) - 1) * n + n != len(body):
+        return None
+    text = {c: pc.utf8_trim(cols[c], " \t'\"") for c in _FAST_TEXT}
+    if (
+        not _lengths(text["customer"]).all()
+        or not _lengths(text["merchant"]).all()
+        or not pc.all(pc.is_in(text["gender"], value_set=_gender_set())).as_py()
+        or not pc.all(pc.match_substring_regex(text["amount"], _DECIMAL_OK)).as_py()
+    ):
+        return None
+    return pa.table(
+        {
+            "step": step,
+            "customer": text["customer"],
+            "age": text["age"],
+            "gender": text["gender"],
+            "zipcodeOri": text["zipcodeOri"],
+            "merchant": text["merchant"],
+            "zipMerchant": text["zipMerchant"],
+            "category": text["category"],
+            "amount": text["amount"].cast(CHUNK_ARROW_SCHEMA.field("amount").type),
+            "fraud": fraud,
+            **_lineage(file_id, chunk_seq, block.line_no),
+        },
+        schema=CHUNK_ARROW_SCHEMA,
+    )
 
 
 def _amount_reason(name: str, value: str) -> str:
