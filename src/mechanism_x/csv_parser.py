@@ -305,6 +305,11 @@ def _split_lines(body: bytes, pos: int, line: int, max_line_bytes: int = MAX_LIN
     Lines longer than `max_line_bytes` (without their line break) and lines that are not UTF-8 are
     kept as rows with a flaw, so they are quarantined with their line number instead of stopping the file.
     """
+    return _split_counted(body, pos, line, max_line_bytes)[0]
+
+
+def _split_counted(body: bytes, pos: int, line: int, max_line_bytes: int) -> tuple[RowBlock, int]:
+    """`_split_lines`, and the number of line breaks in `body` (the lines it advances, blank ones included)."""
     raw = np.frombuffer(body, dtype=np.uint8)
     nl = np.flatnonzero(raw == 10)
     terminated = body.endswith(b"\n")
@@ -327,15 +332,17 @@ def _split_lines(body: bytes, pos: int, line: int, max_line_bytes: int = MAX_LIN
     numbers = np.arange(line, line + nlines, dtype=np.int64)
     ends = pos + stops.astype(np.int64)
     # Blank: only spaces and tabs. Other whitespace (VT, FF, ...) is a control character and quarantined.
-    blank = pc.equal(pc.utf8_length(pc.utf8_trim(text, " \t")), 0)
+    if b" " in body or b"\t" in body:
+        blank = pc.equal(pc.utf8_length(pc.utf8_trim(text, " \t")), 0).to_numpy(zero_copy_only=False)
+    else:  # nothing to trim: a blank line is an empty one
+        blank = _lengths(text) == 0
     if flaw is not None:
-        blank = pc.and_(blank, pc.is_null(flaw))
-    if pc.any(blank).as_py():
-        keep = pc.invert(blank)
-        mask = keep.to_numpy(zero_copy_only=False)
-        text, numbers, ends = text.filter(keep), numbers[mask], ends[mask]
-        flaw = flaw.filter(keep) if flaw is not None else None
-    return RowBlock(text, numbers, ends, flaw, _maybe_control(body))
+        blank &= pc.is_null(flaw).to_numpy(zero_copy_only=False)
+    if blank.any():
+        keep = ~blank
+        text, numbers, ends = text.filter(pa.array(keep)), numbers[keep], ends[keep]
+        flaw = flaw.filter(pa.array(keep)) if flaw is not None else None
+    return RowBlock(text, numbers, ends, flaw, _maybe_control(body)), len(nl)
 
 
 def _maybe_control(body: bytes) -> bool:
@@ -436,7 +443,7 @@ def iter_row_blocks(
                 data = fh.read(want) if want > 0 else b""
             if not data:
                 if carried:
-                    block = _split_lines(b"".join(parts), pos, line, max_line_bytes)
+                    block, _ = _split_counted(b"".join(parts), pos, line, max_line_bytes)
                     if len(block):
                         yield block
                 return
@@ -453,11 +460,11 @@ def iter_row_blocks(
             cut = last_nl + 1
             body = b"".join([*parts, data[:cut]]) if parts else data[:cut]
             rest = data[cut:]
-            block = _split_lines(body, pos, line, max_line_bytes)
+            block, breaks = _split_counted(body, pos, line, max_line_bytes)
             if len(block):
                 yield block
             pos += len(body)
-            line += body.count(b"\n")
+            line += breaks
             parts, carried = ([rest], len(rest)) if rest else ([], 0)
 
 
