@@ -373,3 +373,55 @@ def test_a_generated_sample_gives_the_same_objects_both_ways(tmp_path):
     body = (tmp_path / "transactions.csv").read_bytes()
     body = body[body.index(b"\n") + 1 :]
     assert both_paths(body, batch=10_000) == (3, 3)
+
+
+IMPORTANCE_HEADER_LINE = b"Source,Target,Weight,typeTrans,fraud\n"
+IMPORTANCE_EDGE_ROWS = [
+    "'C1','M1',16.34,'es_transportation',0",
+    "'C1','M1',16,'es_transportation',1",
+    "'C1','M1',16.345,'es_transportation',0",
+    "'C1','M1',-1,'es_transportation',0",
+    "'C1','M1',0016.3,'es_transportation',0",
+    "'','M1',16.34,'es_transportation',0",
+    "'C1','',16.34,'es_transportation',0",
+    "'C1','M1',16.34,'',0",
+    "'C1','M1',16.34,'es_transportation',",
+    "'C1','M1',16.34,'es_transportation',-0",
+    "'C1','M1',16.34,'es_transportation',01",
+    "'C1','M1',16.34,'es_transportation', 1",
+    "'C1','M1',16.34,'es_transportation','1'",
+    "'C1','M1',16.34,'es_transportation',0x1",
+    "'C1','M1',16.34,'es_transportation',2",
+    "'C1','M1',16.34,'es_transportation'",
+    "'C1','M1',16.34,'es_transportation',0,0",
+    "\ufeff'C1','M1',16.34,'es_transportation',0",
+    "'C'1',\"M1\", 16.34 ,'es transportation',0",
+]
+
+
+@pytest.mark.parametrize("row", IMPORTANCE_EDGE_ROWS)
+def test_an_importance_edge_row_gives_the_same_result_both_ways(row, tmp_path):
+    clean = [f"'C{i}','M{i}',{i}.5,'es_food',{i % 2}".encode() for i in range(9)]
+    clean.insert(4, row.encode())
+    path = tmp_path / "imp.csv"
+    path.write_bytes(IMPORTANCE_HEADER_LINE + b"\r\n".join(clean))
+    block = RowBlock.empty()
+    for piece in iter_row_blocks(path, len(IMPORTANCE_HEADER_LINE), 2):  # the unterminated last line comes apart
+        block = RowBlock.concat(block, piece)
+    slow = csv_parser.parse_importance(block, fast=False)
+    fast = csv_parser.parse_importance(block)
+    assert fast.good.equals(slow.good)
+    assert (fast.bad_lines, fast.bad_reasons, fast.bad_raw) == (slow.bad_lines, slow.bad_reasons, slow.bad_raw)
+    if slow.bad_lines:
+        assert csv_parser._fast_importance(block) is None
+
+
+def test_a_generated_importance_file_gives_the_same_rows_both_ways(tmp_path):
+    from src.sample_data import generate
+
+    generate(tmp_path, rows=30_000, seed=7)
+    path = tmp_path / "CustomerImportance.csv"
+    header = csv_parser.read_header(path)
+    for block in iter_row_blocks(path, header.data_offset, 2):
+        assert csv_parser._fast_importance(block) is not None
+        assert csv_parser.parse_importance(block).good.equals(csv_parser.parse_importance(block, fast=False).good)

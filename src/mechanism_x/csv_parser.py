@@ -634,20 +634,11 @@ def _lineage(file_id: str, chunk_seq: int, lines: np.ndarray) -> dict[str, pa.Ar
     }
 
 
-# The fast path reads a chunk with Arrow's CSV reader: no quoting (a quote is a character like any other, as in
-# the field split), step and fraud typed by the reader, the other columns as text.
-_FAST_TYPED = {"step": pa.int32(), "fraud": pa.int8()}
-_FAST_TEXT = tuple(c for c in TRANSACTION_HEADER if c not in _FAST_TYPED)
+# The fast path reads a block with Arrow's CSV reader: no quoting (a quote is a character like any other, as in
+# the field split), the integer columns typed by the reader, the others as text.
 _FAST_PARSE = pacsv.ParseOptions(delimiter=",", quote_char=False, escape_char=False, newlines_in_values=False)
-_FAST_CONVERT = pacsv.ConvertOptions(
-    column_types={c: _FAST_TYPED.get(c, pa.string()) for c in TRANSACTION_HEADER},
-    null_values=[],
-    strings_can_be_null=False,
-    quoted_strings_can_be_null=False,
-    check_utf8=False,  # the lines are UTF-8 already (RowBlock)
-)
-_STEP_MAX = 999_999_999  # the most a step of at most 9 digits (_NONNEG_INT) can be
 _POWERS_OF_TEN = np.array([10**k for k in range(1, 10)], dtype=np.int64)
+_TRIM = " \t'\""  # what the field split trims from each field
 
 
 def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
@@ -660,16 +651,18 @@ def _lengths(strings: pa.Array) -> np.ndarray:
     return np.diff(offsets)
 
 
-def _fast_transactions(block: RowBlock, file_id: str, chunk_seq: int) -> pa.Table | None:
-    """The chunk's table when every row is good, read by Arrow's CSV reader; None when any row may not be.
+def _fast_columns(
+    block: RowBlock, header: tuple[str, ...], integers: dict[str, tuple[pa.DataType, int]]
+) -> dict[str, pa.Array] | None:
+    """The block's columns as the field split gives them (text trimmed, `integers` typed), read by Arrow's CSV
+    reader; None when a line may not split into good fields.
 
-    None sends the chunk through the field split, so a bad row's record (line, reason, raw text) is what it
-    always was. The result is the field split's: the reader splits each line on commas exactly as
-    `split_pattern` does (no quoting, no escapes, a line with another field count fails the read); the
-    text columns get the same trim and checks. Step and fraud are typed by the reader, which also accepts
-    forms the split refuses (`-0`, `007`, ` 7`, `0x7`): each of them is longer than the number it reads
-    as, so the chunk is taken only if its bytes add up to the text columns' bytes plus the digits of
-    step and fraud written plainly, plus commas and line breaks.
+    `integers` maps a column to its type and the largest value the split takes, written as plain digits
+    (`[0-9]+`). The reader splits each line on commas exactly as `split_pattern` does (no quoting, no
+    escapes; a line with another field count fails the read) and the text columns get the split's trim.
+    The reader also takes integers the split refuses (`-0`, `007`, ` 7`, `0x7`): each such form is longer
+    than the number it reads as, so the block is taken only if its bytes add up to the text columns' bytes
+    plus the integers' digits written plainly, plus commas and line breaks.
     """
     if block.flaw is not None or block.maybe_control:
         return None  # a flawed line or a control character: the split says which and where
@@ -677,54 +670,89 @@ def _fast_transactions(block: RowBlock, file_id: str, chunk_seq: int) -> pa.Tabl
     joined = pc.binary_join_element_wise(block.lines, "", "\n")  # each line and its LF
     offsets = np.frombuffer(joined.buffers()[1], dtype=np.int32, count=n + 1, offset=joined.offset * 4)
     body = joined.buffers()[2][int(offsets[0]) : int(offsets[-1])]
-    if body[:3] == BOM:  # the reader would drop a BOM that begins the chunk; the split keeps it in the step
+    if body[:3] == BOM:  # the reader would drop a BOM that begins the block; the split keeps it in the field
         return None
-    read = pacsv.ReadOptions(column_names=list(TRANSACTION_HEADER), use_threads=False, block_size=len(body) + 1)
+    read = pacsv.ReadOptions(column_names=list(header), use_threads=False, block_size=len(body) + 1)
+    convert = pacsv.ConvertOptions(
+        column_types={c: integers[c][0] if c in integers else pa.string() for c in header},
+        null_values=[],
+        strings_can_be_null=False,
+        quoted_strings_can_be_null=False,
+        check_utf8=False,  # the lines are UTF-8 already (RowBlock)
+    )
     try:
         raw = pacsv.read_csv(
-            pa.BufferReader(body), read_options=read, parse_options=_FAST_PARSE, convert_options=_FAST_CONVERT
+            pa.BufferReader(body), read_options=read, parse_options=_FAST_PARSE, convert_options=convert
         )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return None  # a field count, a step or a fraud the reader refuses: the split names the row
+        return None  # a field count or an integer the reader refuses: the split names the row
     if raw.num_rows != n:
         return None
-    cols = {c: _one_chunk(raw.column(c)) for c in TRANSACTION_HEADER}
-    step, fraud = cols["step"], cols["fraud"]
-    if step.null_count or fraud.null_count:
+    cols = {c: _one_chunk(raw.column(c)) for c in header}
+    size = (len(header) - 1) * n + n  # commas and line breaks
+    for c in header:
+        if c not in integers:
+            size += int(_lengths(cols[c]).sum())
+            continue
+        values = cols[c]
+        if values.null_count:
+            return None
+        ints = values.to_numpy()
+        if ints.min() < 0 or ints.max() > integers[c][1]:
+            return None
+        size += n + int(np.searchsorted(_POWERS_OF_TEN, ints, side="right").sum())  # digits of each
+    if size != len(body):
         return None
-    step_np = step.to_numpy()
-    fraud_np = fraud.to_numpy()
-    if step_np.min() < 0 or step_np.max() > _STEP_MAX or fraud_np.min() < 0 or fraud_np.max() > 1:
-        return None
-    # Bytes of the raw fields: the text columns' as read, step's and fraud's as plain digits. Every other form
-    # the reader takes is longer, so equality means every step and fraud was written plainly.
-    text_bytes = sum(_lengths(cols[c]).sum() for c in _FAST_TEXT)
-    step_digits = n + int(np.searchsorted(_POWERS_OF_TEN, step_np, side="right").sum())
-    if int(text_bytes) + step_digits + n + (len(TRANSACTION_HEADER) - 1) * n + n != len(body):
-        return None
-    text = {c: pc.utf8_trim(cols[c], " \t'\"") for c in _FAST_TEXT}
+    return {c: cols[c] if c in integers else pc.utf8_trim(cols[c], _TRIM) for c in header}
+
+
+_TRANSACTION_INTEGERS = {"step": (pa.int32(), 999_999_999), "fraud": (pa.int8(), 1)}  # step: _NONNEG_INT
+
+
+def _fast_transactions(block: RowBlock, file_id: str, chunk_seq: int) -> pa.Table | None:
+    """The chunk's table when every row is good (`_fast_columns`, then the split's checks); None when any row may
+    not be, which sends the chunk through the field split, so a bad row's record is what it always was."""
+    cols = _fast_columns(block, TRANSACTION_HEADER, _TRANSACTION_INTEGERS)
     if (
-        not _lengths(text["customer"]).all()
-        or not _lengths(text["merchant"]).all()
-        or not pc.all(pc.is_in(text["gender"], value_set=_gender_set())).as_py()
-        or not pc.all(pc.match_substring_regex(text["amount"], _DECIMAL_OK)).as_py()
+        cols is None
+        or not _lengths(cols["customer"]).all()
+        or not _lengths(cols["merchant"]).all()
+        or not pc.all(pc.is_in(cols["gender"], value_set=_gender_set())).as_py()
+        or not pc.all(pc.match_substring_regex(cols["amount"], _DECIMAL_OK)).as_py()
     ):
         return None
     return pa.table(
         {
-            "step": step,
-            "customer": text["customer"],
-            "age": text["age"],
-            "gender": text["gender"],
-            "zipcodeOri": text["zipcodeOri"],
-            "merchant": text["merchant"],
-            "zipMerchant": text["zipMerchant"],
-            "category": text["category"],
-            "amount": text["amount"].cast(CHUNK_ARROW_SCHEMA.field("amount").type),
-            "fraud": fraud,
+            **cols,
+            "amount": cols["amount"].cast(CHUNK_ARROW_SCHEMA.field("amount").type),
             **_lineage(file_id, chunk_seq, block.line_no),
         },
         schema=CHUNK_ARROW_SCHEMA,
+    )
+
+
+_IMPORTANCE_INTEGERS = {"fraud": (pa.int8(), 1)}
+
+
+def _fast_importance(block: RowBlock) -> pa.Table | None:
+    """`_fast_transactions` for a CustomerImportance block."""
+    cols = _fast_columns(block, IMPORTANCE_HEADER, _IMPORTANCE_INTEGERS)
+    if (
+        cols is None
+        or not _lengths(cols["Source"]).all()
+        or not _lengths(cols["Target"]).all()
+        or not pc.all(pc.match_substring_regex(cols["Weight"], _DECIMAL_OK)).as_py()
+    ):
+        return None
+    return pa.table(
+        {
+            "source": cols["Source"],
+            "target": cols["Target"],
+            "weight": cols["Weight"].cast(IMPORTANCE_ARROW_SCHEMA.field("weight").type),
+            "type_trans": cols["typeTrans"],
+            "fraud": cols["fraud"],
+        },
+        schema=IMPORTANCE_ARROW_SCHEMA,
     )
 
 
@@ -736,10 +764,16 @@ def _amount_reason(name: str, value: str) -> str:
     return f"{name} {_show(value)} is not a number"
 
 
-def parse_importance(block: RowBlock) -> ParsedRows:
-    """CustomerImportance rows: Source, Target non-empty, Weight a non-negative decimal, fraud 0/1."""
+def parse_importance(block: RowBlock, *, fast: bool = True) -> ParsedRows:
+    """CustomerImportance rows: Source, Target non-empty, Weight a non-negative decimal, fraud 0/1.
+
+    As `parse_transactions`: a block whose rows are all good usually goes through `_fast_importance`."""
     if not len(block):
         return ParsedRows(IMPORTANCE_ARROW_SCHEMA.empty_table())
+    if fast:
+        good = _fast_importance(block)
+        if good is not None:
+            return ParsedRows(good)
 
     def checks(cols: list[pa.Array]) -> list[Check]:
         source, target, weight, _type, fraud = cols
