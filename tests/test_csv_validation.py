@@ -425,3 +425,10 @@ def test_a_generated_importance_file_gives_the_same_rows_both_ways(tmp_path):
     for block in iter_row_blocks(path, header.data_offset, 2):
         assert csv_parser._fast_importance(block) is not None
         assert csv_parser.parse_importance(block).good.equals(csv_parser.parse_importance(block, fast=False).good)
+
+
+@SETTINGS
+@given(body=st.one_of(NOISE, rows_with_junk()), batch=BATCHES)
+@example(body=b"\n".join(_clean_rows(5)), batch=5)
+def test_any_bytes_give_the_same_result_both_ways(body, batch):
+    both_paths(body, batch=batch)
