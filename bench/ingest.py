@@ -19,6 +19,7 @@ any ingest producing the same objects has to do, without validation, lineage or 
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import resource
@@ -218,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     sample = sample_dir(args.rows, args.seed)
     size_mb = (sample / TRANSACTIONS).stat().st_size / 1e6
     work = Path(tempfile.mkdtemp(prefix="tp-bench-ingest-"))
+    if not args.keep:
+        # Removed at exit, after pgserver has stopped the embedded servers (exit handlers run last-registered
+        # first): removed before, their data directories are gone and the servers are left running.
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     rss_start = peak_rss_mib()
     try:
         drain = bench_drain(sample, work / "drain", args.batch_size)
@@ -233,7 +238,6 @@ def main(argv: list[str] | None = None) -> int:
             from src.utils.db import DSN_ENV
 
             os.environ.pop(DSN_ENV, None)
-            shutil.rmtree(work, ignore_errors=True)
 
     x_rate = x["rows"] / x["seconds"]
     arrow_rate = arrow["rows"] / arrow["seconds"]

@@ -14,6 +14,7 @@ import tempfile
 import tracemalloc
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -193,3 +194,241 @@ def test_an_endless_line_is_streamed_in_bounded_memory(tmp_path, monkeypatch):
     assert parsed.good.column("source_line").to_pylist() == [2, 4]
     assert parsed.bad_lines == [3] and parsed.bad_reasons == [f"line longer than {64 << 10} bytes ({size} bytes)"]
     assert parsed.bad_raw[0].startswith("z" * 100) and f"{size} bytes" in parsed.bad_raw[0]
+
+
+# ----------------------------------------------------------------------------- the fast path
+# `parse_transactions` reads a chunk whose rows all look good with Arrow's CSV reader (`_fast_transactions`)
+# and sends any other chunk through the field split (`fast=False`). The two must agree on every chunk:
+# same good table (and so the same Parquet object), same bad rows with the same line numbers, reasons
+# and raw text.
+
+CLEAN = "{step},'C{i}','3','M','28007','M{i}','28007','es_food',{i}.25,0"
+
+
+def _chunks(body: bytes, batch: int, tmp: Path) -> list[RowBlock]:
+    path = tmp / "tx.csv"
+    path.write_bytes(HEADER + body)
+    pending = RowBlock.empty()
+    for block in iter_row_blocks(path, len(HEADER), 2):
+        pending = RowBlock.concat(pending, block)
+    return [pending.slice(start, start + batch) for start in range(0, len(pending), batch)]
+
+
+def both_paths(body: bytes, batch: int = 10_000) -> tuple[int, int]:
+    """Parse `body` (after a header) both ways, chunk by chunk, and assert the results are identical.
+
+    Returns (chunks, chunks the fast path took).
+    """
+    from src.utils.object_store import parquet_bytes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        chunks = _chunks(body, batch, Path(tmp))
+    taken = 0
+    for seq, rows in enumerate(chunks):
+        slow = parse_transactions(rows, file_id="f", chunk_seq=seq, fast=False)
+        fast = parse_transactions(rows, file_id="f", chunk_seq=seq)
+        assert fast.good.schema == slow.good.schema
+        assert fast.good.equals(slow.good), (fast.good.to_pylist()[:3], slow.good.to_pylist()[:3])
+        assert parquet_bytes(fast.good) == parquet_bytes(slow.good)
+        assert (fast.bad_lines, fast.bad_reasons, fast.bad_raw) == (slow.bad_lines, slow.bad_reasons, slow.bad_raw)
+        taken += csv_parser._fast_transactions(rows, "f", seq) is not None
+    return len(chunks), taken
+
+
+def _clean_rows(n: int, start: int = 0) -> list[bytes]:
+    return [CLEAN.format(step=i % 180, i=i).encode() for i in range(start, start + n)]
+
+
+def test_clean_rows_take_the_fast_path_and_give_the_split_s_result():
+    body = b"\n".join(_clean_rows(50)) + b"\n"
+    assert both_paths(body, batch=20) == (3, 3)
+
+
+# Rows the fast path must either read exactly as the split does or leave to it. `True`: the split takes the
+# row as good; the fast path may take the chunk. `False`: the row is quarantined (so the fast path must not
+# take the chunk).
+EDGE_ROWS = [
+    ("0,'C1','3','M','28007','M1','28007','es_food',1.25,0", True),
+    ("0,'C1','3','M','28007','M1','28007','es_food',1,0", True),  # no decimals
+    ("0,'C1','3','M','28007','M1','28007','es_food',1.5,0", True),  # one decimal
+    ("0,'C1','3','M','28007','M1','28007','es_food',1.255,0", False),  # three decimals
+    ("0,'C1','3','M','28007','M1','28007','es_food',-1.25,0", False),
+    ("0,'C1','3','M','28007','M1','28007','es_food',-0,0", False),
+    ("0,'C1','3','M','28007','M1','28007','es_food',007.10,0", True),  # leading zeros in the amount
+    ("0,'C1','3','M','28007','M1','28007','es_food',9999999999999999.99,0", True),  # the largest amount
+    ("0,'C1','3','M','28007','M1','28007','es_food',99999999999999999,0", False),  # 17 digits
+    ("0,'C1','3','M','28007','M1','28007','es_food',1e3,0", False),
+    ("0,'C1','3','M','28007','M1','28007','es_food',.5,0", False),
+    ("0,'C1','3','M','28007','M1','28007','es_food','1.25',0", True),  # a quoted amount
+    ("007,'C1','3','M','28007','M1','28007','es_food',1.25,0", True),  # leading zeros in the step
+    ("-0,'C1','3','M','28007','M1','28007','es_food',1.25,0", False),
+    ("-1,'C1','3','M','28007','M1','28007','es_food',1.25,0", False),
+    ("+1,'C1','3','M','28007','M1','28007','es_food',1.25,0", False),
+    ("0x1,'C1','3','M','28007','M1','28007','es_food',1.25,0", False),
+    (" 1 ,'C1','3','M','28007','M1','28007','es_food',1.25,0", True),  # blanks around the step
+    ("'1','C1','3','M','28007','M1','28007','es_food',1.25,'1'", True),  # quoted step and fraud
+    ("999999999,'C1','3','M','28007','M1','28007','es_food',1.25,0", True),
+    ("1000000000,'C1','3','M','28007','M1','28007','es_food',1.25,0", False),  # 10 digits
+    ("2147483648,'C1','3','M','28007','M1','28007','es_food',1.25,0", False),
+    ("99999999999999999999,'C1','3','M','28007','M1','28007','es_food',1.25,0", False),
+    ("1.0,'C1','3','M','28007','M1','28007','es_food',1.25,0", False),
+    (",'C1','3','M','28007','M1','28007','es_food',1.25,0", False),  # empty step
+    ("0,'C1','3','M','28007','M1','28007','es_food',1.25,", False),  # empty fraud
+    ("0,'C1','3','M','28007','M1','28007','es_food',1.25,01", False),
+    ("0,'C1','3','M','28007','M1','28007','es_food',1.25,-0", False),
+    ("0,'C1','3','M','28007','M1','28007','es_food',1.25,2", False),
+    ("0,'C1','3','M','28007','M1','28007','es_food',1.25, 1", True),
+    ("0,'','3','M','28007','M1','28007','es_food',1.25,0", False),  # empty customer
+    ("0,'C1','3','M','28007','',' ','es_food',1.25,0", False),  # empty merchant
+    ("0,'C1','','M','','M1','','',1.25,0", True),  # empty optional fields
+    ("0,'C1','3','X','28007','M1','28007','es_food',1.25,0", False),
+    ("0,'C1','3','m','28007','M1','28007','es_food',1.25,0", False),
+    ("0,\"C1\",'3',\"M\",'28007',\"M1\",'28007','es_food',1.25,0", True),  # double quotes
+    ("0,'C'1','3','M','28007','M1','28007','es_food',1.25,0", True),  # a quote inside a value
+    ("0,'C1'x,'3','M','28007','M1','28007','es_food',1.25,0", True),
+    ("0,' C1 ','3','M','28007','M1','28007','es food',1.25,0", True),  # blanks inside the quotes
+    ("0,\t'C1'\t,'3','M','28007','M1','28007','es_food',1.25,0", True),
+    ("0,'C1','3','M','28007','M1','28007','es_food',1.25,0,", False),  # 11 fields
+    ("0,'C1','3','M','28007','M1','28007','es_food',1.25", False),  # 9 fields
+    ("0,'C1,2','3','M','28007','M1','28007','es_food',1.25,0", False),  # a comma inside quotes
+    ("\ufeff0,'C1','3','M','28007','M1','28007','es_food',1.25,0", False),  # a BOM before the step
+    ("0,'\ufeffC1','3','M','28007','M1','28007','es_food',1.25,0", True),  # a BOM inside a value
+    ("0,'Cé1','3','M','28007','Mñ','28007','es_food',1.25,0", True),  # non-ASCII
+    ("0,'C1','3','M','28007','M1','28007','es_food',1.25,0\r", True),  # a CR before the LF
+    ("0,'C1','3','M','28007','M1','28007','es_\x07food',1.25,0", False),  # a control character
+]
+
+
+@pytest.mark.parametrize(("row", "good"), EDGE_ROWS, ids=[r for r, _ in EDGE_ROWS])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_an_edge_row_among_clean_ones_gives_the_same_result_both_ways(row, good, where):
+    rows = _clean_rows(9)
+    at = {"first": 0, "middle": 4, "last": 9}[where]
+    rows.insert(at, row.encode())
+    body = b"\n".join(rows) + b"\n"
+    chunks, taken = both_paths(body, batch=10)
+    assert chunks == 1
+    with tempfile.TemporaryDirectory() as tmp:
+        [rows_block] = _chunks(body, 10, Path(tmp))
+    parsed = parse_transactions(rows_block, file_id="f", chunk_seq=0, fast=False)
+    assert (not parsed.bad_lines) == good, (parsed.bad_lines, parsed.bad_reasons)
+    if not good:
+        assert taken == 0 and parsed.bad_lines == [at + 2]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\r\n".join(_clean_rows(25)) + b"\r\n",  # CRLF
+        b"\n".join(_clean_rows(25)),  # the last line without a line break
+        b"\n".join(_clean_rows(25)) + b"\n\n \t\n",  # blank lines at the end
+        b"\n\n".join(_clean_rows(25)) + b"\n",  # blank lines between rows
+        b"\n".join(r.replace(b",", b" , ") for r in _clean_rows(25)) + b"\n",  # blanks around every field
+        b"\n".join(r.replace(b"'", b"") for r in _clean_rows(25)) + b"\n",  # no quotes
+    ],
+    ids=["crlf", "no-final-newline", "trailing-blank-lines", "blank-lines-between", "blanks", "unquoted"],
+)
+def test_layouts_give_the_same_result_both_ways(body):
+    chunks, taken = both_paths(body, batch=10)
+    assert chunks == 3
+    assert taken in (0, 3)
+
+
+def test_the_fast_path_takes_crlf_and_unterminated_files():
+    assert both_paths(b"\r\n".join(_clean_rows(25)), batch=10) == (3, 3)
+
+
+STEP_FORMS = st.one_of(
+    st.integers(0, 10**10).map(str),
+    st.sampled_from(["-0", "-1", "00", "007", " 7", "7 ", "0x7", "+7", "", "1.0", "2147483648", "'3'"]),
+)
+AMOUNT_FORMS = st.one_of(
+    st.builds(lambda w, d: f"{w}{d}", st.integers(0, 10**17), st.sampled_from(["", ".", ".5", ".25", ".255", ".0"])),
+    st.sampled_from(["-1.00", "-0", "1e3", ".5", "'1.25'", " 1.25", "", "0x10", "1,5"]),
+)
+FIELD = st.text(alphabet="ab '\"\t,é", max_size=5)
+
+
+@SETTINGS
+@given(
+    rows=st.lists(
+        st.tuples(STEP_FORMS, FIELD, st.sampled_from(["M", "F", "E", "U", "X", "", "'M'"]), AMOUNT_FORMS, FIELD),
+        min_size=1,
+        max_size=12,
+    ),
+    batch=st.integers(1, 12),
+)
+def test_generated_rows_give_the_same_result_both_ways(rows, batch):
+    lines = [
+        f"{step},'C{cust}','3',{gender},'28007','M1','28007','es_food',{amount},{fraud}".encode()
+        for step, cust, gender, amount, fraud in rows
+    ]
+    both_paths(b"\n".join(lines) + b"\n", batch=batch)
+
+
+def test_a_generated_sample_gives_the_same_objects_both_ways(tmp_path):
+    from src.sample_data import generate
+
+    generate(tmp_path, rows=30_000, seed=7)
+    body = (tmp_path / "transactions.csv").read_bytes()
+    body = body[body.index(b"\n") + 1 :]
+    assert both_paths(body, batch=10_000) == (3, 3)
+
+
+IMPORTANCE_HEADER_LINE = b"Source,Target,Weight,typeTrans,fraud\n"
+IMPORTANCE_EDGE_ROWS = [
+    "'C1','M1',16.34,'es_transportation',0",
+    "'C1','M1',16,'es_transportation',1",
+    "'C1','M1',16.345,'es_transportation',0",
+    "'C1','M1',-1,'es_transportation',0",
+    "'C1','M1',0016.3,'es_transportation',0",
+    "'','M1',16.34,'es_transportation',0",
+    "'C1','',16.34,'es_transportation',0",
+    "'C1','M1',16.34,'',0",
+    "'C1','M1',16.34,'es_transportation',",
+    "'C1','M1',16.34,'es_transportation',-0",
+    "'C1','M1',16.34,'es_transportation',01",
+    "'C1','M1',16.34,'es_transportation', 1",
+    "'C1','M1',16.34,'es_transportation','1'",
+    "'C1','M1',16.34,'es_transportation',0x1",
+    "'C1','M1',16.34,'es_transportation',2",
+    "'C1','M1',16.34,'es_transportation'",
+    "'C1','M1',16.34,'es_transportation',0,0",
+    "\ufeff'C1','M1',16.34,'es_transportation',0",
+    "'C'1',\"M1\", 16.34 ,'es transportation',0",
+]
+
+
+@pytest.mark.parametrize("row", IMPORTANCE_EDGE_ROWS)
+def test_an_importance_edge_row_gives_the_same_result_both_ways(row, tmp_path):
+    clean = [f"'C{i}','M{i}',{i}.5,'es_food',{i % 2}".encode() for i in range(9)]
+    clean.insert(4, row.encode())
+    path = tmp_path / "imp.csv"
+    path.write_bytes(IMPORTANCE_HEADER_LINE + b"\r\n".join(clean))
+    block = RowBlock.empty()
+    for piece in iter_row_blocks(path, len(IMPORTANCE_HEADER_LINE), 2):  # the unterminated last line comes apart
+        block = RowBlock.concat(block, piece)
+    slow = csv_parser.parse_importance(block, fast=False)
+    fast = csv_parser.parse_importance(block)
+    assert fast.good.equals(slow.good)
+    assert (fast.bad_lines, fast.bad_reasons, fast.bad_raw) == (slow.bad_lines, slow.bad_reasons, slow.bad_raw)
+    if slow.bad_lines:
+        assert csv_parser._fast_importance(block) is None
+
+
+def test_a_generated_importance_file_gives_the_same_rows_both_ways(tmp_path):
+    from src.sample_data import generate
+
+    generate(tmp_path, rows=30_000, seed=7)
+    path = tmp_path / "CustomerImportance.csv"
+    header = csv_parser.read_header(path)
+    for block in iter_row_blocks(path, header.data_offset, 2):
+        assert csv_parser._fast_importance(block) is not None
+        assert csv_parser.parse_importance(block).good.equals(csv_parser.parse_importance(block, fast=False).good)
+
+
+@SETTINGS
+@given(body=st.one_of(NOISE, rows_with_junk()), batch=BATCHES)
+@example(body=b"\n".join(_clean_rows(5)), batch=5)
+def test_any_bytes_give_the_same_result_both_ways(body, batch):
+    both_paths(body, batch=batch)

@@ -4,11 +4,15 @@ A file is read as bytes from a known offset and split into lines ourselves (LF o
 every row keeps its exact line number and the byte offset where it ends: that is what makes
 resume, append detection and quarantine records exact. Fields are then split, unquoted,
 checked and typed with Arrow compute kernels; only the (rare) bad rows are touched in Python.
+A block whose rows are all good (the usual case) is read by Arrow's CSV reader instead
+(`_fast_columns`), which gives the same columns for less work; any block it cannot vouch for
+goes through the field split, which names each bad row's line and reason.
 """
 
 from __future__ import annotations
 
 import codecs
+import functools
 import hashlib
 import os
 import re
@@ -19,6 +23,7 @@ from typing import BinaryIO, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 
 from src.errors import FileRejected
 from src.schemas.transaction_schemas import (
@@ -303,6 +308,11 @@ def _split_lines(body: bytes, pos: int, line: int, max_line_bytes: int = MAX_LIN
     Lines longer than `max_line_bytes` (without their line break) and lines that are not UTF-8 are
     kept as rows with a flaw, so they are quarantined with their line number instead of stopping the file.
     """
+    return _split_counted(body, pos, line, max_line_bytes)[0]
+
+
+def _split_counted(body: bytes, pos: int, line: int, max_line_bytes: int) -> tuple[RowBlock, int]:
+    """`_split_lines`, and the number of line breaks in `body` (the lines it advances, blank ones included)."""
     raw = np.frombuffer(body, dtype=np.uint8)
     nl = np.flatnonzero(raw == 10)
     terminated = body.endswith(b"\n")
@@ -325,15 +335,17 @@ def _split_lines(body: bytes, pos: int, line: int, max_line_bytes: int = MAX_LIN
     numbers = np.arange(line, line + nlines, dtype=np.int64)
     ends = pos + stops.astype(np.int64)
     # Blank: only spaces and tabs. Other whitespace (VT, FF, ...) is a control character and quarantined.
-    blank = pc.equal(pc.utf8_length(pc.utf8_trim(text, " \t")), 0)
+    if b" " in body or b"\t" in body:
+        blank = pc.equal(pc.utf8_length(pc.utf8_trim(text, " \t")), 0).to_numpy(zero_copy_only=False)
+    else:  # nothing to trim: a blank line is an empty one
+        blank = _lengths(text) == 0
     if flaw is not None:
-        blank = pc.and_(blank, pc.is_null(flaw))
-    if pc.any(blank).as_py():
-        keep = pc.invert(blank)
-        mask = keep.to_numpy(zero_copy_only=False)
-        text, numbers, ends = text.filter(keep), numbers[mask], ends[mask]
-        flaw = flaw.filter(keep) if flaw is not None else None
-    return RowBlock(text, numbers, ends, flaw, _maybe_control(body))
+        blank &= pc.is_null(flaw).to_numpy(zero_copy_only=False)
+    if blank.any():
+        keep = ~blank
+        text, numbers, ends = text.filter(pa.array(keep)), numbers[keep], ends[keep]
+        flaw = flaw.filter(pa.array(keep)) if flaw is not None else None
+    return RowBlock(text, numbers, ends, flaw, _maybe_control(body)), len(nl)
 
 
 def _maybe_control(body: bytes) -> bool:
@@ -434,7 +446,7 @@ def iter_row_blocks(
                 data = fh.read(want) if want > 0 else b""
             if not data:
                 if carried:
-                    block = _split_lines(b"".join(parts), pos, line, max_line_bytes)
+                    block, _ = _split_counted(b"".join(parts), pos, line, max_line_bytes)
                     if len(block):
                         yield block
                 return
@@ -451,11 +463,11 @@ def iter_row_blocks(
             cut = last_nl + 1
             body = b"".join([*parts, data[:cut]]) if parts else data[:cut]
             rest = data[cut:]
-            block = _split_lines(body, pos, line, max_line_bytes)
+            block, breaks = _split_counted(body, pos, line, max_line_bytes)
             if len(block):
                 yield block
             pos += len(body)
-            line += body.count(b"\n")
+            line += breaks
             parts, carried = ([rest], len(rest)) if rest else ([], 0)
 
 
@@ -558,10 +570,19 @@ def _good_only(cols: list[pa.Array], good_idx: pa.Array) -> list[pa.Array]:
     return [c.take(good_idx) for c in cols]
 
 
-def parse_transactions(block: RowBlock, *, file_id: str, chunk_seq: int) -> ParsedRows:
-    """Validate rows per SPEC §2; good rows typed as CHUNK_ARROW_SCHEMA, bad rows with reasons."""
+def parse_transactions(block: RowBlock, *, file_id: str, chunk_seq: int, fast: bool = True) -> ParsedRows:
+    """Validate rows per SPEC §2; good rows typed as CHUNK_ARROW_SCHEMA, bad rows with reasons.
+
+    A chunk whose rows are all good usually goes through `_fast_transactions` (Arrow's CSV reader); any other
+    chunk, or with `fast=False`, through the field split below, which names each bad row's line and reason.
+    Both give the same table for the same rows.
+    """
     if not len(block):
         return ParsedRows(CHUNK_ARROW_SCHEMA.empty_table())
+    if fast:
+        good = _fast_transactions(block, file_id, chunk_seq)
+        if good is not None:
+            return ParsedRows(good)
 
     def checks(cols: list[pa.Array]) -> list[Check]:
         step, customer, _age, gender, _zo, merchant, _zm, _cat, amount, fraud = cols
@@ -572,7 +593,7 @@ def parse_transactions(block: RowBlock, *, file_id: str, chunk_seq: int) -> Pars
             ),
             (pc.greater(pc.utf8_length(customer), 0), lambda v: "empty customer id"),
             (
-                pc.is_in(gender, value_set=pa.array(GENDERS)),
+                pc.is_in(gender, value_set=_gender_set()),
                 lambda v: f"unknown gender {_show(v[3])} (expected M, F, E or U)",
             ),
             (pc.greater(pc.utf8_length(merchant), 0), lambda v: "empty merchant id"),
@@ -582,7 +603,6 @@ def parse_transactions(block: RowBlock, *, file_id: str, chunk_seq: int) -> Pars
 
     cols, good_idx, good_lines, out = _validate(block, TRANSACTION_HEADER, checks)
     step, customer, age, gender, zip_ori, merchant, zip_m, category, amount, fraud = _good_only(cols, good_idx)
-    n_good = len(good_idx)
     out.good = pa.table(
         {
             "step": step.cast(pa.int32()),
@@ -595,13 +615,148 @@ def parse_transactions(block: RowBlock, *, file_id: str, chunk_seq: int) -> Pars
             "category": category,
             "amount": amount.cast(CHUNK_ARROW_SCHEMA.field("amount").type),
             "fraud": fraud.cast(pa.int8()),
-            "source_file_id": pa.array([file_id] * n_good, pa.string()),
-            "chunk_seq": pa.array(np.full(n_good, chunk_seq, dtype=np.int32)),
-            "source_line": pa.array(good_lines),
+            **_lineage(file_id, chunk_seq, good_lines),
         },
         schema=CHUNK_ARROW_SCHEMA,
     )
     return out
+
+
+@functools.cache
+def _gender_set() -> pa.Array:
+    """The genders as an Arrow array, made on first use (a conversion at import would import pandas)."""
+    return pa.array(GENDERS, pa.string())
+
+
+def _lineage(file_id: str, chunk_seq: int, lines: np.ndarray) -> dict[str, pa.Array]:
+    n = len(lines)
+    return {
+        "source_file_id": pa.repeat(pa.scalar(file_id, pa.string()), n),
+        "chunk_seq": pa.array(np.full(n, chunk_seq, dtype=np.int32)),
+        "source_line": pa.array(lines),
+    }
+
+
+# The fast path reads a block with Arrow's CSV reader: no quoting (a quote is a character like any other, as in
+# the field split), the integer columns typed by the reader, the others as text.
+_FAST_PARSE = pacsv.ParseOptions(delimiter=",", quote_char=False, escape_char=False, newlines_in_values=False)
+_POWERS_OF_TEN = np.array([10**k for k in range(1, 10)], dtype=np.int64)
+_TRIM = " \t'\""  # what the field split trims from each field
+
+
+def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
+def _lengths(strings: pa.Array) -> np.ndarray:
+    """Byte length of each value of a string array, from its offsets."""
+    offsets = np.frombuffer(strings.buffers()[1], dtype=np.int32, count=len(strings) + 1, offset=strings.offset * 4)
+    return np.diff(offsets)
+
+
+def _fast_columns(
+    block: RowBlock, header: tuple[str, ...], integers: dict[str, tuple[pa.DataType, int]]
+) -> dict[str, pa.Array] | None:
+    """The block's columns as the field split gives them (text trimmed, `integers` typed), read by Arrow's CSV
+    reader; None when a line may not split into good fields.
+
+    `integers` maps a column to its type and the largest value the split takes, written as plain digits
+    (`[0-9]+`). The reader splits each line on commas exactly as `split_pattern` does (no quoting, no
+    escapes; a line with another field count fails the read) and the text columns get the split's trim.
+    The reader also takes integers the split refuses (`-0`, `007`, ` 7`, `0x7`): each such form is longer
+    than the number it reads as, so the block is taken only if its bytes add up to the text columns' bytes
+    plus the integers' digits written plainly, plus commas and line breaks.
+    """
+    if block.flaw is not None or block.maybe_control:
+        return None  # a flawed line or a control character: the split says which and where
+    n = len(block)
+    joined = pc.binary_join_element_wise(block.lines, "", "\n")  # each line and its LF
+    offsets = np.frombuffer(joined.buffers()[1], dtype=np.int32, count=n + 1, offset=joined.offset * 4)
+    body = joined.buffers()[2][int(offsets[0]) : int(offsets[-1])]
+    if body[:3] == BOM:  # the reader would drop a BOM that begins the block; the split keeps it in the field
+        return None
+    read = pacsv.ReadOptions(column_names=list(header), use_threads=False, block_size=len(body) + 1)
+    convert = pacsv.ConvertOptions(
+        column_types={c: integers[c][0] if c in integers else pa.string() for c in header},
+        null_values=[],
+        strings_can_be_null=False,
+        quoted_strings_can_be_null=False,
+        check_utf8=False,  # the lines are UTF-8 already (RowBlock)
+    )
+    try:
+        raw = pacsv.read_csv(
+            pa.BufferReader(body), read_options=read, parse_options=_FAST_PARSE, convert_options=convert
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None  # a field count or an integer the reader refuses: the split names the row
+    if raw.num_rows != n:
+        return None
+    cols = {c: _one_chunk(raw.column(c)) for c in header}
+    size = (len(header) - 1) * n + n  # commas and line breaks
+    for c in header:
+        if c not in integers:
+            size += int(_lengths(cols[c]).sum())
+            continue
+        values = cols[c]
+        if values.null_count:
+            return None
+        ints = values.to_numpy()
+        if ints.min() < 0 or ints.max() > integers[c][1]:
+            return None
+        size += n + int(np.searchsorted(_POWERS_OF_TEN, ints, side="right").sum())  # digits of each
+    if size != len(body):
+        return None
+    return {c: cols[c] if c in integers else pc.utf8_trim(cols[c], _TRIM) for c in header}
+
+
+_TRANSACTION_INTEGERS = {"step": (pa.int32(), 999_999_999), "fraud": (pa.int8(), 1)}  # step: _NONNEG_INT
+
+
+def _fast_transactions(block: RowBlock, file_id: str, chunk_seq: int) -> pa.Table | None:
+    """The chunk's table when every row is good (`_fast_columns`, then the split's checks); None when any row may
+    not be, which sends the chunk through the field split, so a bad row's record is what it always was."""
+    cols = _fast_columns(block, TRANSACTION_HEADER, _TRANSACTION_INTEGERS)
+    if (
+        cols is None
+        or not _lengths(cols["customer"]).all()
+        or not _lengths(cols["merchant"]).all()
+        or not pc.all(pc.is_in(cols["gender"], value_set=_gender_set())).as_py()
+        or not pc.all(pc.match_substring_regex(cols["amount"], _DECIMAL_OK)).as_py()
+    ):
+        return None
+    return pa.table(
+        {
+            **cols,
+            "amount": cols["amount"].cast(CHUNK_ARROW_SCHEMA.field("amount").type),
+            **_lineage(file_id, chunk_seq, block.line_no),
+        },
+        schema=CHUNK_ARROW_SCHEMA,
+    )
+
+
+_IMPORTANCE_INTEGERS = {"fraud": (pa.int8(), 1)}
+
+
+def _fast_importance(block: RowBlock) -> pa.Table | None:
+    """`_fast_transactions` for a CustomerImportance block."""
+    cols = _fast_columns(block, IMPORTANCE_HEADER, _IMPORTANCE_INTEGERS)
+    if (
+        cols is None
+        or not _lengths(cols["Source"]).all()
+        or not _lengths(cols["Target"]).all()
+        or not pc.all(pc.match_substring_regex(cols["Weight"], _DECIMAL_OK)).as_py()
+    ):
+        return None
+    return pa.table(
+        {
+            "source": cols["Source"],
+            "target": cols["Target"],
+            "weight": cols["Weight"].cast(IMPORTANCE_ARROW_SCHEMA.field("weight").type),
+            "type_trans": cols["typeTrans"],
+            "fraud": cols["fraud"],
+        },
+        schema=IMPORTANCE_ARROW_SCHEMA,
+    )
 
 
 def _amount_reason(name: str, value: str) -> str:
@@ -612,10 +767,16 @@ def _amount_reason(name: str, value: str) -> str:
     return f"{name} {_show(value)} is not a number"
 
 
-def parse_importance(block: RowBlock) -> ParsedRows:
-    """CustomerImportance rows: Source, Target non-empty, Weight a non-negative decimal, fraud 0/1."""
+def parse_importance(block: RowBlock, *, fast: bool = True) -> ParsedRows:
+    """CustomerImportance rows: Source, Target non-empty, Weight a non-negative decimal, fraud 0/1.
+
+    As `parse_transactions`: a block whose rows are all good usually goes through `_fast_importance`."""
     if not len(block):
         return ParsedRows(IMPORTANCE_ARROW_SCHEMA.empty_table())
+    if fast:
+        good = _fast_importance(block)
+        if good is not None:
+            return ParsedRows(good)
 
     def checks(cols: list[pa.Array]) -> list[Check]:
         source, target, weight, _type, fraud = cols
