@@ -446,33 +446,42 @@ def staged_chunks(db: Database, seqs: list[int]) -> set[int]:
     return {r[0] for r in rows}
 
 
+# Y's commit publishes a batch's staged rows in ONE round trip of plain statements, each reading the staging by its
+# index on `seq`: a single statement of data-modifying CTEs (DELETE ... RETURNING * feeding the INSERTs) held every
+# row twice in tuplestores that spilled to temporary files, ~10 ms of a 10,000-row chunk's ~70 ms of server CPU (the
+# rest is `transactions`' heap and its three indexes: see bench/README.md, "ycommit"). `work_mem` for this
+# transaction alone keeps the fold's grouping of up to MAX_BATCH_ROWS rows in memory.
+_STAGED_OF_BATCH = "staged_rows WHERE seq = ANY(%(seqs)s::bigint[])"
+_PUBLISH_SQL = f"""
+SET LOCAL work_mem = '64MB';
+{{drop_rejected}}
+INSERT INTO transactions ({", ".join(TRANSACTION_COLUMNS.values())})
+SELECT {", ".join(TRANSACTION_COLUMNS.values())} FROM {_STAGED_OF_BATCH};
+INSERT INTO y_state (merchant, customer, n, amount_sum, has_f, has_m)
+SELECT merchant, customer, count(*), sum(amount), bool_or(gender = 'F'), bool_or(gender = 'M')
+FROM {_STAGED_OF_BATCH} GROUP BY merchant, customer
+ON CONFLICT (merchant, customer) DO UPDATE SET
+    n = y_state.n + EXCLUDED.n, amount_sum = y_state.amount_sum + EXCLUDED.amount_sum,
+    has_f = y_state.has_f OR EXCLUDED.has_f, has_m = y_state.has_m OR EXCLUDED.has_m;
+WITH gone AS (DELETE FROM {_STAGED_OF_BATCH} RETURNING seq, amount)
+SELECT seq, count(*), sum(amount) FROM gone GROUP BY seq
+"""  # noqa: S608 - constant column names
+_DROP_REJECTED = (
+    "DELETE FROM staged_rows s USING unnest(%(r_seq)s::bigint[], %(r_line)s::bigint[]) AS r(seq, line) "
+    "WHERE s.seq = r.seq AND s.source_line = r.line;"
+)
+
+
 def publish_staged(cur: Cursor, seqs: list[int], rejected: list[tuple[int, int]]) -> dict[int, tuple[int, Any]]:
     """In Y's commit transaction: move chunks `seqs`' staged rows into `transactions`, except the `rejected`
     (seq, source_line), fold the same rows into `y_state`, and empty their staging. Returns {seq: (rows
-    published, sum of their amounts)} for the caller to check against what Spark read from the objects."""
-    pg_columns = ", ".join(TRANSACTION_COLUMNS.values())
-    cur.execute(
-        f"""
-WITH moved AS (
-    DELETE FROM staged_rows WHERE seq = ANY(%(seqs)s::bigint[]) RETURNING *
-), kept AS (
-    SELECT * FROM moved m WHERE NOT EXISTS (
-        SELECT 1 FROM unnest(%(r_seq)s::bigint[], %(r_line)s::bigint[]) AS r(seq, line)
-        WHERE r.seq = m.seq AND r.line = m.source_line)
-), published AS (
-    INSERT INTO transactions ({pg_columns}) SELECT {pg_columns} FROM kept
-), folded AS (
-    INSERT INTO y_state (merchant, customer, n, amount_sum, has_f, has_m)
-    SELECT merchant, customer, count(*), sum(amount), bool_or(gender = 'F'), bool_or(gender = 'M')
-    FROM kept GROUP BY merchant, customer
-    ON CONFLICT (merchant, customer) DO UPDATE SET
-        n = y_state.n + EXCLUDED.n, amount_sum = y_state.amount_sum + EXCLUDED.amount_sum,
-        has_f = y_state.has_f OR EXCLUDED.has_f, has_m = y_state.has_m OR EXCLUDED.has_m
-)
-SELECT seq, count(*), sum(amount) FROM kept GROUP BY seq
-""",  # noqa: S608 - constant column names
-        {"seqs": seqs, "r_seq": [s for s, _ in rejected], "r_line": [ln for _, ln in rejected]},
-    )
+    published, sum of their amounts)} for the caller to check against what Spark read from the objects.
+
+    The rejected rows leave the staging first, so the statements after read the published rows alone; the
+    caller's transaction locked the chunks' rows (`mark_batch_processed`), and X stages only `pending` chunks, so
+    no other session changes these staged rows between the statements."""
+    sql = _PUBLISH_SQL.format(drop_rejected=_DROP_REJECTED if rejected else "")
+    cur.execute(sql, {"seqs": seqs, "r_seq": [s for s, _ in rejected], "r_line": [ln for _, ln in rejected]})
     return {seq: (n, total) for seq, n, total in cur.fetchall()}
 
 
