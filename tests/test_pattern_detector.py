@@ -117,6 +117,56 @@ def test_empty_input_gives_empty_state_and_no_detection(spark):
         pd.fold_batch(state_df(spark, []), batch_rows(spark, []), 0)
 
 
+def _exchanges(plan) -> list[tuple[str, set[str]]]:
+    """(Exchange node, the names of the leaves below it) for every Exchange of a JVM executed plan."""
+
+    def children(node) -> list:
+        return [node.children().apply(i) for i in range(node.children().size())]
+
+    def leaves(node) -> set[str]:
+        below = children(node)
+        return set().union(*map(leaves, below)) if below else {node.nodeName().strip()}
+
+    found, todo = [], [plan]
+    while todo:
+        node = todo.pop()
+        if "Exchange" in node.nodeName():
+            found.append((node.toString().splitlines()[0], leaves(node)))
+        todo.extend(children(node))
+    return found
+
+
+def test_a_batch_exchanges_its_rows_and_never_the_state(spark, tmp_path):
+    # Mechanism Y's batch: the fold of Parquet rows into the checkpointed state, checkpointed in turn, then the
+    # detection inside a statement that reads the rows again (as Y's summary does, so the versions' ids meet
+    # the rows'). Only the rows may cross a shuffle: the state is already partitioned by merchant, and so are the
+    # versions and the weights, so a shuffle of them would cost O(state) every batch (bench/README.md, "yfold").
+    thr = thresholds(PATID1_MIN_MERCHANT_TXNS=3, PATID2_MIN_TXNS=2, PATID3_MIN_FEMALE_CUSTOMERS=0)
+    state = pd.by_merchant(state_df(spark, [("m1", "c1", 3, "0.99", False, True)])).localCheckpoint(eager=False)
+    weights = pd.by_merchant(weights_df(spark, [("c1", "m1", "0.5"), ("c2", "m2", "0.1")]))
+    weights = weights.localCheckpoint(eager=False)
+    statement = (
+        "SELECT 'hit' AS kind, pattern_id, customer_name, merchant_id, cut FROM {hits} "
+        "UNION ALL SELECT 'row', NULL, customer, merchant, cut FROM {rows}"
+    )
+    found = []
+    for b in range(3):
+        rows = [(k, f"m{1 + i % 3}", f"c{i % 4}", "FM"[i % 2], f"{b + i}.25") for k in range(2) for i in range(8)]
+        path = str(tmp_path / f"batch-{b}")
+        batch_rows(spark, rows).write.parquet(path)
+        scan = spark.read.schema(batch_rows_spark_schema()).parquet(path)
+        fold = pd.fold_batch(state, scan, 2)
+        assert [leaves for _, leaves in _exchanges(fold._jdf.queryExecution().executedPlan())] == [{"Scan parquet"}]
+        versions = fold.localCheckpoint(eager=False)
+        detection = pd.detect_batch(versions, weights, 2, thr, around=(statement, scan))
+        assert _exchanges(detection._jdf.queryExecution().executedPlan()) == []
+        result = detection.collect()
+        assert sum(r["kind"] == "row" for r in result) == len(rows)
+        found.append(pd.first_hits(r for r in result if r["kind"] == "hit"))
+        state = pd.latest_state(versions, 2)
+    assert all(found)  # the plans judged something: each batch has detections
+
+
 # ---------------------------------------------------------------- several cuts in one batch
 
 

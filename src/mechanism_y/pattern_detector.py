@@ -86,9 +86,19 @@ class Thresholds:
 # of a merchant whose T(m) exceeds the minimum by the end of the batch are expanded to the cuts they are
 # valid at, then windowed by (merchant, cut); T only grows, so no other merchant can qualify.
 #
-# Everything is distributed by merchant once, when the rows enter the fold: every later aggregate, window
-# and join is keyed by merchant plus something, so the fold costs one shuffle and detection none (the
-# checkpointed versions keep their partitioning, and the weights are checkpointed the same way).
+# The fold exchanges the batch's rows alone: they are distributed by merchant and aggregated per (cut, merchant,
+# customer), and the state (one row per pair, already hash-partitioned by merchant: checkpointed by
+# `by_merchant` or by the previous fold) is united with them without a shuffle. Every later window and join is
+# keyed by merchant plus something, so detection needs no shuffle either (the checkpointed versions keep their
+# partitioning, and the weights are checkpointed the same way). Two things in Spark decide whether that holds
+# (bench/README.md, "yfold"), both comparing attributes with `==`, which includes the qualifier (the name of the
+# view or subquery an attribute was last read through), not just the id:
+#   - a union keeps its children's partitioning only if each child's, mapped onto the first child's output,
+#     equals the first child's own. The state's partitioning carries the qualifier of the statement that made it,
+#     its output the qualifier of this one: so the rows come first, partitioned and read under one name.
+#   - a checkpoint re-instanced with fresh ids (when its ids meet another relation of the same statement, as the
+#     versions do the rows in Y's summary) keeps its partitioning only if the partitioning's attributes equal its
+#     output's. Every subquery of the fold is named `fold`, so they do.
 # Nested subqueries, not a WITH: Spark inlines CTEs with fresh attribute ids after analysis, and the
 # checkpoint then records its partitioning under ids its output does not have (so it is lost).
 _VERSIONS_SQL = """
@@ -102,16 +112,13 @@ SELECT merchant, customer, cut,
        coalesce(bool_or(has_f) OVER pair_before, false) AS had_f,
        coalesce(bool_or(has_m) OVER pair_before, false) AS had_m
 FROM (
-  SELECT cut, merchant, customer, sum(n) AS n, CAST(sum(amount_sum) AS DECIMAL(38,2)) AS amount_sum,
-         bool_or(has_f) AS has_f, bool_or(has_m) AS has_m
-  FROM (
-    SELECT * FROM (
-      SELECT -1 AS cut, merchant, customer, n, amount_sum, has_f, has_m FROM {state}
-      UNION ALL
-      SELECT cut, merchant, customer, 1, CAST(amount AS DECIMAL(38,2)), gender = 'F', gender = 'M' FROM {rows}
-    ) DISTRIBUTE BY merchant
-  ) GROUP BY cut, merchant, customer
-)
+  (SELECT cut, merchant, customer, count(*) AS n, CAST(sum(amount) AS DECIMAL(38,2)) AS amount_sum,
+          bool_or(gender = 'F') AS has_f, bool_or(gender = 'M') AS has_m
+   FROM (SELECT * FROM {rows} AS fold DISTRIBUTE BY merchant) AS fold
+   GROUP BY cut, merchant, customer)
+  UNION ALL
+  SELECT -1 AS cut, merchant, customer, n, amount_sum, has_f, has_m FROM {state}
+) AS fold
 WINDOW pair_in_order AS (PARTITION BY merchant, customer ORDER BY cut),
        pair_so_far AS (PARTITION BY merchant, customer ORDER BY cut
                        ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW),
@@ -196,8 +203,9 @@ _BY_MERCHANT_SQL = "SELECT * FROM {frame} DISTRIBUTE BY merchant SORT BY merchan
 def fold_batch(state: DataFrame, rows: DataFrame, cuts: int) -> DataFrame:
     """The versions of every (merchant, customer) over a batch of `cuts` chunks.
 
-    `rows` are clean chunk rows (merchant, customer, gender, amount) with `cut` in [0, cuts): the position
-    of their chunk in the batch. Feed the result to `detect_batch` and `latest_state`; checkpoint it first
+    `state` holds one row per (merchant, customer) (`state_spark_schema`), partitioned by merchant (`by_merchant`,
+    or `latest_state` of a checkpointed fold) so that only `rows` are shuffled. `rows` are clean chunk rows
+    (merchant, customer, gender, amount) with `cut` in [0, cuts): the position of their chunk in the batch. Feed the result to `detect_batch` and `latest_state`; checkpoint it first
     when both are wanted, so the fold is computed once.
     """
     if cuts < 1:
