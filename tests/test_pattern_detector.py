@@ -16,7 +16,13 @@ from pyspark.testing import assertDataFrameEqual
 
 from config.config import Settings
 from src.mechanism_y import pattern_detector as pd
-from src.schemas.transaction_schemas import batch_rows_spark_schema, state_spark_schema, weights_spark_schema
+from src.schemas.transaction_schemas import (
+    STATE_ARROW_SCHEMA,
+    WEIGHTS_ARROW_SCHEMA,
+    batch_rows_spark_schema,
+    state_spark_schema,
+    weights_spark_schema,
+)
 from tests.reference import Chunk, Txn, expected_detections, limits_of
 
 D = Decimal
@@ -136,14 +142,22 @@ def _exchanges(plan) -> list[tuple[str, set[str]]]:
     return found
 
 
-def test_a_batch_exchanges_its_rows_and_never_the_state(spark, tmp_path):
+@pytest.mark.parametrize("start", ["pairs", "empty"])
+def test_a_batch_exchanges_its_rows_and_never_the_state(spark, tmp_path, start):
     # Mechanism Y's batch: the fold of Parquet rows into the checkpointed state, checkpointed in turn, then the
     # detection inside a statement that reads the rows again (as Y's summary does, so the versions' ids meet
     # the rows'). Only the rows may cross a shuffle: the state is already partitioned by merchant, and so are the
     # versions and the weights, so a shuffle of them would cost O(state) every batch (bench/README.md, "yfold").
+    # "empty": a fresh start, state and weights handed over as Y does (`arrow_frame`) from empty Arrow tables; an
+    # empty local relation loses its partitioning, and the batches after it shuffled the whole state.
     thr = thresholds(PATID1_MIN_MERCHANT_TXNS=3, PATID2_MIN_TXNS=2, PATID3_MIN_FEMALE_CUSTOMERS=0)
-    state = pd.by_merchant(state_df(spark, [("m1", "c1", 3, "0.99", False, True)])).localCheckpoint(eager=False)
-    weights = pd.by_merchant(weights_df(spark, [("c1", "m1", "0.5"), ("c2", "m2", "0.1")]))
+    if start == "pairs":
+        state = pd.by_merchant(state_df(spark, [("m1", "c1", 3, "0.99", False, True)]))
+        weights = pd.by_merchant(weights_df(spark, [("c1", "m1", "0.5"), ("c2", "m2", "0.1")]))
+    else:
+        state = pd.by_merchant(pd.arrow_frame(spark, STATE_ARROW_SCHEMA.empty_table(), state_spark_schema()))
+        weights = pd.by_merchant(pd.arrow_frame(spark, WEIGHTS_ARROW_SCHEMA.empty_table(), weights_spark_schema()))
+    state = state.localCheckpoint(eager=False)
     weights = weights.localCheckpoint(eager=False)
     statement = (
         "SELECT 'hit' AS kind, pattern_id, customer_name, merchant_id, cut FROM {hits} "

@@ -42,7 +42,7 @@ def exercise(spark: SparkSession, settings: Settings) -> None:
     from src.mechanism_y.stream_processor import StreamProcessor
 
     processor = StreamProcessor(settings, None, None, spark, threading.Event())
-    weights = spark.createDataFrame(WEIGHTS_ARROW_SCHEMA.empty_table(), schema=weights_spark_schema())
+    weights = patterns.arrow_frame(spark, WEIGHTS_ARROW_SCHEMA.empty_table(), weights_spark_schema())
     processor.weights = patterns.by_merchant(weights).localCheckpoint(eager=False)
     spark.createDataFrame(STATE_ARROW_SCHEMA.empty_table(), schema=state_spark_schema()).count()
     if not processor.warm_up():

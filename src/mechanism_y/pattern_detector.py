@@ -251,6 +251,17 @@ def by_merchant(df: DataFrame) -> DataFrame:
     return df.sparkSession.sql(_BY_MERCHANT_SQL, frame=df)
 
 
+def arrow_frame(spark: Any, table: Any, schema: Any) -> DataFrame:
+    """The Arrow `table` as a DataFrame of `schema`, to go through `by_merchant`: an empty one is an empty RDD, not
+    an empty local relation. The optimiser drops a repartition over a relation it knows to be empty, so the
+    checkpoint of an empty state (every fresh start) or of empty weights would carry no merchant partitioning: the
+    detection would then shuffle them, and the fold's versions, partitioned by its windows' (merchant, customer)
+    instead, would make every later batch shuffle the whole state (bench/README.md, "yfold")."""
+    if table.num_rows:
+        return spark.createDataFrame(table, schema=schema)
+    return spark.createDataFrame(spark.sparkContext.emptyRDD(), schema=schema)
+
+
 def first_hits(found: Iterable[Any]) -> dict[tuple[str, str, str], int]:
     """Collected `detect_batch` rows -> {(pattern_id, customer_name, merchant_id): first cut}."""
     first: dict[tuple[str, str, str], int] = {}

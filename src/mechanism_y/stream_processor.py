@@ -289,7 +289,7 @@ class StreamProcessor:
     def _load_state(self) -> None:
         table = self._state_table if self._state_table is not None else self._copy_out(STATE_SQL, STATE_ARROW_SCHEMA)
         self._state_table = None
-        state = self.spark.createDataFrame(table, schema=state_spark_schema())
+        state = patterns.arrow_frame(self.spark, table, state_spark_schema())
         # Lazy: the first fold computes and keeps it, instead of a job of its own on a cold JVM (seconds).
         self.state = checkpoint(patterns.by_merchant(state), self.settings, eager=False)
         self.state_rows = table.num_rows
@@ -318,7 +318,7 @@ class StreamProcessor:
         version, table = fetched
         if self.weights is not None:
             self.weights.unpersist()
-        weights = self.spark.createDataFrame(table, schema=weights_spark_schema())
+        weights = patterns.arrow_frame(self.spark, table, weights_spark_schema())
         # Partitioned and sorted like the versions the detection joins them to: that join needs no shuffle.
         # Lazy, like the state: computed and kept by the first detection that needs them.
         self.weights = checkpoint(patterns.by_merchant(weights), self.settings, eager=False)
@@ -538,11 +538,15 @@ class StreamProcessor:
         path.write_bytes(parquet_bytes(made_up_chunk(WARM_UP_ROWS)))
         done = None
         try:
-            state = patterns.by_merchant(self.spark.createDataFrame([], schema=state_spark_schema()))
+            state = patterns.by_merchant(
+                patterns.arrow_frame(self.spark, STATE_ARROW_SCHEMA.empty_table(), state_spark_schema())
+            )
             state = state.localCheckpoint(eager=False)  # the shape of the real state's plan (`_load_state`)
             weights = self.weights
             if weights is None:
-                weights = patterns.by_merchant(self.spark.createDataFrame([], schema=weights_spark_schema()))
+                weights = patterns.by_merchant(
+                    patterns.arrow_frame(self.spark, WEIGHTS_ARROW_SCHEMA.empty_table(), weights_spark_schema())
+                )
             if abandon():
                 return False
             # The path a batch takes (`_single_pass`): one job reads, folds, judges and summarises the chunk.
