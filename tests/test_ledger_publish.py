@@ -12,26 +12,13 @@ import pytest
 from src import ledger
 from src.schemas.transaction_schemas import CHUNK_ARROW_SCHEMA
 from src.utils.db import Database
+from tests.chunk_rows import chunk_row
 
 FILE_ID = "local-publish"
 
 
 def _row(line: int, customer: str, merchant: str, gender: str, amount: str, chunk_seq: int) -> dict:
-    return {
-        "step": 1,
-        "customer": customer,
-        "age": "2",
-        "gender": gender,
-        "zipcodeOri": "28007",
-        "merchant": merchant,
-        "zipMerchant": "28007",
-        "category": "es_food",
-        "amount": Decimal(amount),
-        "fraud": 0,
-        "source_file_id": FILE_ID,
-        "chunk_seq": chunk_seq,
-        "source_line": line,
-    }
+    return chunk_row(line, customer, gender, amount, merchant, FILE_ID, chunk_seq)
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from tests.chunk_rows import chunk_row as _row
 from tests.conftest import run_env
 from tests.reference import Chunk, expected_detections, inbox_files, limits_of, read_importance, read_transactions
 
@@ -515,24 +516,6 @@ def _register_chunk(run: Run, file_id: str, rows: list[dict], payload: bytes | N
             (file_id, min(lines), max(lines), len(rows), len(rows), key),
         )
         return cur.fetchone()[0]
-
-
-def _row(line, customer="C_V1", gender="F", amount="10.00", merchant="M_V", file_id="handmade-bad"):
-    return {
-        "step": 1,
-        "customer": customer,
-        "age": "2",
-        "gender": gender,
-        "zipcodeOri": "28007",
-        "merchant": merchant,
-        "zipMerchant": "28007",
-        "category": "es_food",
-        "amount": None if amount is None else Decimal(amount),
-        "fraud": 0,
-        "source_file_id": file_id,
-        "chunk_seq": 0,
-        "source_line": line,
-    }
 
 
 @pytest.fixture
