@@ -203,10 +203,12 @@ _BY_MERCHANT_SQL = "SELECT * FROM {frame} DISTRIBUTE BY merchant SORT BY merchan
 def fold_batch(state: DataFrame, rows: DataFrame, cuts: int) -> DataFrame:
     """The versions of every (merchant, customer) over a batch of `cuts` chunks.
 
-    `state` holds one row per (merchant, customer) (`state_spark_schema`), partitioned by merchant (`by_merchant`,
-    or `latest_state` of a checkpointed fold) so that only `rows` are shuffled. `rows` are clean chunk rows
-    (merchant, customer, gender, amount) with `cut` in [0, cuts): the position of their chunk in the batch. Feed the result to `detect_batch` and `latest_state`; checkpoint it first
-    when both are wanted, so the fold is computed once.
+    `state` holds one row per (merchant, customer) (`state_spark_schema`), partitioned by merchant (`by_merchant`
+    over `arrow_frame`, or `latest_state` of a checkpointed fold) so that only `rows` are shuffled; a state
+    partitioned otherwise gives the same versions, at the cost of a shuffle of the whole state. `rows` are clean
+    chunk rows (merchant, customer, gender, amount) with `cut` in [0, cuts): the position of their chunk in the
+    batch. Feed the result to `detect_batch` and `latest_state`; checkpoint it first when both are wanted, so the
+    fold is computed once.
     """
     if cuts < 1:
         raise ValueError(f"a batch has at least one cut, got {cuts}")
