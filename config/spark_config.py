@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Mapping
 from config.config import Settings
 
 if TYPE_CHECKING:
+    import subprocess
+
     from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
@@ -92,8 +94,14 @@ def build_spark_session(
     return session
 
 
-def leave_sigterm_to_python(session: "SparkSession") -> bool:
-    """Make the driver JVM that PySpark launched for this process ignore SIGTERM; True if it did.
+def launched_jvm(session: "SparkSession") -> "subprocess.Popen | None":
+    """The driver JVM PySpark launched for this process; None when the JVM came first (spark-submit runs the
+    Python driver as its child, and that JVM is not this process's to manage)."""
+    return getattr(session.sparkContext._gateway, "proc", None)
+
+
+def leave_sigterm_to_python(session: "SparkSession") -> None:
+    """Make the driver JVM that PySpark launched for this process ignore SIGTERM.
 
     A SIGTERM sent to the whole process group (`timeout`, systemd's default control-group stop, `kill -TERM
     -<pgid>`) also reaches the JVM, whose shutdown hooks then stop Spark under the worker's running batch: the
@@ -103,11 +111,9 @@ def leave_sigterm_to_python(session: "SparkSession") -> bool:
     worker: PySpark's gateway exits when the worker's end of its stdin closes, SIGKILL included. PySpark
     already starts it with SIGINT ignored, for the same reason (Ctrl-C reaches the terminal's whole group).
 
-    Not done when the JVM came first (spark-submit runs the Python driver as its child): that JVM is the
-    process the operator signals, and it must stop on SIGTERM."""
-    gateway = session.sparkContext._gateway
-    if getattr(gateway, "proc", None) is None:
-        return False
+    Not done when the JVM came first (`launched_jvm` is None): that JVM is the process the operator signals, and
+    it must stop on SIGTERM."""
+    if launched_jvm(session) is None:
+        return
     jvm = session.sparkContext._jvm
     jvm.sun.misc.Signal.handle(jvm.sun.misc.Signal("TERM"), jvm.sun.misc.SignalHandler.SIG_IGN)
-    return True

@@ -368,7 +368,7 @@ def build_class_archive(
     its JVM writes the classes it loaded as it exits (`-XX:ArchiveClassesAtExit`) to a file of its own, renamed
     into place only once the JVM has exited cleanly. So a reader sees a whole archive or none; a crash leaves a
     `_tmp-<pid>.jsa` that the next build removes."""
-    from config.spark_config import JAVA_OPTIONS_KEY
+    from config.spark_config import JAVA_OPTIONS_KEY, launched_jvm
 
     target = class_archive(settings)
     if target.is_file():
@@ -385,7 +385,7 @@ def build_class_archive(
     spark = start_session(
         settings, "class-archive", extra_conf={JAVA_OPTIONS_KEY: f"-XX:ArchiveClassesAtExit={tmp} -Xlog:cds=error"}
     )
-    jvm = getattr(spark.sparkContext._gateway, "proc", None)
+    jvm = launched_jvm(spark)
     if jvm is None:  # a JVM this process did not launch (spark-submit): it would write the archive on its own exit
         spark.stop()
         raise ProcessorError("build the class archive with `python -m src.mechanism_y.class_archive`, not spark-submit")
