@@ -14,6 +14,10 @@ ledger's own view (source_files.first_seen -> finished_at) is printed beside it.
 "pyarrow alone" reads the same CSV with pyarrow.csv and explicit column types, strips the single
 quotes from the text columns and writes one snappy Parquet file per BATCH_SIZE rows: the least
 any ingest producing the same objects has to do, without validation, lineage or ledger.
+
+"floors" (same run) are what any ingest pays here whatever its code: a Python process's start with
+pyarrow and psycopg2, and the PostgreSQL server's wall and CPU seconds to COPY each file's rows into
+a fresh table shaped like the product's (rolled back). They bound what the drain ratio can reach.
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ def _x_env(work: Path, batch_size: int) -> dict[str, str]:
     }
 
 
-def bench_drain(sample: Path, work: Path, batch_size: int) -> dict:
+def bench_drain(sample: Path, work: Path, batch_size: int) -> tuple[dict, str]:
     """`python -m src.mechanism_x.data_ingestion --drain` on both files, from process launch to exit.
 
     The embedded PostgreSQL is started first, untimed, and handed over through TP_DATABASE_URL, as the
@@ -122,7 +126,104 @@ def bench_drain(sample: Path, work: Path, batch_size: int) -> dict:
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"the drain exited {done.returncode}: {done.stderr[-800:]}")
-    return {"seconds": elapsed}
+    return {"seconds": elapsed}, dsn
+
+
+def _seconds_to_exit(code: str) -> float:
+    """Wall seconds from launching `python -c code` (in the project's root) to its exit."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+    return time.perf_counter() - started
+
+
+def _timed_copy(dsn: str, setup: list[str], copy: str, payload: bytes, after: list[str]) -> dict:
+    """Wall and server-backend CPU seconds of `setup`, a COPY of `payload` and `after` in one transaction, rolled
+    back (nothing is left in the database)."""
+    import io
+
+    import psutil
+    import psycopg2
+
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            backend = psutil.Process(cur.fetchone()[0])
+            cpu0 = sum(backend.cpu_times()[:2])
+            started = time.perf_counter()
+            for statement in setup:
+                cur.execute(statement)
+            cur.copy_expert(copy, io.BytesIO(payload), size=1 << 20)
+            for statement in after:
+                cur.execute(statement)
+            elapsed = time.perf_counter() - started
+            cpu = sum(backend.cpu_times()[:2]) - cpu0
+        conn.rollback()
+    finally:
+        conn.close()
+    return {"seconds": elapsed, "cpu": cpu}
+
+
+def bench_floors(sample: Path, dsn: str) -> dict:
+    """What any ingest has to pay on this machine, whatever its code: a Python process's start with the two
+    libraries it cannot do without, and PostgreSQL's own work to take both files' rows (the importance rows, which
+    SPEC 2 has X load before any chunk is evaluated; the transaction rows, which must reach `transactions`,
+    whichever process loads them). The rows' CSV is prepared by pyarrow beforehand, untimed; each COPY goes into
+    a fresh table shaped like the product's (`LIKE ... INCLUDING ALL`) in a transaction that is rolled back."""
+    floors = {
+        "start": _seconds_to_exit("import pyarrow.parquet, psycopg2"),
+        "x_imports": _seconds_to_exit("import src.mechanism_x.data_ingestion"),
+    }
+    imp = pacsv.read_csv(
+        sample / IMPORTANCE, convert_options=pacsv.ConvertOptions(column_types={"Weight": pa.string()})
+    )
+    for name in ("Source", "Target", "typeTrans"):
+        i = imp.schema.get_field_index(name)
+        imp = imp.set_column(i, name, pc.utf8_trim(imp.column(name), characters="'"))
+    floors["importance_rows"] = imp.num_rows
+    floors["importance"] = _timed_copy(
+        dsn,
+        ["CREATE TABLE floor_importance (LIKE customer_importance INCLUDING DEFAULTS)"],
+        "COPY floor_importance (source, target, weight, type_trans, fraud) FROM STDIN WITH (FORMAT csv, FREEZE)",
+        _csv_bytes(imp),
+        ["SET LOCAL maintenance_work_mem = '256MB'", "CREATE INDEX ON floor_importance (source, target)"],
+    )
+    types = {name: pa.string() for name in TRANSACTION_TEXT_COLUMNS} | {"amount": pa.string()}
+    tx = pacsv.read_csv(
+        sample / TRANSACTIONS,
+        read_options=pacsv.ReadOptions(column_names=list(TRANSACTION_HEADER), skip_rows=1),
+        convert_options=pacsv.ConvertOptions(column_types=types),
+    )
+    for name in TRANSACTION_TEXT_COLUMNS:
+        i = tx.schema.get_field_index(name)
+        tx = tx.set_column(i, name, pc.utf8_trim(tx.column(name), characters="'"))
+    n = tx.num_rows
+    lineage = pa.table(
+        {
+            "source_file_id": pa.array(["floor"] * n),
+            "source_line": pa.array(range(2, n + 2), pa.int64()),
+            "chunk_seq": pa.array([i // 10_000 for i in range(n)], pa.int32()),
+        }
+    )
+    for name in lineage.column_names[::-1]:
+        tx = tx.add_column(0, name, lineage.column(name))
+    columns = "source_file_id, source_line, chunk_seq, step, customer, age, gender, zipcode_ori, merchant, "
+    columns += "zip_merchant, category, amount, fraud"
+    floors["transactions_rows"] = n
+    floors["transactions"] = _timed_copy(
+        dsn,
+        ["CREATE TABLE floor_transactions (LIKE transactions INCLUDING ALL)"],
+        f"COPY floor_transactions ({columns}) FROM STDIN WITH (FORMAT csv)",
+        _csv_bytes(tx),
+        [],
+    )
+    return floors
+
+
+def _csv_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pacsv.write_csv(table, sink, write_options=pacsv.WriteOptions(include_header=False))
+    return sink.getvalue().to_pybytes()
 
 
 def bench_mechanism_x(sample: Path, work: Path, batch_size: int) -> dict:
@@ -225,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         atexit.register(shutil.rmtree, work, ignore_errors=True)
     rss_start = peak_rss_mib()
     try:
-        drain = bench_drain(sample, work / "drain", args.batch_size)
+        drain, drain_dsn = bench_drain(sample, work / "drain", args.batch_size)
+        floors = bench_floors(sample, drain_dsn)
         x = bench_mechanism_x(sample, work / "x", args.batch_size)
         rss_x = peak_rss_mib()
         arrow = bench_pyarrow(sample / TRANSACTIONS, work / "pyarrow", args.batch_size)
@@ -270,6 +372,20 @@ def main(argv: list[str] | None = None) -> int:
         f"  drain ratio   {drain_ratio:.2f}  (target >= {T12_DRAIN_RATIO}: {'PASS' if drain_ratio >= T12_DRAIN_RATIO else 'FAIL'})",
         f"  poll_once     {poll_ratio:.2f} of pyarrow on transactions.csv  "
         f"(target >= {T12_POLL_RATIO}: {'PASS' if poll_ratio >= T12_POLL_RATIO else 'FAIL'})",
+    ]
+    imp, tx = floors["importance"], floors["transactions"]
+    cores = os.cpu_count() or 1
+    bound = both / (floors["start"] + imp["cpu"] / cores)
+    lines += [
+        "floors          what any ingest pays on this machine in this run, whatever its code:",
+        f"  start         python launch -> import pyarrow.parquet, psycopg2 -> exit: {floors['start']:.2f} s "
+        f"(X's own imports: {floors['x_imports']:.2f} s)",
+        f"  importance    PostgreSQL COPY FREEZE of its {floors['importance_rows']:,} rows into a fresh table like "
+        f"customer_importance, index built after: {imp['seconds']:.2f} s (server CPU {imp['cpu']:.2f} s)",
+        f"  transactions  PostgreSQL COPY of its {floors['transactions_rows']:,} rows into a fresh table like "
+        f"transactions (key and 2 indexes): {tx['seconds']:.2f} s (server CPU {tx['cpu']:.2f} s)",
+        f"  drain bound   pyarrow both / (start + importance COPY's server CPU spread over {cores} cores) = "
+        f"{bound:.2f}: the best drain ratio of a process that loads the importance file and does nothing else",
     ]
     print("\n".join(["", "== bench/ingest.py " + "=" * 60, *lines, "=" * 79]))
     return 0 if x["status"] == "done" else 1
