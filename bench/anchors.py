@@ -142,7 +142,7 @@ def _run_warm(lake: Path, importance: Path) -> dict[str, float]:
     times = [chunk_job(uris[i % len(uris)]) for i in range(CHUNK_REPEATS)]
 
     thresholds = patterns.Thresholds.from_settings(settings)
-    weights = patterns.by_merchant(spark.createDataFrame(_weights_arrow(importance), schema=weights_spark_schema()))
+    weights = patterns.by_pair(spark.createDataFrame(_weights_arrow(importance), schema=weights_spark_schema()))
     weights = weights.localCheckpoint()
     state = patterns.by_merchant(spark.createDataFrame([], schema=state_spark_schema())).localCheckpoint()
 

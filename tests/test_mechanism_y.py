@@ -606,6 +606,30 @@ def test_problem_expression_built_once_serves_every_batch(spark):
     assert len(reused) == 30
 
 
+def test_problem_names_the_first_column_holding_a_nul(spark):
+    """A NUL anywhere in a text column rejects the row, naming the first such column in schema order; a row with an
+    earlier problem keeps that one, and a null optional column is no NUL."""
+    from src.mechanism_y.data_validator import PROBLEM, annotate_problems
+    from src.mechanism_y.stream_processor import made_up_chunk
+
+    table = made_up_chunk(6)
+    columns = table.to_pydict()
+    columns["customer"][1], columns["category"][1] = "C\x00X", "es_\x00food"  # two: the first is named
+    columns["age"][2], columns["zipMerchant"][2] = None, "28\x0007"
+    columns["age"][3], columns["category"][3] = None, "es_food\x00"
+    columns["customer"][4], columns["amount"][4] = "\x00", Decimal("-1.00")  # the earlier check wins
+    bad = pa.table(columns, schema=table.schema)
+    got = {r["source_line"]: r[PROBLEM] for r in annotate_problems(spark.createDataFrame(bad)).collect()}
+    assert got == {
+        2: None,
+        3: "NUL character in customer",
+        4: "NUL character in zipMerchant",
+        5: "NUL character in category",
+        6: "negative amount",
+        7: None,
+    }
+
+
 def test_validator_row_id_repeated_three_times(small_clean_run, spark):
     """Two rejected copies of one line must not break the chunk's commit (quarantine is keyed by line)."""
     run = small_clean_run

@@ -7,6 +7,7 @@ data with many ties, folded in batches, against the independent PostgreSQL refer
 from __future__ import annotations
 
 import random
+import re
 from collections import defaultdict
 from decimal import Decimal
 from pathlib import Path
@@ -56,7 +57,7 @@ def batch_rows(spark, rows):
 def judge(spark, thr: pd.Thresholds, *, state=(), rows=(), weights=(), cuts: int = 1) -> dict:
     """{(pattern_id, customer_name, merchant_id): first cut} as Mechanism Y computes it for one batch."""
     versions = pd.fold_batch(state_df(spark, state), batch_rows(spark, rows), cuts).localCheckpoint()
-    found = pd.detect_batch(versions, pd.by_merchant(weights_df(spark, weights)), cuts, thr)
+    found = pd.detect_batch(versions, pd.by_pair(weights_df(spark, weights)), cuts, thr)
     return pd.first_hits(found.collect())
 
 
@@ -115,7 +116,7 @@ def test_empty_input_gives_empty_state_and_no_detection(spark):
     # Thresholds every state would meet, were there one.
     thr = pd.Thresholds(0, 0.5, 0.5, D("1000"), 0, -1)
     versions = pd.fold_batch(state_df(spark, []), batch_rows(spark, []), 1)
-    found = pd.detect_batch(versions, weights_df(spark, []), 1, thr)
+    found = pd.detect_batch(versions, pd.by_pair(weights_df(spark, [])), 1, thr)
     assert found.columns == ["pattern_id", "customer_name", "merchant_id", "cut"]
     assert found.collect() == []
     assert pd.latest_state(versions, 1).collect() == []
@@ -142,6 +143,17 @@ def _exchanges(plan) -> list[tuple[str, set[str]]]:
     return found
 
 
+def _sort_keys(plan) -> list[str]:
+    """The first sort key of every Sort node of a JVM executed plan, ids stripped ("pair_key", "merchant")."""
+    found, todo = [], [plan]
+    while todo:
+        node = todo.pop()
+        if node.nodeName() == "Sort":
+            found.append(re.sub(r"#\d+L?", "", node.sortOrder().apply(0).child().toString()))
+        todo.extend(node.children().apply(i) for i in range(node.children().size()))
+    return sorted(found)
+
+
 @pytest.mark.parametrize("start", ["pairs", "empty"])
 def test_a_batch_exchanges_its_rows_and_never_the_state(spark, tmp_path, start):
     # Mechanism Y's batch: the fold of Parquet rows into the checkpointed state, checkpointed in turn, then the
@@ -153,10 +165,10 @@ def test_a_batch_exchanges_its_rows_and_never_the_state(spark, tmp_path, start):
     thr = thresholds(PATID1_MIN_MERCHANT_TXNS=3, PATID2_MIN_TXNS=2, PATID3_MIN_FEMALE_CUSTOMERS=0)
     if start == "pairs":
         state = pd.by_merchant(state_df(spark, [("m1", "c1", 3, "0.99", False, True)]))
-        weights = pd.by_merchant(weights_df(spark, [("c1", "m1", "0.5"), ("c2", "m2", "0.1")]))
+        weights = pd.by_pair(weights_df(spark, [("c1", "m1", "0.5"), ("c2", "m2", "0.1")]))
     else:
         state = pd.by_merchant(pd.arrow_frame(spark, STATE_ARROW_SCHEMA.empty_table(), state_spark_schema()))
-        weights = pd.by_merchant(pd.arrow_frame(spark, WEIGHTS_ARROW_SCHEMA.empty_table(), weights_spark_schema()))
+        weights = pd.by_pair(pd.arrow_frame(spark, WEIGHTS_ARROW_SCHEMA.empty_table(), weights_spark_schema()))
     state = state.localCheckpoint(eager=False)
     weights = weights.localCheckpoint(eager=False)
     statement = (
@@ -171,9 +183,13 @@ def test_a_batch_exchanges_its_rows_and_never_the_state(spark, tmp_path, start):
         scan = spark.read.schema(batch_rows_spark_schema()).parquet(path)
         fold = pd.fold_batch(state, scan, 2)
         assert [leaves for _, leaves in _exchanges(fold._jdf.queryExecution().executedPlan())] == [{"Scan parquet"}]
+        # One sort, led by the pair's 64-bit key: its prefix decides comparisons that merchant strings would tie.
+        assert _sort_keys(fold._jdf.queryExecution().executedPlan()) == ["pair_key"]
         versions = fold.localCheckpoint(eager=False)
         detection = pd.detect_batch(versions, weights, 2, thr, around=(statement, scan))
         assert _exchanges(detection._jdf.queryExecution().executedPlan()) == []
+        # The merchant windows' and (merchant, j)'s: the join to the weights reuses the versions' sort.
+        assert _sort_keys(detection._jdf.queryExecution().executedPlan()) == ["merchant", "merchant"]
         result = detection.collect()
         assert sum(r["kind"] == "row" for r in result) == len(rows)
         found.append(pd.first_hits(r for r in result if r["kind"] == "hit"))
@@ -203,7 +219,7 @@ def test_detection_built_around_another_statement_finds_the_same(spark):
     thr = thresholds(PATID2_MIN_TXNS=2, PATID3_MIN_FEMALE_CUSTOMERS=1, PATID1_MIN_MERCHANT_TXNS=10**6)
     frame = batch_rows(spark, rows)
     versions = pd.fold_batch(state_df(spark, []), frame, 5).localCheckpoint()
-    weights = pd.by_merchant(weights_df(spark, []))
+    weights = pd.by_pair(weights_df(spark, []))
     statement = (
         "SELECT 'hit' AS kind, pattern_id, customer_name, merchant_id, cut FROM {hits} "
         "UNION ALL SELECT 'rows', NULL, NULL, NULL, CAST(count(*) AS INT) FROM {rows}"
@@ -404,7 +420,7 @@ def test_batches_credit_the_same_first_chunk_as_the_reference(spark, pg_conn, se
     for c, m, w in importance:
         sums[(c, m)][0] += w
         sums[(c, m)][1] += 1
-    weights = pd.by_merchant(weights_df(spark, [(c, m, s, n) for (c, m), (s, n) in sums.items()])).localCheckpoint()
+    weights = pd.by_pair(weights_df(spark, [(c, m, s, n) for (c, m), (s, n) in sums.items()])).localCheckpoint()
     state = pd.by_merchant(state_df(spark, [])).localCheckpoint()
     got: dict[tuple[str, str, str], int] = {}
     for start in range(0, chunks, batch):

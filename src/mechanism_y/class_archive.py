@@ -43,7 +43,7 @@ def exercise(spark: SparkSession, settings: Settings) -> None:
 
     processor = StreamProcessor(settings, None, None, spark, threading.Event())
     weights = patterns.arrow_frame(spark, WEIGHTS_ARROW_SCHEMA.empty_table(), weights_spark_schema())
-    processor.weights = patterns.by_merchant(weights).localCheckpoint(eager=False)
+    processor.weights = patterns.by_pair(weights).localCheckpoint(eager=False)
     spark.createDataFrame(STATE_ARROW_SCHEMA.empty_table(), schema=state_spark_schema()).count()
     if not processor.warm_up():
         raise ProcessorError(f"SPARK_MASTER {settings.spark_master!r}: the class archive is built on a local master")

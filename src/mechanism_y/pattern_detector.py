@@ -101,8 +101,14 @@ class Thresholds:
 #     output's. Every subquery of the fold is named `fold`, so they do.
 # Nested subqueries, not a WITH: Spark inlines CTEs with fresh attribute ids after analysis, and the
 # checkpoint then records its partitioning under ids its output does not have (so it is lost).
+#
+# The pair windows lead with `pair_key`, a 64-bit hash of (merchant, customer): the same partitions (merchant
+# and customer still decide them, so a collision changes nothing), but Spark's sort compares an 8-byte prefix of
+# its first key before whole rows, and with merchant first (~50 values) that prefix tied on nearly every
+# comparison, each then reading and comparing strings. The versions come out sorted by (pair_key, merchant,
+# customer, cut), which the detection's join to the weights (`by_pair`) reuses (bench/README.md, "ysort").
 _VERSIONS_SQL = """
-SELECT merchant, customer, cut,
+SELECT merchant, customer, cut, pair_key,
        lead(cut, 1, :k) OVER pair_in_order AS cut_to,
        n AS dn,
        sum(n) OVER pair_so_far AS n,
@@ -112,29 +118,34 @@ SELECT merchant, customer, cut,
        coalesce(bool_or(has_f) OVER pair_before, false) AS had_f,
        coalesce(bool_or(has_m) OVER pair_before, false) AS had_m
 FROM (
-  (SELECT cut, merchant, customer, count(*) AS n, CAST(sum(amount) AS DECIMAL(38,2)) AS amount_sum,
+  (SELECT cut, merchant, customer, xxhash64(merchant, customer) AS pair_key, count(*) AS n,
+          CAST(sum(amount) AS DECIMAL(38,2)) AS amount_sum,
           bool_or(gender = 'F') AS has_f, bool_or(gender = 'M') AS has_m
    FROM (SELECT * FROM {rows} AS fold DISTRIBUTE BY merchant) AS fold
    GROUP BY cut, merchant, customer)
   UNION ALL
-  SELECT -1 AS cut, merchant, customer, n, amount_sum, has_f, has_m FROM {state}
+  SELECT -1 AS cut, merchant, customer, xxhash64(merchant, customer) AS pair_key, n, amount_sum, has_f, has_m
+  FROM {state}
 ) AS fold
-WINDOW pair_in_order AS (PARTITION BY merchant, customer ORDER BY cut),
-       pair_so_far AS (PARTITION BY merchant, customer ORDER BY cut
+WINDOW pair_in_order AS (PARTITION BY pair_key, merchant, customer ORDER BY cut),
+       pair_so_far AS (PARTITION BY pair_key, merchant, customer ORDER BY cut
                        ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW),
-       pair_before AS (PARTITION BY merchant, customer ORDER BY cut
+       pair_before AS (PARTITION BY pair_key, merchant, customer ORDER BY cut
                        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
 """
 
 # One pass over the versions, without a shuffle (the versions are read once: a checkpoint referenced
 # twice loses its partitioning). A version row is a pair (c, m) with its cumulative n(c,m) from `cut`
 # until `cut_to`.
-#   F_M    windows by merchant in (cut, customer) order: F(m), M(m) after each row (a step's last row,
-#          `last_of_step`, holds the step's F and M), and T_end, T(m) after the batch.
+#   v_w    w(c,m) through a co-partitioned join, a 20-decimal exact quotient (0.90/3 and 0.30/1 must tie). Keyed
+#          by (pair_key, merchant, customer) on both sides, first: the versions and the weights are already
+#          sorted that way, so this join sorts nothing.
+#   F_M    windows by merchant in (cut, pair_key, customer) order: F(m), M(m) after each row (a step's last row,
+#          `last_of_step`, holds the step's F and M), and T_end, T(m) after the batch. Any total order within a
+#          cut would do; pair_key decides it without comparing the customer strings.
 #   at_cut j, the cuts a row is judged at: every cut it is valid at for a merchant with T_end > min
 #          (PatId1 judges whole merchants per cut), else once (j = -1).
-#   a_w    a(c,m), exact in decimal (sum has 2 decimals and n < 10^18, so 20 decimals decide `a < x`);
-#          w(c,m) through a co-partitioned join, a 20-decimal exact quotient (0.90/3 and 0.30/1 must tie).
+#   a_w    a(c,m), exact in decimal (sum has 2 decimals and n < 10^18, so 20 decimals decide `a < x`).
 #   T_P    windows by (merchant, j): T(m), P_n = P_q(n over m), P_w = P_q(w over m) at cut j.
 #   conditions  SPEC §4's table, one column per pattern.
 # Each row then yields the hits it proves: PatId1 at j, PatId2 and PatId3 at the row's own cut
@@ -142,17 +153,24 @@ WINDOW pair_in_order AS (PARTITION BY merchant, customer ORDER BY cut),
 # state count at cut 0. The merchant windows share one ordering, so they cost one sort; their frames grow
 # from the partition start (Spark re-aggregates a frame that ends at UNBOUNDED FOLLOWING for every row).
 _DETECT_SQL = """
-WITH F_M AS (
-  SELECT merchant, customer, cut, cut_to, n, amount_sum,
+WITH v_w AS (
+  SELECT /*+ MERGE(importance) */ v.*,
+         CAST(CAST(importance.weight_sum AS DECIMAL(20,2)) / CAST(importance.weight_count AS DECIMAL(20,0))
+              AS DOUBLE) AS w
+  FROM {versions} v LEFT JOIN {weights} importance
+    ON importance.pair_key = v.pair_key AND importance.merchant = v.merchant AND importance.customer = v.customer
+),
+F_M AS (
+  SELECT merchant, customer, cut, cut_to, n, amount_sum, w,
          sum(CASE WHEN cut_to = :k THEN n ELSE 0 END) OVER merchant_whole AS T_end,
          sum(CASE WHEN has_f AND NOT had_f THEN 1 ELSE 0 END) OVER merchant_so_far AS F,
          sum(CASE WHEN has_m AND NOT had_m THEN 1 ELSE 0 END) OVER merchant_so_far AS M,
          coalesce(lead(cut, 1) OVER merchant_in_order, :k) > greatest(cut, 0) AS last_of_step
-  FROM {versions}
-  WINDOW merchant_in_order AS (PARTITION BY merchant ORDER BY cut, customer),
-         merchant_so_far AS (PARTITION BY merchant ORDER BY cut, customer
+  FROM v_w
+  WINDOW merchant_in_order AS (PARTITION BY merchant ORDER BY cut, pair_key, customer),
+         merchant_so_far AS (PARTITION BY merchant ORDER BY cut, pair_key, customer
                              ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW),
-         merchant_whole AS (PARTITION BY merchant ORDER BY cut, customer
+         merchant_whole AS (PARTITION BY merchant ORDER BY cut, pair_key, customer
                             ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
 ),
 at_cut AS (
@@ -160,12 +178,7 @@ at_cut AS (
   FROM F_M WHERE cut_to > 0
 ),
 a_w AS (
-  SELECT /*+ MERGE(importance) */ v.*,
-         CAST(v.amount_sum AS DECIMAL(20,2)) / CAST(v.n AS DECIMAL(20,0)) AS a,
-         CAST(CAST(importance.weight_sum AS DECIMAL(20,2)) / CAST(importance.weight_count AS DECIMAL(20,0))
-              AS DOUBLE) AS w
-  FROM at_cut v LEFT JOIN {weights} importance
-    ON importance.merchant = v.merchant AND importance.customer = v.customer
+  SELECT *, CAST(amount_sum AS DECIMAL(20,2)) / CAST(n AS DECIMAL(20,0)) AS a FROM at_cut
 ),
 T_P AS (
   SELECT *,
@@ -199,6 +212,11 @@ _LATEST_SQL = "SELECT merchant, customer, n, amount_sum, has_f, has_m FROM {vers
 
 _BY_MERCHANT_SQL = "SELECT * FROM {frame} DISTRIBUTE BY merchant SORT BY merchant, customer"
 
+_BY_PAIR_SQL = (
+    "SELECT *, xxhash64(merchant, customer) AS pair_key FROM {frame} "
+    "DISTRIBUTE BY merchant SORT BY pair_key, merchant, customer"
+)
+
 
 def fold_batch(state: DataFrame, rows: DataFrame, cuts: int) -> DataFrame:
     """The versions of every (merchant, customer) over a batch of `cuts` chunks.
@@ -230,8 +248,8 @@ def detect_batch(
 ) -> DataFrame:
     """Every (pattern, customer, merchant, cut) where a condition holds at a cut at which it may have changed.
 
-    `weights` are (customer, merchant, weight_sum, weight_count), partitioned by `by_merchant` so the join
-    needs no shuffle. Columns: pattern_id, customer_name, merchant_id, cut. A key's first detection is its
+    `weights` are (customer, merchant, weight_sum, weight_count) through `by_pair`, so the join needs no shuffle
+    and no sort. Columns: pattern_id, customer_name, merchant_id, cut. A key's first detection is its
     smallest cut (`first_hits`); conditions already holding on the base state are reported at cut 0. Which
     detections are new is the caller's decision.
 
@@ -248,17 +266,24 @@ def detect_batch(
 
 
 def by_merchant(df: DataFrame) -> DataFrame:
-    """`df` hash-partitioned by merchant, as the fold leaves the versions: checkpoint the weights through this
-    so that joining them to the versions needs no shuffle."""
+    """`df` hash-partitioned by merchant, as the fold leaves the versions: checkpoint the state through this so
+    that the fold shuffles only the batch's rows."""
     return df.sparkSession.sql(_BY_MERCHANT_SQL, frame=df)
 
 
+def by_pair(df: DataFrame) -> DataFrame:
+    """`df` (with merchant and customer) plus its `pair_key`, hash-partitioned by merchant and sorted by (pair_key,
+    merchant, customer), as the fold leaves the versions: checkpoint the weights through this so that joining them
+    to the versions needs neither a shuffle nor a sort."""
+    return df.sparkSession.sql(_BY_PAIR_SQL, frame=df)
+
+
 def arrow_frame(spark: Any, table: Any, schema: Any) -> DataFrame:
-    """The Arrow `table` as a DataFrame of `schema`, to go through `by_merchant`: an empty one is an empty RDD, not
-    an empty local relation. The optimiser drops a repartition over a relation it knows to be empty, so the
-    checkpoint of an empty state (every fresh start) or of empty weights would carry no merchant partitioning: the
-    detection would then shuffle them, and the fold's versions, partitioned by its windows' (merchant, customer)
-    instead, would make every later batch shuffle the whole state (bench/README.md, "yfold")."""
+    """The Arrow `table` as a DataFrame of `schema`, to go through `by_merchant` or `by_pair`: an empty one is an
+    empty RDD, not an empty local relation. The optimiser drops a repartition over a relation it knows to be empty,
+    so the checkpoint of an empty state (every fresh start) or of empty weights would carry no merchant partitioning:
+    the detection would then shuffle them, and the fold's versions, partitioned by its windows' (pair_key, merchant,
+    customer) instead, would make every later batch shuffle the whole state (bench/README.md, "yfold")."""
     if table.num_rows:
         return spark.createDataFrame(table, schema=schema)
     return spark.createDataFrame(spark.sparkContext.emptyRDD(), schema=schema)

@@ -321,7 +321,7 @@ class StreamProcessor:
         weights = patterns.arrow_frame(self.spark, table, weights_spark_schema())
         # Partitioned and sorted like the versions the detection joins them to: that join needs no shuffle.
         # Lazy, like the state: computed and kept by the first detection that needs them.
-        self.weights = checkpoint(patterns.by_merchant(weights), self.settings, eager=False)
+        self.weights = checkpoint(patterns.by_pair(weights), self.settings, eager=False)
         log.info(
             "importance weights loaded: version %d, %d (customer, merchant) pairs in %.2f s",
             version,
@@ -544,7 +544,7 @@ class StreamProcessor:
             state = state.localCheckpoint(eager=False)  # the shape of the real state's plan (`_load_state`)
             weights = self.weights
             if weights is None:
-                weights = patterns.by_merchant(
+                weights = patterns.by_pair(
                     patterns.arrow_frame(self.spark, WEIGHTS_ARROW_SCHEMA.empty_table(), weights_spark_schema())
                 )
             if abandon():
