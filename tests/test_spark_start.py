@@ -107,8 +107,7 @@ def test_the_driver_jvm_compiles_with_c1_only_and_collects_with_the_parallel_col
     management = spark.sparkContext._jvm.java.lang.management.ManagementFactory
     collectors = {bean.getName() for bean in management.getGarbageCollectorMXBeans()}
     assert collectors == {"PS Scavenge", "PS MarkSweep"}
-    arguments = set(management.getRuntimeMXBean().getInputArguments())
-    assert {"-XX:+UseParallelGC", "-XX:TieredStopAtLevel=1"} <= arguments
+    assert set(DRIVER_JAVA_OPTIONS.split()) <= set(management.getRuntimeMXBean().getInputArguments())
 
 
 _MAPS_THE_ARCHIVE = """
