@@ -38,8 +38,8 @@ JAVA_OPTIONS_KEY = "spark.driver.extraJavaOptions"
 # in bench/detect.py (~1.1 GiB for Y). The price: old garbage goes only at a full collection, 0.35-0.87 s once
 # every 20-40 warm batches on this loaded machine (G1: no full collection, young pauses up to ~0.1 s), a
 # stall that adds to one chunk's latency where the CPU saved shortens every chunk's. A metaspace threshold
-# above what the driver's classes take (~155 MB after 30 batches) spares the start the 4 full collections (0.3-0.6 s of
-# pauses) that the parallel collector would otherwise make at each "Metadata GC Threshold" while Spark loads.
+# above what the driver's classes take (~155 MB after 30 batches) spares the start the 4 full collections
+# (0.3-0.6 s of pauses) that the parallel collector otherwise makes at each "Metadata GC Threshold".
 DRIVER_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseParallelGC -XX:MetaspaceSize=256m"
 
 
