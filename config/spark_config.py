@@ -36,7 +36,7 @@ JAVA_OPTIONS_KEY = "spark.driver.extraJavaOptions"
 # the C1 compiler threads 159-168 / 71-75 ms (G1 also keeps the code cache sweeper busy, ~60 ms), executor
 # tasks 0.49-0.50 / 0.46-0.47 s, the whole JVM 1.05-1.09 / 0.90-0.95 s. Same plans, same results, same peak RSS
 # in bench/detect.py (~1.1 GiB for Y). The price: old garbage goes only at a full collection, 0.35-0.87 s once
-# every 20-40 warm batches on this loaded machine (G1: no full collection, young pauses up to ~0.1 s), a
+# every 10-40 warm batches on this loaded machine (G1: no full collection, young pauses up to ~0.1 s), a
 # stall that adds to one chunk's latency where the CPU saved shortens every chunk's. A metaspace threshold
 # above what the driver's classes take (~155 MB after 30 batches) spares the start the 4 full collections
 # (0.3-0.6 s of pauses) that the parallel collector otherwise makes at each "Metadata GC Threshold".
