@@ -30,7 +30,17 @@ JAVA_OPTIONS_KEY = "spark.driver.extraJavaOptions"
 # of batches 2-30, 1.52 / 2.01. C2 wins only once it has compiled everything (a quiet run saw ~0.8 s per
 # batch after 30 chunks against ~1.0 s); a middle with fewer compiler threads does not exist here: tiered
 # compilation needs at least 2 (`-XX:CICompilerCount=1` is refused), which is already the 2-core default.
-DRIVER_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1"
+# And with the parallel collector instead of G1 (bench/README.md, "yplan"). Per warm lone batch of Y (one
+# 10,000-row chunk through Y's own `_scan` + `_single_pass`; driver JVM CPU by thread, medians of batches 6-30;
+# four pairs of runs alternated, load 3-4), G1 / parallel: the thread that plans (Py4J) 355-362 / 301-314 ms,
+# the C1 compiler threads 159-168 / 71-75 ms (G1 also keeps the code cache sweeper busy, ~60 ms), executor
+# tasks 0.49-0.50 / 0.46-0.47 s, the whole JVM 1.05-1.09 / 0.90-0.95 s. Same plans, same results, same peak RSS
+# in bench/detect.py (~1.1 GiB for Y). The price: old garbage goes only at a full collection, 0.35-0.87 s once
+# every 10-40 warm batches on this loaded machine (G1: no full collection, young pauses up to ~0.1 s), a
+# stall that adds to one chunk's latency where the CPU saved shortens every chunk's. A metaspace threshold
+# above what the driver's classes take (~155 MB after 30 batches) spares the start the 4 full collections
+# (0.3-0.6 s of pauses) that the parallel collector otherwise makes at each "Metadata GC Threshold".
+DRIVER_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseParallelGC -XX:MetaspaceSize=256m"
 
 
 def spark_conf(settings: Settings, app_name: str) -> dict[str, str]:

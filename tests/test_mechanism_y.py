@@ -778,6 +778,42 @@ def test_chunks_without_staged_rows_go_through_the_driver_and_match_the_referenc
         assert run.rows("SELECT count(*) FROM staged_rows") == [(0,)]
 
 
+def test_warm_lone_batches_compile_no_new_code(pg_server, spark, tmp_path):
+    """Spark generates Java for each batch's plans and compiles it with Janino unless its cache already holds the
+    same code: a per-batch literal that reached the generated code (the batch's file names, the number of cuts, a
+    view's name) would compile new classes for every chunk (bench/README.md, "yplan"). Chunk by chunk, as when Y
+    keeps up, the first batches compile and every later one finds all its code in the cache."""
+    from src.mechanism_y.stream_processor import StreamProcessor
+    from src.resources import open_lake
+    from src.sample_data import generate
+    from src.utils.db import Database
+
+    compilations = spark.sparkContext._jvm.org.apache.spark.metrics.source.CodegenMetrics.METRIC_COMPILATION_TIME()
+    compiled: list[int] = []  # classes compiled by each batch, in order
+
+    class ObservedProcessor(StreamProcessor):
+        def process_batch(self, batch):
+            before = compilations.getCount()
+            try:
+                return super().process_batch(batch)
+            finally:
+                compiled.append(compilations.getCount() - before)
+
+    with product_run(pg_server, tmp_path, GENERATED_ENV) as run:
+        generate(run.inbox, rows=GENERATED_ROWS, seed=GENERATED_SEED)
+        run_x(run.settings)
+        db = Database(run.settings)
+        try:
+            processor = ObservedProcessor(run.settings, db, open_lake(run.settings), spark, threading.Event())
+            assert processor.run(drain=True) == 0
+        finally:
+            db.close()
+        assert_detections_match_replay(run)
+
+    assert len(compiled) == 12, compiled  # one batch per chunk
+    assert compiled[3:] == [0] * 9, compiled
+
+
 def _wrong_type_payload(rows: list[dict]) -> bytes:
     table = pa.Table.from_pylist(rows)  # inferred types: amount is a string, step an int64, ...
     table = table.set_column(table.schema.get_field_index("amount"), "amount", pc.cast(table["amount"], pa.string()))

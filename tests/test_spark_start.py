@@ -1,6 +1,7 @@
 """The start of the driver's session (src/utils/spark_utils.py): a stop request during the JVM's start is not held up
 by it (`BackgroundSession`), and the class archive is mapped only when it was made for this Java and Spark (and,
-end to end, that the command that builds it makes one a real session then maps).
+end to end, that the command that builds it makes one a real session then maps), and that the driver JVM runs
+with the flags of `config.spark_config.DRIVER_JAVA_OPTIONS`.
 
 The JVM start is replaced by a stand-in that blocks until the test lets it finish: what is under test is the
 waiting and discarding around it, which must not depend on how long a real start takes.
@@ -93,6 +94,20 @@ def test_the_class_archive_is_mapped_only_when_built_for_this_java_and_spark(tmp
     assert conf == {"spark.driver.extraJavaOptions": f"-XX:SharedArchiveFile={archive.resolve()}"}
     other = Settings.from_env({"DATA_DIR": str(tmp_path), "SPARK_JARS": str(archive)}, dotenv=Path("/nonexistent"))
     assert spark_utils.class_archive(other) == archive  # SPARK_JARS only matters with a bucket (driver class path)
+
+
+def test_the_driver_jvm_compiles_with_c1_only_and_collects_with_the_parallel_collector(spark):
+    """The product's session (`start_session`, as the daemon's Y builds it) hands the driver JVM the flags of
+    `DRIVER_JAVA_OPTIONS`, and the JVM runs with them: its collectors are the parallel ones, not G1 (the default
+    on a machine this size), and the flags are among its own arguments (bench/README.md, "yplan")."""
+    from config.spark_config import DRIVER_JAVA_OPTIONS, JAVA_OPTIONS_KEY
+
+    assert "-XX:+UseParallelGC" in DRIVER_JAVA_OPTIONS.split()
+    assert set(DRIVER_JAVA_OPTIONS.split()) <= set(spark.sparkContext.getConf().get(JAVA_OPTIONS_KEY).split())
+    management = spark.sparkContext._jvm.java.lang.management.ManagementFactory
+    collectors = {bean.getName() for bean in management.getGarbageCollectorMXBeans()}
+    assert collectors == {"PS Scavenge", "PS MarkSweep"}
+    assert set(DRIVER_JAVA_OPTIONS.split()) <= set(management.getRuntimeMXBean().getInputArguments())
 
 
 _MAPS_THE_ARCHIVE = """
