@@ -107,8 +107,10 @@ def run_x(settings) -> None:
     assert run_worker(settings, drain=True) == 0
 
 
-def run_y(settings, spark) -> list[tuple]:
-    """Mechanism Y in this process, on the session's SparkSession, until the ledger is drained."""
+def run_y(settings, spark, processor_class: type | None = None) -> list[tuple]:
+    """Mechanism Y in this process, on the session's SparkSession, until the ledger is drained (`processor_class`: a
+    StreamProcessor subclass that observes it); returns Spark's own running state, as the next batch would fold
+    into it."""
     from src.mechanism_y.stream_processor import StreamProcessor
     from src.resources import open_lake
     from src.utils.db import Database
@@ -116,10 +118,9 @@ def run_y(settings, spark) -> list[tuple]:
     db = Database(settings)
     db.apply_schema()
     try:
-        processor = StreamProcessor(settings, db, open_lake(settings), spark, threading.Event())
+        processor = (processor_class or StreamProcessor)(settings, db, open_lake(settings), spark, threading.Event())
         assert processor.run(drain=True) == 0
         processor.write_quality_report()
-        # Spark's own running state, as the next batch would fold into it.
         return sorted(tuple(r) for r in processor.state.collect())
     finally:
         db.close()
@@ -735,9 +736,7 @@ def test_chunks_without_staged_rows_go_through_the_driver_and_match_the_referenc
     detections are the reference's, each at its chunk, the state is the source rows', and `transactions` holds
     each row once."""
     from src.mechanism_y.stream_processor import StreamProcessor
-    from src.resources import open_lake
     from src.sample_data import generate
-    from src.utils.db import Database
 
     with product_run(pg_server, tmp_path, GENERATED_ENV) as run:
         generate(run.inbox, rows=GENERATED_ROWS, seed=GENERATED_SEED)
@@ -758,13 +757,7 @@ def test_chunks_without_staged_rows_go_through_the_driver_and_match_the_referenc
                 finally:
                     to_driver[batch[0].seq] = self.rows_to_driver
 
-        db = Database(run.settings)
-        try:
-            processor = ObservedProcessor(run.settings, db, open_lake(run.settings), spark, threading.Event())
-            assert processor.run(drain=True) == 0
-            run.spark_state = sorted(tuple(r) for r in processor.state.collect())
-        finally:
-            db.close()
+        run.spark_state = run_y(run.settings, spark, ObservedProcessor)
 
         assert sorted(to_driver) == sorted(rows_of)
         assert all(to_driver[s] >= rows_of[s] for s in dropped), (to_driver, rows_of)  # the chunk's rows
@@ -784,9 +777,7 @@ def test_warm_lone_batches_compile_no_new_code(pg_server, spark, tmp_path):
     view's name) would compile new classes for every chunk (bench/README.md, "yplan"). Chunk by chunk, as when Y
     keeps up, the first batches compile and every later one finds all its code in the cache."""
     from src.mechanism_y.stream_processor import StreamProcessor
-    from src.resources import open_lake
     from src.sample_data import generate
-    from src.utils.db import Database
 
     compilations = spark.sparkContext._jvm.org.apache.spark.metrics.source.CodegenMetrics.METRIC_COMPILATION_TIME()
     compiled: list[int] = []  # classes compiled by each batch, in order
@@ -802,12 +793,7 @@ def test_warm_lone_batches_compile_no_new_code(pg_server, spark, tmp_path):
     with product_run(pg_server, tmp_path, GENERATED_ENV) as run:
         generate(run.inbox, rows=GENERATED_ROWS, seed=GENERATED_SEED)
         run_x(run.settings)
-        db = Database(run.settings)
-        try:
-            processor = ObservedProcessor(run.settings, db, open_lake(run.settings), spark, threading.Event())
-            assert processor.run(drain=True) == 0
-        finally:
-            db.close()
+        run_y(run.settings, spark, ObservedProcessor)
         assert_detections_match_replay(run)
 
     assert len(compiled) == 12, compiled  # one batch per chunk
