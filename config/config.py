@@ -156,6 +156,11 @@ class Settings(BaseSettings):
     spark_master: str = Field("local[*]", description="Spark master URL")
     spark_driver_memory: str = Field("1g", description="Spark driver memory")
     spark_ui_enabled: bool = Field(False, description="Spark web UI")
+    spark_class_archive: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: after its first batch, Mechanism Y builds the driver JVM's class archive in the "
+        "background (once per Java and Spark), and its later starts map it; off: never",
+    )
     spark_jars: str | None = Field(None, description="local hadoop-aws/SDK jars (offline machines)")
     spark_checkpoint_dir: str | None = Field(
         None,
@@ -279,7 +284,7 @@ class Settings(BaseSettings):
             raise ValueError(reason)
         return value
 
-    @field_validator("log_level", "log_format", "spark_driver_memory", mode="before")
+    @field_validator("log_level", "log_format", "spark_driver_memory", "spark_class_archive", mode="before")
     @classmethod
     def _choice_case(cls, value: Any, info: ValidationInfo) -> Any:
         if not isinstance(value, str):

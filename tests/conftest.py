@@ -29,6 +29,9 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 # Tests of the metrics server set METRICS_ADDR themselves.
 FREE_METRICS_ADDR = "127.0.0.1:0"
 os.environ.setdefault("METRICS_ADDR", FREE_METRICS_ADDR)
+# No product run a test starts builds the driver's class archive while idle (a JVM of a minute's CPU beside the
+# suite's own); tests/test_spark_start.py runs that build itself.
+os.environ.setdefault("SPARK_CLASS_ARCHIVE", "off")
 
 
 @dataclass

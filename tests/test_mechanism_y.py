@@ -1202,3 +1202,55 @@ def test_y_picks_up_new_weights_mid_run(pg_server, spark, tmp_path, caplog):
 
         assert patid1_with(old) == {("PatId1", "C1", "M1")}, "the data no longer tells old weights from new"
         assert found == patid1_with(new) == set()
+
+
+def test_an_idle_y_builds_the_class_archive_and_pauses_the_build_while_a_chunk_waits(
+    pg_server, spark, tmp_path, monkeypatch
+):
+    """SPARK_CLASS_ARCHIVE=auto: once Y has been idle for a while (shortened here), it starts the background build
+    of the driver's class archive (tests/test_spark_start.py follows one to its end); a chunk arriving stops the
+    build's process group (SIGSTOP) for as long as Y works, and Y resumes it once idle again. The chunk's
+    results do not depend on any of it."""
+    from src.mechanism_y import stream_processor
+    from src.mechanism_y.stream_processor import StreamProcessor
+    from src.resources import open_lake
+    from src.utils.db import Database
+    from tests.test_spark_start import _group_states
+
+    monkeypatch.setattr(stream_processor, "IDLE_BEFORE_BUILD_S", 0.5)
+    with product_run(pg_server, tmp_path, {"SPARK_CLASS_ARCHIVE": "auto", "PATID2_MIN_TXNS": "3"}) as run:
+        now = time.time()
+        write_csv(run.inbox / "CustomerImportance.csv", CI_HEADER, ["'C1','M1',1.00,'es_food',0"], now - 100)
+        run_x(run.settings)  # the weights only
+        db = Database(run.settings)
+        stop = threading.Event()
+        processor = StreamProcessor(run.settings, db, open_lake(run.settings), spark, stop)
+        worker = threading.Thread(target=processor.run, kwargs={"drain": False}, daemon=True)
+        worker.start()
+        build = processor.archive_build
+        try:
+            deadline = time.monotonic() + 300
+            while build.proc is None or len(_group_states(build.proc.pid)) < 2:  # the build's JVM has started
+                assert worker.is_alive() and time.monotonic() < deadline, "Y did not start the build while idle"
+                time.sleep(0.2)
+            pgid = build.proc.pid
+            assert set(_group_states(pgid)) <= {"R", "S", "D"}
+            write_csv(run.inbox / "t1.csv", TX_HEADER, [txn("C1", "M1", "M", "10.00")] * 3, now - 5)
+            run_x(run.settings)
+            seen_paused = False
+            while run.rows("SELECT count(*) FROM chunks WHERE processed_at IS NULL")[0][0]:
+                assert worker.is_alive() and time.monotonic() < deadline, "Y did not process the chunk"
+                seen_paused = seen_paused or set(_group_states(pgid)) == {"T"}
+                time.sleep(0.05)
+            assert seen_paused, "the build ran on while Y had a chunk to process"
+            while build.paused:  # idle again: resumed
+                assert build.proc is None or time.monotonic() < deadline, "Y did not resume the build"
+                time.sleep(0.2)
+            assert "T" not in _group_states(pgid)
+        finally:
+            stop.set()
+            worker.join(120)
+            build.stop()
+            db.close()
+        assert not worker.is_alive() and not _group_states(pgid)
+        assert emitted(run) == {("PatId2", "C1", "M1"): 1}

@@ -78,6 +78,58 @@ def test_wait_returns_the_session_once_up_and_raises_the_starts_error(slow_start
         spark_utils.BackgroundSession(settings).wait()
 
 
+def test_no_background_build_when_off_built_already_under_way_or_on_a_cluster(tmp_path):
+    """`BackgroundBuild` starts nothing with SPARK_CLASS_ARCHIVE=off, with a cluster master (the archive is the
+    local driver's), when the archive exists, or while another build holds the directory's lock."""
+    import fcntl
+
+    from src.mechanism_y.class_archive import BackgroundBuild
+
+    def started(**env: str) -> bool:
+        settings = Settings.from_env({"DATA_DIR": str(tmp_path / "data"), **env}, dotenv=Path("/nonexistent"))
+        build = BackgroundBuild(settings)
+        build.run_while_idle()
+        try:
+            return build.proc is not None
+        finally:
+            build.stop()
+
+    assert Settings.from_env({}, dotenv=Path("/nonexistent")).spark_class_archive == "auto"
+    assert not started(SPARK_CLASS_ARCHIVE="off")
+    assert not started(SPARK_CLASS_ARCHIVE="auto", SPARK_MASTER="spark://127.0.0.1:7077", LOCAL_LAKE_SHARED="true")
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path / "data")}, dotenv=Path("/nonexistent"))
+    directory = spark_utils.class_archive(settings).parent
+    directory.mkdir(parents=True)
+    with open(directory / spark_utils.BUILD_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert spark_utils.class_archive_building(directory)
+        assert not started(SPARK_CLASS_ARCHIVE="auto")
+    assert not spark_utils.class_archive_building(directory)
+    spark_utils.class_archive(settings).write_bytes(b"made for this Java and Spark")
+    assert not started(SPARK_CLASS_ARCHIVE="auto")
+
+
+def test_a_stopped_y_kills_its_background_build_with_the_jvm(tmp_path):
+    """`stop` (Y stopping) ends the build's whole process group at once and frees the lock; the outcome is then
+    not reported as a failure, since nothing failed."""
+    from src.mechanism_y.class_archive import BackgroundBuild
+
+    settings = Settings.from_env(
+        {"DATA_DIR": str(tmp_path / "data"), "SPARK_CLASS_ARCHIVE": "auto"}, dotenv=Path("/nonexistent")
+    )
+    build = BackgroundBuild(settings)
+    build.run_while_idle()
+    assert build.proc is not None
+    pgid = build.proc.pid
+    time.sleep(3)  # into the build: the lock held, the JVM starting
+    build.pause()
+    build.stop()
+    assert not _group_states(pgid)
+    assert build.poll() is None and build.proc is None
+    assert not spark_utils.class_archive_building(spark_utils.class_archive(settings).parent)
+    assert not spark_utils.class_archive(settings).exists()
+
+
 def test_the_class_archive_is_mapped_only_when_built_for_this_java_and_spark(tmp_path):
     """`start_session` adds `-XX:SharedArchiveFile` only for an archive under DATA_DIR whose name is the key of
     this Java, Spark and class path; another key's file (an older Java or Spark) is never passed to the JVM."""
@@ -126,28 +178,67 @@ spark.stop()
 """
 
 
+def _group_states(pgid: int) -> list[str]:
+    """The states (R, S, T, ...) of the live processes of process group `pgid`, from /proc."""
+    states = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            states.append(fields[0])
+    return states
+
+
 @pytest.mark.slow
-def test_the_class_archive_command_builds_an_archive_that_the_next_session_maps(tmp_path):
-    """`python -m src.mechanism_y.class_archive` (README, bench/README.md): the archive lands under its key's name,
-    nothing temporary is left, and a session started afterwards loads Spark's classes from it (the JVM's class
-    loading log names the archive's top layer as their source), without being told anything but DATA_DIR."""
+def test_the_background_build_pauses_for_chunks_and_makes_an_archive_that_the_next_session_maps(tmp_path):
+    """What an idle Y starts (`BackgroundBuild`, SPARK_CLASS_ARCHIVE=auto): `python -m src.mechanism_y.class_archive`
+    (README) in a process group of its own at nice 19. `pause` stops the whole group (its JVM too) and
+    `run_while_idle` resumes it; the archive lands under its key's name, the outcome is reported once, nothing
+    temporary is left, and a session started afterwards loads Spark's classes from it (the JVM's class loading
+    log names the archive's top layer as their source), without being told anything but DATA_DIR."""
+    from src.mechanism_y.class_archive import BackgroundBuild
+
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k not in {"SPARK_MASTER", "PYSPARK_SUBMIT_ARGS"}}
     env.update(DATA_DIR=str(tmp_path / "data"), SPARK_LOCAL_IP="127.0.0.1", LOG_FORMAT="text")
-    built = subprocess.run(
-        [sys.executable, "-m", "src.mechanism_y.class_archive"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-3000:]
-    settings = Settings.from_env({"DATA_DIR": str(tmp_path / "data")}, dotenv=Path("/nonexistent"))
+    settings = Settings.from_env({**env, "SPARK_CLASS_ARCHIVE": "auto"}, dotenv=Path("/nonexistent"))
     archive = spark_utils.class_archive(settings)
-    assert f"class archive ready: {archive}" in built.stdout + built.stderr
+    build = BackgroundBuild(settings)
+    build.run_while_idle()
+    assert build.proc is not None
+    pgid = build.proc.pid
+    try:
+        assert Path(f"/proc/{pgid}/stat").read_text().split(") ")[1].split()[16] == "19"  # nice
+        deadline = time.monotonic() + 300
+        while len(_group_states(pgid)) < 2:  # the builder's JVM has started
+            assert build.proc.poll() is None, (archive.parent / "build.log").read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        build.pause()
+        time.sleep(0.5)
+        assert set(_group_states(pgid)) == {"T"}, _group_states(pgid)
+        assert spark_utils.class_archive_building(archive.parent)  # a second Y would not start another build
+        build.run_while_idle()
+        deadline = time.monotonic() + 1200
+        while build.poll() is None:
+            assert time.monotonic() < deadline, "the background build did not end in 20 min"
+            assert "T" not in _group_states(pgid)
+            time.sleep(0.5)
+    finally:
+        build.stop()
+    assert build.proc is None and not _group_states(pgid)
+    assert "class archive ready: " + str(archive) in (archive.parent / "build.log").read_text()
     assert archive.is_file() and archive.stat().st_size > 10 * 2**20
-    assert sorted(p.name for p in archive.parent.iterdir()) == [archive.name]
+    assert sorted(p.name for p in archive.parent.iterdir()) == sorted([archive.name, ".build.lock", "build.log"])
+    assert not spark_utils.class_archive_building(archive.parent)
+    again = BackgroundBuild(settings)
+    again.run_while_idle()
+    assert again.proc is None  # built: nothing more to do
 
     loads = tmp_path / "class-load.log"
     mapped = subprocess.run(

@@ -43,6 +43,7 @@ from src import ledger
 from src.errors import ProcessorError, RetryableError, is_retryable
 from src.ledger import ChunkMark, ChunkRef
 from src.mechanism_y import pattern_detector as patterns
+from src.mechanism_y.class_archive import IDLE_BEFORE_BUILD_S, BackgroundBuild
 from src.mechanism_y.data_validator import (
     DUPLICATE,
     PROBLEM,
@@ -145,6 +146,7 @@ class StreamProcessor:
         self._standby_warm_up: threading.Thread | None = None
         # Rows the last batch's Spark work returned to this driver: hits, per-chunk summaries and rejected rows.
         self.rows_to_driver = 0
+        self.archive_build = BackgroundBuild(settings)  # runs only while Y is idle (`_run`)
 
     # ---------------------------------------------------------------- start-up
 
@@ -383,6 +385,7 @@ class StreamProcessor:
         try:
             while not self.stop.is_set():
                 self.writer.tick()
+                self.archive_build.poll()
                 waiting = self._waiting_chunks()
                 batch = self._ready_prefix(waiting)
                 if x_finished():  # main.py --drain: the supervisor's mark that X has ingested everything
@@ -396,6 +399,8 @@ class StreamProcessor:
                     if not waiting and not self._warmed and self._idle_for(WARM_UP_AFTER_IDLE_S):
                         self._warm_up_while_idle()
                         continue
+                    if not waiting and self._idle_for(IDLE_BEFORE_BUILD_S):
+                        self.archive_build.run_while_idle()
                     self._wait(min(0.5, self.settings.detections_flush_seconds))
                     continue
                 if not self._refresh_weights():
@@ -414,6 +419,7 @@ class StreamProcessor:
                     break
                 self._warmed = True  # this batch warms Spark up: no made-up chunk after it
                 self._idle_since = None
+                self.archive_build.pause()
                 self._process_or_count(batch)
             return 0
         finally:
@@ -1121,6 +1127,7 @@ def run_worker(
 
     session = start_session() if settings.spark_local else None
     spark = None
+    processor = None
     db = Database(settings, stop=stop)
     try:
         db.apply_schema()
@@ -1144,6 +1151,8 @@ def run_worker(
         return code
     finally:
         try:
+            if processor is not None:
+                processor.archive_build.stop()
             if spark is not None:
                 spark.stop()
             elif session is not None:

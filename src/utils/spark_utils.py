@@ -37,6 +37,7 @@ uncapped backoff: after a long outage a read may sleep on for up to about as lon
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import logging
@@ -325,6 +326,7 @@ def checkpoint(df: "DataFrame", settings: Settings, *, eager: bool = True) -> "D
 
 
 CLASS_ARCHIVE_DIR = Path("spark") / "class-archive"
+BUILD_LOCK = ".build.lock"  # held by the one build under way in a class-archive directory
 
 
 def class_archive(settings: Settings) -> Path:
@@ -367,13 +369,28 @@ def build_class_archive(
     """Make the class archive of `class_archive` once: a session runs `exercise` (the product's Spark path), and
     its JVM writes the classes it loaded as it exits (`-XX:ArchiveClassesAtExit`) to a file of its own, renamed
     into place only once the JVM has exited cleanly. So a reader sees a whole archive or none; a crash leaves a
-    `_tmp-<pid>.jsa` that the next build removes."""
-    from config.spark_config import JAVA_OPTIONS_KEY, launched_jvm
-
+    `_tmp-<pid>.jsa` that the next build removes. One build at a time per directory (a lock file)."""
     target = class_archive(settings)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / BUILD_LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ProcessorError(
+                f"another build of the class archive is under way in {target.parent}; it ends on its own"
+            ) from None
+        if target.is_file():  # the build that held the lock has just made it
+            return target
+        return _build_class_archive(settings, exercise, target, timeout)
+
+
+def _build_class_archive(
+    settings: Settings, exercise: Callable[["SparkSession"], None], target: Path, timeout: float
+) -> Path:
+    from config.spark_config import JAVA_OPTIONS_KEY, launched_jvm
+
     for stale in target.parent.glob("_tmp-*.jsa"):
         if not _pid_alive(stale.stem.removeprefix("_tmp-")):
             stale.unlink(missing_ok=True)
@@ -406,6 +423,20 @@ def build_class_archive(
         if old != target:
             old.unlink(missing_ok=True)  # made for another Java, Spark or class path: never used again
     return target
+
+
+def class_archive_building(directory: Path) -> bool:
+    """Whether a build of a class archive holds `directory`'s lock now (`build_class_archive`)."""
+    try:
+        lock = open(directory / BUILD_LOCK, "rb")
+    except FileNotFoundError:
+        return False
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False
 
 
 def _pid_alive(pid: str) -> bool:
