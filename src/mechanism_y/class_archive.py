@@ -120,14 +120,16 @@ class BackgroundBuild:
         root = Path(__file__).resolve().parents[2]
         with open(target.parent / BUILD_LOG, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "src.mechanism_y.class_archive"],
+                [sys.executable, "-m", "src.mechanism_y.class_archive", "--low-priority"],
                 cwd=root if (root / "src").is_dir() else None,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own group: paused, resumed and killed with its JVM
-                preexec_fn=lambda: os.nice(19),
+                # Its own group: paused, resumed and killed with its JVM. No preexec_fn: Python code run in the
+                # forked child can collect Py4J proxies there, whose finalizers then write to Y's own gateway
+                # socket (seen: the JVM reset Y's connection right after the fork).
+                start_new_session=True,
             )
         self._started = time.monotonic()
         log.info(
@@ -180,6 +182,13 @@ class BackgroundBuild:
         except ProcessLookupError:
             pass
         proc.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # its JVM too: gone once reaped (it is the child of the dead builder)
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
         log.info("class archive build stopped with Mechanism Y; the next start builds it again")
 
 
@@ -189,7 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         description="Build the driver JVM's class archive under DATA_DIR/spark/class-archive (once per Java, Spark "
         "and class path; takes about a minute): Mechanism Y's Spark session then starts in about half the time.",
     )
-    parser.parse_args(argv)
+    parser.add_argument(
+        "--low-priority",
+        action="store_true",
+        help="run at nice 19, the JVM too (what Mechanism Y asks for when it builds the archive while idle)",
+    )
+    args = parser.parse_args(argv)
+    if args.low_priority:
+        os.nice(19)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     try:
