@@ -83,7 +83,7 @@ def test_no_background_build_when_off_built_already_under_way_or_on_a_cluster(tm
     local driver's), when the archive exists, or while another build holds the directory's lock."""
     import fcntl
 
-    from src.mechanism_y.class_archive import BackgroundBuild
+    from src.mechanism_y.background_archive import BackgroundBuild
 
     def started(**env: str) -> bool:
         settings = Settings.from_env({"DATA_DIR": str(tmp_path / "data"), **env}, dotenv=Path("/nonexistent"))
@@ -112,7 +112,7 @@ def test_no_background_build_when_off_built_already_under_way_or_on_a_cluster(tm
 def test_a_stopped_y_kills_its_background_build_with_the_jvm(tmp_path):
     """`stop` (Y stopping) ends the build's whole process group at once and frees the lock; the outcome is then
     not reported as a failure, since nothing failed."""
-    from src.mechanism_y.class_archive import BackgroundBuild
+    from src.mechanism_y.background_archive import BackgroundBuild
 
     settings = Settings.from_env(
         {"DATA_DIR": str(tmp_path / "data"), "SPARK_CLASS_ARCHIVE": "auto"}, dotenv=Path("/nonexistent")
@@ -202,7 +202,7 @@ def test_the_background_build_pauses_for_chunks_and_makes_an_archive_that_the_ne
     `run_while_idle` resumes it; the archive lands under its key's name, the outcome is reported once, nothing
     temporary is left, and a session started afterwards loads Spark's classes from it (the JVM's class loading
     log names the archive's top layer as their source), without being told anything but DATA_DIR."""
-    from src.mechanism_y.class_archive import BackgroundBuild
+    from src.mechanism_y.background_archive import BackgroundBuild
 
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k not in {"SPARK_MASTER", "PYSPARK_SUBMIT_ARGS"}}

@@ -43,7 +43,7 @@ from src import ledger
 from src.errors import ProcessorError, RetryableError, is_retryable
 from src.ledger import ChunkMark, ChunkRef
 from src.mechanism_y import pattern_detector as patterns
-from src.mechanism_y.class_archive import IDLE_BEFORE_BUILD_S, BackgroundBuild
+from src.mechanism_y.background_archive import IDLE_BEFORE_BUILD_S, BackgroundBuild
 from src.mechanism_y.data_validator import (
     DUPLICATE,
     PROBLEM,
