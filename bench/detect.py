@@ -5,7 +5,9 @@
     python bench/detect.py --interval 1      # the default pace: does Y keep up?
 
 Everything lives in a temporary directory (DATA_DIR, LOCAL_INBOX_DIR, LOCAL_LAKE_DIR), with the
-sample (generated once into bench/out/) copied into its inbox, so the run starts from nothing.
+sample (generated once into bench/out/) copied into its inbox, so the run starts from nothing: a first
+start. A drained run never idles, so Y never builds its class archive during one (SPARK_CLASS_ARCHIVE);
+`--class-archive` gives the run one, as every later start of a daemon has.
 The wall time runs from the start of `python main.py --drain` to its exit: Python and Spark
 start-up, the embedded PostgreSQL, X and Y included. Memory (RSS) is sampled every 0.2 s with
 psutil for the supervisor, for X's and Y's process trees (Spark's JVM is a child of Y's Python
@@ -483,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         "--class-archive",
         action="store_true",
         help="give the run's DATA_DIR the driver JVM's class archive (python -m src.mechanism_y.class_archive, "
-        "built once into bench/out/ and reused; untimed): the daemon and anchor (a) both map it",
+        "built once into bench/out/ and reused; untimed): the daemon and anchor (a) both map it. Every start after "
+        "the daemon's first idle spell looks like this (SPARK_CLASS_ARCHIVE=auto); without it, a first start",
     )
     args = parser.parse_args(argv)
     if args.master not in ("local", "loopback") and not args.master.startswith("spark://"):
