@@ -79,15 +79,16 @@ def test_wait_returns_the_session_once_up_and_raises_the_starts_error(slow_start
 
 
 def test_no_background_build_when_off_built_already_under_way_or_on_a_cluster(tmp_path):
-    """`BackgroundBuild` starts nothing with SPARK_CLASS_ARCHIVE=off, with a cluster master (the archive is the
-    local driver's), when the archive exists, or while another build holds the directory's lock."""
+    """`BackgroundBuild` starts nothing with SPARK_CLASS_ARCHIVE=off, under spark-submit, with a cluster master (the
+    archive is the local driver's), when the archive exists, or while another build holds the directory's lock."""
     import fcntl
 
     from src.mechanism_y.background_archive import BackgroundBuild
 
-    def started(**env: str) -> bool:
+    def started(enabled: bool = True, **env: str) -> bool:
         settings = Settings.from_env({"DATA_DIR": str(tmp_path / "data"), **env}, dotenv=Path("/nonexistent"))
         build = BackgroundBuild(settings)
+        build.enabled = enabled
         build.run_while_idle()
         try:
             return build.proc is not None
@@ -96,6 +97,7 @@ def test_no_background_build_when_off_built_already_under_way_or_on_a_cluster(tm
 
     assert Settings.from_env({}, dotenv=Path("/nonexistent")).spark_class_archive == "auto"
     assert not started(SPARK_CLASS_ARCHIVE="off")
+    assert not started(False, SPARK_CLASS_ARCHIVE="auto")  # Y's JVM came from spark-submit: nothing would map it
     assert not started(SPARK_CLASS_ARCHIVE="auto", SPARK_MASTER="spark://127.0.0.1:7077", LOCAL_LAKE_SHARED="true")
     settings = Settings.from_env({"DATA_DIR": str(tmp_path / "data")}, dotenv=Path("/nonexistent"))
     directory = spark_utils.class_archive(settings).parent

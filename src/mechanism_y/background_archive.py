@@ -39,6 +39,8 @@ class BackgroundBuild:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # False when Y's JVM was not launched by Y (spark-submit): nothing Y could build would be mapped.
+        self.enabled = True
         self.proc: subprocess.Popen | None = None
         self.paused = False
         self._started = 0.0
@@ -68,7 +70,7 @@ class BackgroundBuild:
         self.paused = paused
 
     def _start(self) -> bool:
-        if self.settings.spark_class_archive != "auto" or not self.settings.spark_local:
+        if not self.enabled or self.settings.spark_class_archive != "auto" or not self.settings.spark_local:
             return False
         target = class_archive(self.settings)
         if target.is_file() or class_archive_building(target.parent):

@@ -1115,6 +1115,7 @@ def run_worker(
     A standby (another daemon's Y leads) waits in `prepare`. With a local master its session is started in
     advance meanwhile (memory of this machine only; takeover then skips the JVM's start); with a cluster master
     it starts only once this Y leads, so a standby holds none of the cluster's executors."""
+    from config.spark_config import launched_jvm
     from src.observability.logs import spark_logging_conf
     from src.resources import open_lake
     from src.utils.spark_utils import BackgroundSession
@@ -1145,6 +1146,7 @@ def run_worker(
         spark = processor.spark = session.wait(stop)
         if spark is None:
             return 0  # stopped while the JVM was starting
+        processor.archive_build.enabled = launched_jvm(spark) is not None  # not under spark-submit
         log.info("mechanism Y: reading %s with Spark %s", store.describe(), spark.version)
         code = processor.run(drain=drain)
         processor.write_quality_report()
