@@ -1215,7 +1215,7 @@ def test_an_idle_y_builds_the_class_archive_and_pauses_the_build_while_a_chunk_w
     from src.mechanism_y.stream_processor import StreamProcessor
     from src.resources import open_lake
     from src.utils.db import Database
-    from tests.test_spark_start import _group_states
+    from tests.test_spark_start import _group_states, _jvm_states
 
     monkeypatch.setattr(stream_processor, "IDLE_BEFORE_BUILD_S", 0.5)
     with product_run(pg_server, tmp_path, {"SPARK_CLASS_ARCHIVE": "auto", "PATID2_MIN_TXNS": "3"}) as run:
@@ -1240,13 +1240,13 @@ def test_an_idle_y_builds_the_class_archive_and_pauses_the_build_while_a_chunk_w
             seen_paused = False
             while run.rows("SELECT count(*) FROM chunks WHERE processed_at IS NULL")[0][0]:
                 assert worker.is_alive() and time.monotonic() < deadline, "Y did not process the chunk"
-                seen_paused = seen_paused or set(_group_states(pgid)) == {"T"}
+                seen_paused = seen_paused or _jvm_states(pgid) == {"T"}
                 time.sleep(0.05)
             assert seen_paused, "the build ran on while Y had a chunk to process"
             while build.paused:  # idle again: resumed
                 assert build.proc is None or time.monotonic() < deadline, "Y did not resume the build"
                 time.sleep(0.2)
-            assert "T" not in _group_states(pgid)
+            assert "T" not in _jvm_states(pgid)
         finally:
             stop.set()
             worker.join(120)

@@ -197,10 +197,64 @@ def _group_states(pgid: int, field: int = 0) -> list[str]:
     return states
 
 
+def _builder_state(pgid: int) -> str:
+    return Path(f"/proc/{pgid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _jvm_states(pgid: int) -> set[str]:
+    """The states of the build's processes other than the builder (its JVM)."""
+    states = _group_states(pgid)
+    states.remove(_builder_state(pgid))
+    return set(states)
+
+
+_PAUSED_BUILD_OF_A_PARENT = """
+import sys, time
+from pathlib import Path
+from config.config import Settings
+from src.mechanism_y.background_archive import BackgroundBuild, _group_members
+
+build = BackgroundBuild(Settings.from_env({"DATA_DIR": sys.argv[1], "SPARK_CLASS_ARCHIVE": "auto"},
+                                          dotenv=Path("/nonexistent")))
+build.run_while_idle()
+while len(_group_members(build.proc.pid)) < 2:
+    time.sleep(0.1)
+build.pause()
+print(build.proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_y_leaves_no_paused_build_behind(tmp_path):
+    """A Y killed outright (SIGKILL: no `stop`) while its build's JVM is paused: the builder gets its parent-death
+    signal and ends its whole group, the stopped JVM included, so nothing is left holding memory and the lock."""
+    root = Path(__file__).resolve().parent.parent
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PAUSED_BUILD_OF_A_PARENT, str(tmp_path / "data")],
+        cwd=root,
+        env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1"},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pgid = int(parent.stdout.readline())
+        time.sleep(0.5)
+        assert _jvm_states(pgid) == {"T"}
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while _group_states(pgid):
+        assert time.monotonic() < deadline, f"the build outlived its parent: {_group_states(pgid)}"
+        time.sleep(0.2)
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path / "data")}, dotenv=Path("/nonexistent"))
+    assert not spark_utils.class_archive_building(spark_utils.class_archive(settings).parent)
+
+
 @pytest.mark.slow
 def test_the_background_build_pauses_for_chunks_and_makes_an_archive_that_the_next_session_maps(tmp_path):
     """What an idle Y starts (`BackgroundBuild`, SPARK_CLASS_ARCHIVE=auto): `python -m src.mechanism_y.class_archive`
-    (README) in a process group of its own at nice 19. `pause` stops the whole group (its JVM too) and
+    (README) in a process group of its own at nice 19. `pause` stops its JVM (the builder waits on it) and
     `run_while_idle` resumes it; the archive lands under its key's name, the outcome is reported once, nothing
     temporary is left, and a session started afterwards loads Spark's classes from it (the JVM's class loading
     log names the archive's top layer as their source), without being told anything but DATA_DIR."""
@@ -224,13 +278,13 @@ def test_the_background_build_pauses_for_chunks_and_makes_an_archive_that_the_ne
         assert set(_group_states(pgid, 16)) == {"19"}  # nice, the JVM too
         build.pause()
         time.sleep(0.5)
-        assert set(_group_states(pgid)) == {"T"}, _group_states(pgid)
+        assert _jvm_states(pgid) == {"T"} and _builder_state(pgid) != "T", _group_states(pgid)
         assert spark_utils.class_archive_building(archive.parent)  # a second Y would not start another build
         build.run_while_idle()
         deadline = time.monotonic() + 1200
         while build.poll() is None:
             assert time.monotonic() < deadline, "the background build did not end in 20 min"
-            assert "T" not in _group_states(pgid)
+            assert "T" not in _jvm_states(pgid)
             time.sleep(0.5)
     finally:
         build.stop()

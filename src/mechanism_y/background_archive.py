@@ -30,12 +30,15 @@ class BackgroundBuild:
     `run_while_idle` is called once Y has had nothing to do for `IDLE_BEFORE_BUILD_S`: it starts the build the
     first time (unless the archive exists, another build holds the directory's lock, the setting is off, or the
     master is not local: the archive is the driver's, and a cluster's driver is wherever spark-submit runs),
-    and resumes a paused one after that. `pause` (a chunk is waiting) stops the child's process group with
-    SIGSTOP, so the build never takes CPU from a batch or from the start-up it is there to shorten. The child
-    runs at nice 19 in a process group of its own with a 512 MB driver, its output in `build.log` beside the
-    archive. `poll` logs the outcome once; `stop` (Y stopping) kills the group: a build cut short leaves a
-    `_tmp-<pid>.jsa` that the next build removes, and a later idle spell builds again. When Y is killed
-    outright, the kernel wakes a paused build (its group is orphaned) and it finishes or ends on its own."""
+    and resumes a paused one after that. `pause` (a chunk is waiting) stops the build's JVM (and whatever else
+    the builder started) with SIGSTOP, so the build never takes CPU from a batch or from the start-up it is
+    there to shorten; the builder's own Python process keeps running, waiting on its JVM.
+
+    The builder (`python -m src.mechanism_y.class_archive --background`) runs at nice 19 in a process group of
+    its own with a 512 MB driver, its output in `build.log` beside the archive, and ends its whole group, a
+    stopped JVM included, when its parent dies (a Y killed outright leaves nothing behind). `poll` logs the
+    outcome once; `stop` (Y stopping) kills the group: a build cut short leaves a `_tmp-<pid>.jsa` that the
+    next build removes, and a later idle spell builds again."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -61,12 +64,15 @@ class BackgroundBuild:
             self._signal(signal.SIGSTOP, paused=True)
 
     def _signal(self, sig: int, *, paused: bool) -> None:
+        """`sig` to every process of the build's group but the builder itself (its JVM, stopped or continued)."""
         if self.paused == paused or self.proc is None:
             return
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            return
+        for pid in _group_members(self.proc.pid):
+            if pid != self.proc.pid:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
         self.paused = paused
 
     def _start(self) -> bool:
@@ -84,7 +90,7 @@ class BackgroundBuild:
         root = Path(__file__).resolve().parents[2]
         with open(target.parent / BUILD_LOG, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "src.mechanism_y.class_archive", "--low-priority"],
+                [sys.executable, "-m", "src.mechanism_y.class_archive", "--background"],
                 cwd=root if (root / "src").is_dir() else None,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -154,3 +160,19 @@ class BackgroundBuild:
                 break
             time.sleep(0.05)
         log.info("class archive build stopped with Mechanism Y; the next start builds it again")
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The live processes of process group `pgid` (from /proc)."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members

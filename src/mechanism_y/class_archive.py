@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ from src.schemas.transaction_schemas import (
     state_spark_schema,
     weights_spark_schema,
 )
+from src.utils.runtime import die_with_parent
 from src.utils.spark_utils import build_class_archive
 
 if TYPE_CHECKING:
@@ -53,6 +55,17 @@ def exercise(spark: SparkSession, settings: Settings) -> None:
         raise ProcessorError(f"SPARK_MASTER {settings.spark_master!r}: the class archive is built on a local master")
 
 
+def _run_in_background() -> None:
+    """Nice 19, and end the whole process group (this builder in a session of its own, its JVM) when the parent
+    dies: the parent-death signal reaches this process even while Y has its JVM stopped, and SIGKILL ends a
+    stopped JVM too, so a Y killed outright never leaves a paused build behind."""
+    os.nice(19)
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the signal was asked for
+        os.killpg(0, signal.SIGKILL)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m src.mechanism_y.class_archive",
@@ -60,13 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         "and class path; takes about a minute): Mechanism Y's Spark session then starts in about half the time.",
     )
     parser.add_argument(
-        "--low-priority",
+        "--background",
         action="store_true",
-        help="run at nice 19, the JVM too (what Mechanism Y asks for when it builds the archive while idle)",
+        help="as Mechanism Y runs it while idle: at nice 19 (the JVM too), and the build's whole process group, "
+        "a JVM Y has paused included, ends when the process that started it dies",
     )
     args = parser.parse_args(argv)
-    if args.low_priority:
-        os.nice(19)
+    if args.background:
+        _run_in_background()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     try:
