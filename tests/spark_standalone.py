@@ -138,7 +138,7 @@ class SparkCluster:
     def alive_workers(self) -> list[dict]:
         try:
             workers = self.state().get("workers", [])
-        except OSError:
+        except (OSError, ValueError):  # not up yet; or up, but its UI answers /json with the HTML page for a while
             return []
         return [w for w in workers if w.get("state") == "ALIVE"]
 
