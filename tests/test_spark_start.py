@@ -9,6 +9,7 @@ waiting and discarding around it, which must not depend on how long a real start
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def test_wait_returns_the_session_once_up_and_raises_the_starts_error(slow_start
         spark_utils.BackgroundSession(settings).wait()
 
 
-def test_no_background_build_when_off_built_already_under_way_or_on_a_cluster(tmp_path):
+def test_no_background_build_when_off_built_already_under_way_or_on_a_cluster(tmp_path, caplog):
     """`BackgroundBuild` starts nothing with SPARK_CLASS_ARCHIVE=off, under spark-submit, with a cluster master (the
     archive is the local driver's), when the archive exists, or while another build holds the directory's lock."""
     import fcntl
@@ -97,6 +98,14 @@ def test_no_background_build_when_off_built_already_under_way_or_on_a_cluster(tm
 
     assert Settings.from_env({}, dotenv=Path("/nonexistent")).spark_class_archive == "auto"
     assert not started(SPARK_CLASS_ARCHIVE="off")
+    for setting, how in (("auto", "the first time it has been idle for 30 s"), ("off", "SPARK_CLASS_ARCHIVE=off")):
+        settings = Settings.from_env(
+            {"DATA_DIR": str(tmp_path / "data"), "SPARK_CLASS_ARCHIVE": setting}, dotenv=Path("/nonexistent")
+        )
+        with caplog.at_level(logging.INFO, logger="src.mechanism_y.background_archive"):
+            caplog.clear()
+            BackgroundBuild(settings).log_missing()
+        assert [r.getMessage() for r in caplog.records if how in r.getMessage()], caplog.text
     assert not started(False, SPARK_CLASS_ARCHIVE="auto")  # Y's JVM came from spark-submit: nothing would map it
     assert not started(SPARK_CLASS_ARCHIVE="auto", SPARK_MASTER="spark://127.0.0.1:7077", LOCAL_LAKE_SHARED="true")
     settings = Settings.from_env({"DATA_DIR": str(tmp_path / "data")}, dotenv=Path("/nonexistent"))
@@ -109,6 +118,12 @@ def test_no_background_build_when_off_built_already_under_way_or_on_a_cluster(tm
     assert not spark_utils.class_archive_building(directory)
     spark_utils.class_archive(settings).write_bytes(b"made for this Java and Spark")
     assert not started(SPARK_CLASS_ARCHIVE="auto")
+    with caplog.at_level(logging.INFO, logger="src.mechanism_y.background_archive"):
+        caplog.clear()
+        BackgroundBuild(settings).log_missing()
+        spark_utils.class_archive(settings).unlink()
+        BackgroundBuild(settings).log_missing()
+    assert caplog.text.count("no class archive") == 1  # only once the archive is gone
 
 
 def test_a_stopped_y_kills_its_background_build_with_the_jvm(tmp_path):

@@ -49,6 +49,22 @@ class BackgroundBuild:
         self._started = 0.0
         self._asked = False
 
+    def log_missing(self) -> None:
+        """At Y's start: say so when there is no archive for this Java and Spark yet, and how one comes."""
+        if not self.enabled or not self.settings.spark_local or class_archive(self.settings).is_file():
+            return
+        how = (
+            f"Y builds one the first time it has been idle for {IDLE_BEFORE_BUILD_S:.0f} s"
+            if self.settings.spark_class_archive == "auto"
+            else "SPARK_CLASS_ARCHIVE=off"
+        )
+        log.info(
+            "no class archive for this Java and Spark yet, so this start loaded Spark's classes from the jars "
+            "(seconds on a small machine): %s; `python -m src.mechanism_y.class_archive` builds one now",
+            how,
+            extra={"event": "class_archive_missing"},
+        )
+
     def run_while_idle(self) -> None:
         """Y is idle: start the build (the first time one is wanted) or resume a paused one."""
         if self.proc is not None:

@@ -1147,6 +1147,7 @@ def run_worker(
         if spark is None:
             return 0  # stopped while the JVM was starting
         processor.archive_build.enabled = launched_jvm(spark) is not None  # not under spark-submit
+        processor.archive_build.log_missing()
         log.info("mechanism Y: reading %s with Spark %s", store.describe(), spark.version)
         code = processor.run(drain=drain)
         processor.write_quality_report()
