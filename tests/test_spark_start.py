@@ -81,7 +81,8 @@ def test_wait_returns_the_session_once_up_and_raises_the_starts_error(slow_start
 
 def test_no_background_build_when_off_built_already_under_way_or_on_a_cluster(tmp_path, caplog):
     """`BackgroundBuild` starts nothing with SPARK_CLASS_ARCHIVE=off, under spark-submit, with a cluster master (the
-    archive is the local driver's), when the archive exists, or while another build holds the directory's lock."""
+    archive is the local driver's), when the archive exists, or while another build holds the directory's lock;
+    a directory it cannot write to is a warning, not a failure of Y."""
     import fcntl
 
     from src.mechanism_y.background_archive import BackgroundBuild
@@ -116,6 +117,12 @@ def test_no_background_build_when_off_built_already_under_way_or_on_a_cluster(tm
         assert spark_utils.class_archive_building(directory)
         assert not started(SPARK_CLASS_ARCHIVE="auto")
     assert not spark_utils.class_archive_building(directory)
+    (directory / "build.log").mkdir()  # its output cannot be written: Y goes on, says why, and tries no more
+    with caplog.at_level(logging.WARNING, logger="src.mechanism_y.background_archive"):
+        caplog.clear()
+        assert not started(SPARK_CLASS_ARCHIVE="auto")
+    assert "the class archive build could not start" in caplog.text and "build.log" in caplog.text
+    (directory / "build.log").rmdir()
     spark_utils.class_archive(settings).write_bytes(b"made for this Java and Spark")
     assert not started(SPARK_CLASS_ARCHIVE="auto")
     with caplog.at_level(logging.INFO, logger="src.mechanism_y.background_archive"):

@@ -94,9 +94,23 @@ class BackgroundBuild:
     def _start(self) -> bool:
         if not self.enabled or self.settings.spark_class_archive != "auto" or not self.settings.spark_local:
             return False
-        target = class_archive(self.settings)
-        if target.is_file() or class_archive_building(target.parent):
+        if not Path("/proc/self/stat").is_file():  # pausing finds the build's JVM through /proc (Linux)
             return False
+        target = class_archive(self.settings)
+        try:
+            if target.is_file() or class_archive_building(target.parent):
+                return False
+            return self._spawn(target)
+        except OSError as exc:  # DATA_DIR read-only or full, no Python to run: Y goes on without the archive
+            log.warning(
+                "the class archive build could not start (%s); Y runs without it. `python -m "
+                "src.mechanism_y.class_archive` builds it by hand",
+                exc,
+                extra={"event": "class_archive_failed"},
+            )
+            return False
+
+    def _spawn(self, target: Path) -> bool:
         target.parent.mkdir(parents=True, exist_ok=True)
         env = {
             **os.environ,

@@ -37,7 +37,6 @@ uncapped backoff: after a long outage a read may sleep on for up to about as lon
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import hashlib
 import logging
@@ -370,6 +369,8 @@ def build_class_archive(
     its JVM writes the classes it loaded as it exits (`-XX:ArchiveClassesAtExit`) to a file of its own, renamed
     into place only once the JVM has exited cleanly. So a reader sees a whole archive or none; a crash leaves a
     `_tmp-<pid>.jsa` that the next build removes. One build at a time per directory (a lock file)."""
+    import fcntl  # POSIX: imported here so that the rest of this module imports anywhere
+
     target = class_archive(settings)
     if target.is_file():
         return target
@@ -427,6 +428,8 @@ def _build_class_archive(
 
 def class_archive_building(directory: Path) -> bool:
     """Whether a build of a class archive holds `directory`'s lock now (`build_class_archive`)."""
+    import fcntl
+
     try:
         lock = open(directory / BUILD_LOCK, "rb")
     except FileNotFoundError:
