@@ -158,7 +158,7 @@ class Settings(BaseSettings):
     spark_ui_enabled: bool = Field(False, description="Spark web UI")
     spark_class_archive: Literal["auto", "off"] = Field(
         "auto",
-        description="auto: after its first batch, Mechanism Y builds the driver JVM's class archive in the "
+        description="auto: once Mechanism Y has been idle for 30 s, it builds the driver JVM's class archive in the "
         "background (once per Java and Spark), and its later starts map it; off: never",
     )
     spark_jars: str | None = Field(None, description="local hadoop-aws/SDK jars (offline machines)")

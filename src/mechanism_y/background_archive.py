@@ -69,15 +69,13 @@ class BackgroundBuild:
         """Y is idle: start the build (the first time one is wanted) or resume a paused one."""
         if self.proc is not None:
             self._signal(signal.SIGCONT, paused=False)
-            return
-        if not self._asked:
+        elif not self._asked:
             self._asked = True
             self._start()
 
     def pause(self) -> None:
         """A chunk is waiting: stop the build where it is until Y is idle again."""
-        if self.proc is not None and not self.paused:
-            self._signal(signal.SIGSTOP, paused=True)
+        self._signal(signal.SIGSTOP, paused=True)
 
     def _signal(self, sig: int, *, paused: bool) -> None:
         """`sig` to every process of the build's group but the builder itself (its JVM, stopped or continued)."""
@@ -91,16 +89,15 @@ class BackgroundBuild:
                     pass
         self.paused = paused
 
-    def _start(self) -> bool:
+    def _start(self) -> None:
         if not self.enabled or self.settings.spark_class_archive != "auto" or not self.settings.spark_local:
-            return False
+            return
         if not Path("/proc/self/stat").is_file():  # pausing finds the build's JVM through /proc (Linux)
-            return False
+            return
         target = class_archive(self.settings)
         try:
-            if target.is_file() or class_archive_building(target.parent):
-                return False
-            return self._spawn(target)
+            if not (target.is_file() or class_archive_building(target.parent)):
+                self._spawn(target)
         except OSError as exc:  # DATA_DIR read-only or full, no Python to run: Y goes on without the archive
             log.warning(
                 "the class archive build could not start (%s); Y runs without it. `python -m "
@@ -108,9 +105,8 @@ class BackgroundBuild:
                 exc,
                 extra={"event": "class_archive_failed"},
             )
-            return False
 
-    def _spawn(self, target: Path) -> bool:
+    def _spawn(self, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         env = {
             **os.environ,
@@ -140,7 +136,6 @@ class BackgroundBuild:
             target.parent / BUILD_LOG,
             extra={"event": "class_archive_build"},
         )
-        return True
 
     def poll(self) -> int | None:
         """Log the build's outcome once it has ended; its exit code then (None while it runs or if none ran)."""
