@@ -75,6 +75,14 @@ def hits(found: dict, pattern: str) -> set[tuple[str, str]]:
 NO_PATID23 = {"PATID2_MIN_TXNS": 10**9, "PATID3_MIN_FEMALE_CUSTOMERS": 10**9}
 
 
+@pytest.fixture(autouse=True, params=["one_pass", "wide"])
+def shape(request, monkeypatch) -> str:
+    """Every test here runs with each of the detection's two statements, whatever its batch's size: `_DETECT_SQL`
+    (small batches) and `_DETECT_WIDE_SQL` (from `WIDE_BATCH_CUTS` cuts). They must find the same rows."""
+    monkeypatch.setattr(pd, "WIDE_BATCH_CUTS", 10**9 if request.param == "one_pass" else 1)
+    return request.param
+
+
 # ---------------------------------------------------------------- the fold
 
 
@@ -155,7 +163,7 @@ def _sort_keys(plan) -> list[str]:
 
 
 @pytest.mark.parametrize("start", ["pairs", "empty"])
-def test_a_batch_exchanges_its_rows_and_never_the_state(spark, tmp_path, start):
+def test_a_batch_exchanges_its_rows_and_never_the_state(spark, tmp_path, start, shape):
     # Mechanism Y's batch: the fold of Parquet rows into the checkpointed state, checkpointed in turn, then the
     # detection inside a statement that reads the rows again (as Y's summary does, so the versions' ids meet
     # the rows'). Only the rows may cross a shuffle: the state is already partitioned by merchant, and so are the
@@ -188,8 +196,10 @@ def test_a_batch_exchanges_its_rows_and_never_the_state(spark, tmp_path, start):
         versions = fold.localCheckpoint(eager=False)
         detection = pd.detect_batch(versions, weights, 2, thr, around=(statement, scan))
         assert _exchanges(detection._jdf.queryExecution().executedPlan()) == []
-        # The merchant windows' and (merchant, j)'s: the join to the weights reuses the versions' sort.
-        assert _sort_keys(detection._jdf.queryExecution().executedPlan()) == ["merchant", "merchant"]
+        # The join to the weights reuses the versions' sort. One pass: the merchant windows' and (merchant, j)'s
+        # sorts. Wide: only the steps' windows (a few rows per merchant), sorted for each branch that reads them.
+        expected_sorts = {"one_pass": ["merchant", "merchant"], "wide": ["merchant", "merchant", "merchant"]}
+        assert _sort_keys(detection._jdf.queryExecution().executedPlan()) == expected_sorts[shape]
         result = detection.collect()
         assert sum(r["kind"] == "row" for r in result) == len(rows)
         found.append(pd.first_hits(r for r in result if r["kind"] == "hit"))

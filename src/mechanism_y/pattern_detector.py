@@ -8,7 +8,8 @@ decides what is new.
 
 Reading guide: `_DETECT_SQL` names the contract's quantities as columns (n, a, w, T, F, M, P_n, P_w) in
 CTEs that say where each is computed, and its `conditions` CTE holds one boolean column per pattern,
-written like §4's table. Every statement is one `spark.sql` call: frames are passed as DataFrame
+written like §4's table. `_DETECT_WIDE_SQL` finds the same detections for large batches, in a shape whose work
+grows less with the state (`WIDE_BATCH_CUTS`). Every statement is one `spark.sql` call: frames are passed as DataFrame
 arguments (`{versions}`), thresholds as named parameters (`:min_t`), never pasted into the text.
 """
 
@@ -134,8 +135,7 @@ WINDOW pair_in_order AS (PARTITION BY pair_key, merchant, customer ORDER BY cut)
                        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
 """
 
-# One pass over the versions, without a shuffle (the versions are read once: a checkpoint referenced
-# twice loses its partitioning). A version row is a pair (c, m) with its cumulative n(c,m) from `cut`
+# One pass over the versions, without a shuffle. A version row is a pair (c, m) with its cumulative n(c,m) from `cut`
 # until `cut_to`.
 #   v_w    w(c,m) through a co-partitioned join, a 20-decimal exact quotient (0.90/3 and 0.30/1 must tie). Keyed
 #          by (pair_key, merchant, customer) on both sides, first: the versions and the weights are already
@@ -208,6 +208,72 @@ hits AS (
 SELECT h.p AS pattern_id, h.c AS customer_name, merchant AS merchant_id, h.cut AS cut FROM hits
 """
 
+# The same detections for a large batch (`WIDE_BATCH_CUTS` cuts or more: Y catching up on a backlog), in a shape
+# whose work grows less with the state. `_DETECT_SQL` sorts every version by merchant, then every row of the
+# expansion by (merchant, j): with 100k pairs and 20 cuts that is over a million wide rows sorted per batch. Here
+# nothing the size of the state or of the expansion is sorted; aggregates and joins are hashed, and only rows of a
+# few per merchant are windowed. Its fixed cost (more branches, hash tables, tasks) makes it slower on small
+# batches, so lone chunks keep the one pass (bench/README.md, "ydetect"). Branches, each reading the versions
+# (re-instanced with their partitioning, see the fold's note) without a shuffle:
+#   steps       per merchant and step j (a cut; the base state, cut -1, joins step 0, which judges what already held
+#               on it): T(m), F(m), M(m) after the step, cumulated over a hash aggregate of a few rows per merchant.
+#               T adds up the versions' increments `dn` (a base row's is its n); F and M count the pairs whose first
+#               F (M) payment falls in the step. T_end is T(m) after the batch; `first_step` picks one row per merchant.
+#   qualifying  the merchants with T_end > min (T only grows: no other merchant can qualify at any cut).
+#   big         their versions valid at some cut, with w(c,m) (the exact quotient of `_DETECT_SQL`, through the same
+#               join that sorts nothing); `cells` the same expanded to the cuts j each is valid at.
+#   P           per (merchant, j), hashed: T(m), P_n, P_w at cut j; joined back to `big` on the merchant and the
+#               cuts each version is valid at.
+# PatId2 is judged on every version at its own cut, PatId3 on every step; a base row replaced at cut 0 (`cut_to` =
+# 0) is never judged, its cut-0 version is.
+_DETECT_WIDE_SQL = """
+WITH steps AS (
+  SELECT merchant, j,
+         sum(dT) OVER merchant_so_far AS T,
+         sum(dF) OVER merchant_so_far AS F,
+         sum(dM) OVER merchant_so_far AS M,
+         sum(dT) OVER merchant AS T_end,
+         j = min(j) OVER merchant AS first_step
+  FROM (SELECT merchant, greatest(cut, 0) AS j, sum(dn) AS dT,
+               count_if(has_f AND NOT had_f) AS dF, count_if(has_m AND NOT had_m) AS dM
+        FROM {versions} GROUP BY merchant, greatest(cut, 0))
+  WINDOW merchant_so_far AS (PARTITION BY merchant ORDER BY j), merchant AS (PARTITION BY merchant)
+),
+big AS (
+  SELECT /*+ MERGE(importance), SHUFFLE_HASH(qualifying) */ v.merchant, v.customer, v.cut, v.cut_to, v.n,
+         CAST(CAST(importance.weight_sum AS DECIMAL(20,2)) / CAST(importance.weight_count AS DECIMAL(20,0))
+              AS DOUBLE) AS w
+  FROM {versions} v
+  LEFT JOIN {weights} importance
+    ON importance.pair_key = v.pair_key AND importance.merchant = v.merchant AND importance.customer = v.customer
+  JOIN (SELECT merchant FROM steps WHERE first_step AND T_end > :min_t) qualifying
+    ON qualifying.merchant = v.merchant
+  WHERE v.cut_to > 0
+),
+P AS (
+  SELECT merchant, j, sum(n) AS T, percentile(CAST(n AS DOUBLE), :q_n) AS P_n, percentile(w, :q_w) AS P_w
+  FROM (SELECT merchant, n, w, explode(sequence(greatest(cut, 0), cut_to - 1)) AS j FROM big) AS cells
+  GROUP BY merchant, j
+)
+SELECT /*+ SHUFFLE_HASH(P) */ 'PatId1' AS pattern_id, big.customer AS customer_name, big.merchant AS merchant_id,
+       P.j AS cut
+FROM big JOIN P ON P.merchant = big.merchant AND P.j >= greatest(big.cut, 0) AND P.j < big.cut_to
+WHERE P.T > :min_t AND big.n >= P.P_n - :tol * abs(P.P_n) AND big.w <= P.P_w + :tol * abs(P.P_w)
+UNION ALL
+SELECT 'PatId2', customer, merchant, greatest(cut, 0)
+FROM {versions}
+WHERE cut_to > 0 AND CAST(amount_sum AS DECIMAL(20,2)) / CAST(n AS DECIMAL(20,0)) < :max_avg AND n >= :min_n
+UNION ALL
+SELECT 'PatId3', '', merchant, j
+FROM steps
+WHERE F < M AND F > :min_f
+"""
+
+# From this many cuts a batch takes `_DETECT_WIDE_SQL`. Measured (bench/README.md, "ydetect"): at 1-5 cuts the one
+# pass is faster (its fixed cost is lower); at 20 cuts both take the same time at 20k pairs, and the wide shape
+# 17 % less per chunk at 100k pairs. Paced chunks come in batches of 1-4; batches of 10 or more are a backlog.
+WIDE_BATCH_CUTS = 10
+
 _LATEST_SQL = "SELECT merchant, customer, n, amount_sum, has_f, has_m FROM {versions} WHERE cut_to = :k"
 
 _BY_MERCHANT_SQL = "SELECT * FROM {frame} DISTRIBUTE BY merchant SORT BY merchant, customer"
@@ -256,12 +322,16 @@ def detect_batch(
     `around=(statement, rows)`: instead, the result of `statement`, in which `{hits}` stands for the detections
     and `{rows}` for the frame `rows`, built in the same `spark.sql` call. Each call parses and analyses its
     whole statement on the driver and registers a temporary view per frame argument: one call, not two.
+
+    A batch of `WIDE_BATCH_CUTS` cuts or more is judged by `_DETECT_WIDE_SQL`, the others by `_DETECT_SQL`: the
+    same rows either way.
     """
     args = {**thresholds.sql_args(), "k": int(cuts)}
+    detect = _DETECT_WIDE_SQL if cuts >= WIDE_BATCH_CUTS else _DETECT_SQL
     if around is None:
-        return versions.sparkSession.sql(_DETECT_SQL, args=args, versions=versions, weights=weights)
+        return versions.sparkSession.sql(detect, args=args, versions=versions, weights=weights)
     statement, rows = around
-    sql = statement.replace("{hits}", f"({_DETECT_SQL})")
+    sql = statement.replace("{hits}", f"({detect})")
     return versions.sparkSession.sql(sql, args=args, versions=versions, weights=weights, rows=rows)
 
 
