@@ -270,8 +270,9 @@ WHERE F < M AND F > :min_f
 """
 
 # From this many cuts a batch takes `_DETECT_WIDE_SQL`. Measured (bench/README.md, "ydetect"): at 1-5 cuts the one
-# pass is faster (its fixed cost is lower); at 20 cuts both take the same time at 20k pairs, and the wide shape
-# 17 % less per chunk at 100k pairs. Paced chunks come in batches of 1-4; batches of 10 or more are a backlog.
+# pass is faster (its fixed cost is lower); at 10 cuts it is still faster below ~10k pairs, the wide shape from ~30k;
+# at 20 cuts both take the same time at 20k pairs, and the wide shape 17 % less per chunk at 100k pairs. Paced chunks
+# come in batches of 1-4; batches of 10 or more are a backlog.
 WIDE_BATCH_CUTS = 10
 
 _LATEST_SQL = "SELECT merchant, customer, n, amount_sum, has_f, has_m FROM {versions} WHERE cut_to = :k"
@@ -324,7 +325,7 @@ def detect_batch(
     whole statement on the driver and registers a temporary view per frame argument: one call, not two.
 
     A batch of `WIDE_BATCH_CUTS` cuts or more is judged by `_DETECT_WIDE_SQL`, the others by `_DETECT_SQL`: the
-    same rows either way.
+    same detections, credited to the same cuts (`first_hits`), either way.
     """
     args = {**thresholds.sql_args(), "k": int(cuts)}
     detect = _DETECT_WIDE_SQL if cuts >= WIDE_BATCH_CUTS else _DETECT_SQL
