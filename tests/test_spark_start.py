@@ -202,10 +202,10 @@ spark.stop()
 """
 
 
-def _group_states(pgid: int, field: int = 0) -> list[str]:
-    """The states (R, S, T, ...) of the live processes of process group `pgid`, from /proc (`field` 16: their nice
-    values instead)."""
-    states = []
+def _members_of_group(pgid: int, field: int = 0) -> dict[int, str]:
+    """{pid: state (R, S, T, ...)} of the live processes of process group `pgid`, from /proc (`field` 16: their nice
+    values instead), read once: a process leaving the group between two reads cannot make them disagree."""
+    members = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -215,8 +215,12 @@ def _group_states(pgid: int, field: int = 0) -> list[str]:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
         if int(fields[2]) == pgid and fields[0] != "Z":
-            states.append(fields[field])
-    return states
+            members[int(pid)] = fields[field]
+    return members
+
+
+def _group_states(pgid: int, field: int = 0) -> list[str]:
+    return list(_members_of_group(pgid, field).values())
 
 
 def _builder_state(pgid: int) -> str:
@@ -224,10 +228,9 @@ def _builder_state(pgid: int) -> str:
 
 
 def _jvm_states(pgid: int) -> set[str]:
-    """The states of the build's processes other than the builder (its JVM)."""
-    states = _group_states(pgid)
-    states.remove(_builder_state(pgid))
-    return set(states)
+    """The states of the build's processes other than the builder (the group's leader, `pgid`): its JVM. Empty once
+    the build has ended."""
+    return {state for pid, state in _members_of_group(pgid).items() if pid != pgid}
 
 
 _PAUSED_BUILD_OF_A_PARENT = """
