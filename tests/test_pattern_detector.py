@@ -78,7 +78,8 @@ NO_PATID23 = {"PATID2_MIN_TXNS": 10**9, "PATID3_MIN_FEMALE_CUSTOMERS": 10**9}
 @pytest.fixture(autouse=True, params=["one_pass", "wide"])
 def shape(request, monkeypatch) -> str:
     """Every test here runs with each of the detection's two statements, whatever its batch's size: `_DETECT_SQL`
-    (small batches) and `_DETECT_WIDE_SQL` (from `WIDE_BATCH_CUTS` cuts). They must find the same rows."""
+    (small batches) and `_DETECT_WIDE_SQL` (from `WIDE_BATCH_CUTS` cuts). They must find the same detections, credited
+    to the same cuts."""
     monkeypatch.setattr(pd, "WIDE_BATCH_CUTS", 10**9 if request.param == "one_pass" else 1)
     return request.param
 
