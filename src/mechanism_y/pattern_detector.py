@@ -211,8 +211,8 @@ SELECT h.p AS pattern_id, h.c AS customer_name, merchant AS merchant_id, h.cut A
 # The same detections for a large batch (`WIDE_BATCH_CUTS` cuts or more: Y catching up on a backlog), in a shape
 # whose work grows less with the state. `_DETECT_SQL` sorts every version by merchant, then every row of the
 # expansion by (merchant, j): with 100k pairs and 20 cuts that is over a million wide rows sorted per batch. Here
-# nothing the size of the state or of the expansion is sorted; aggregates and joins are hashed, and only rows of a
-# few per merchant are windowed. Its fixed cost (more branches, hash tables, tasks) makes it slower on small
+# nothing the size of the state or of the expansion is sorted; aggregates and joins are hashed, only rows of a few
+# per merchant are windowed, and only the expansion is exchanged (`cells`). Its fixed cost (more branches, hash tables, tasks) makes it slower on small
 # batches, so lone chunks keep the one pass (bench/README.md, "ydetect"). Branches, each reading the versions
 # (re-instanced with their partitioning, see the fold's note) without a shuffle:
 #   steps       per merchant and step j (a cut; the base state, cut -1, joins step 0, which judges what already held
@@ -221,11 +221,12 @@ SELECT h.p AS pattern_id, h.c AS customer_name, merchant AS merchant_id, h.cut A
 #               F (M) payment falls in the step. T_end is T(m) after the batch; `first_step` picks one row per merchant.
 #   qualifying  the merchants with T_end > min (T only grows: no other merchant can qualify at any cut).
 #   big         their versions valid at some cut, with w(c,m) (the exact quotient of `_DETECT_SQL`, through the same
-#               join that sorts nothing); `cells` the same expanded to the cuts j each is valid at.
-#   P           per (merchant, j), hashed: T(m), P_n, P_w at cut j; joined back to `big` on the merchant and the
-#               cuts each version is valid at.
-# PatId2 is judged on every version at its own cut, PatId3 on every step; a base row replaced at cut 0 (`cut_to` =
-# 0) is never judged, its cut-0 version is.
+#               join that sorts nothing).
+#   cells       `big` expanded to the cuts j each version is valid at, and distributed by (merchant, j): the only
+#               exchange of the statement (each of its two readers exchanges the columns it reads). The versions are
+#               partitioned by merchant, and a few merchants hold most of them (the qualifying ones, by definition):
+#               without it one task did all of PatId1's work while the other cores waited (bench/README.md, "ywide").
+#   P           per (merchant, j), hashed: T(m), P_n, P_w at cut j; joined back to `cells` on (merchant, j).
 _DETECT_WIDE_SQL = """
 WITH steps AS (
   SELECT merchant, j,
@@ -250,15 +251,20 @@ big AS (
     ON qualifying.merchant = v.merchant
   WHERE v.cut_to > 0
 ),
+cells AS (
+  SELECT /*+ REPARTITION(merchant, j) */ merchant, customer, n, w,
+         explode(sequence(greatest(cut, 0), cut_to - 1)) AS j
+  FROM big
+),
 P AS (
   SELECT merchant, j, sum(n) AS T, percentile(CAST(n AS DOUBLE), :q_n) AS P_n, percentile(w, :q_w) AS P_w
-  FROM (SELECT merchant, n, w, explode(sequence(greatest(cut, 0), cut_to - 1)) AS j FROM big) AS cells
+  FROM cells
   GROUP BY merchant, j
 )
-SELECT /*+ SHUFFLE_HASH(P) */ 'PatId1' AS pattern_id, big.customer AS customer_name, big.merchant AS merchant_id,
-       P.j AS cut
-FROM big JOIN P ON P.merchant = big.merchant AND P.j >= greatest(big.cut, 0) AND P.j < big.cut_to
-WHERE P.T > :min_t AND big.n >= P.P_n - :tol * abs(P.P_n) AND big.w <= P.P_w + :tol * abs(P.P_w)
+SELECT /*+ SHUFFLE_HASH(P) */ 'PatId1' AS pattern_id, cells.customer AS customer_name, cells.merchant AS merchant_id,
+       cells.j AS cut
+FROM cells JOIN P ON P.merchant = cells.merchant AND P.j = cells.j
+WHERE P.T > :min_t AND cells.n >= P.P_n - :tol * abs(P.P_n) AND cells.w <= P.P_w + :tol * abs(P.P_w)
 UNION ALL
 SELECT 'PatId2', customer, merchant, greatest(cut, 0)
 FROM {versions}
@@ -269,11 +275,11 @@ FROM steps
 WHERE F < M AND F > :min_f
 """
 
-# From this many cuts a batch takes `_DETECT_WIDE_SQL`. Measured (bench/README.md, "ydetect"): at 1-5 cuts the one
-# pass is faster (its fixed cost is lower); at 10 cuts it is still faster below ~10k pairs, the wide shape from ~30k;
-# at 20 cuts both take the same time at 20k pairs, and the wide shape 17 % less per chunk at 100k pairs. Paced chunks
-# come in batches of 1-4; batches of 10 or more are a backlog.
-WIDE_BATCH_CUTS = 10
+# From this many cuts a batch takes `_DETECT_WIDE_SQL`. Measured, detection alone (bench/README.md, "ywide"): at 2
+# cuts the one pass is faster (0.51-0.56 s against 0.59-1.0 s at 20k pairs; its fixed cost is lower); at 5 cuts both
+# take 0.68-0.74 s at 20k pairs, and the wide shape 1.34-1.51 s against 1.83-2.30 s at 80k pairs; at 10 and 20 cuts
+# the wide shape is faster at every size measured. Paced chunks come in batches of 1-4.
+WIDE_BATCH_CUTS = 5
 
 _LATEST_SQL = "SELECT merchant, customer, n, amount_sum, has_f, has_m FROM {versions} WHERE cut_to = :k"
 
