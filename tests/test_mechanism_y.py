@@ -368,6 +368,19 @@ def test_generated_detections_match_reference_replay(generated_run):
     assert {c for p, c, _ in expected if p == "PatId3"} == {""}
 
 
+def test_a_cold_session_takes_one_chunk_first_then_full_batches(handcrafted_run):
+    """Y starts on a backlog (X ingested everything first): its first batch, cold, holds one chunk, so the first
+    processed chunk does not wait for a cold batch of Y_MAX_BATCH_CHUNKS; the rest go in full batches."""
+    run = handcrafted_run
+    batches = run.rows(
+        "SELECT count(*) FROM chunks WHERE processed_at IS NOT NULL GROUP BY y_batch_id ORDER BY min(seq)"
+    )
+    sizes = [n for (n,) in batches]
+    limit = int(HAND_ENV["Y_MAX_BATCH_CHUNKS"])
+    assert sizes[0] == 1 and len(sizes) > 2, sizes
+    assert sizes[1] == limit and max(sizes) == limit, sizes
+
+
 def test_handcrafted_detections_match_reference_replay(handcrafted_run):
     run = handcrafted_run
     expected = assert_detections_match_replay(run)
