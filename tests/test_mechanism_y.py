@@ -381,6 +381,43 @@ def test_a_cold_session_takes_one_chunk_first_then_full_batches(handcrafted_run)
     assert sizes[1] == limit and max(sizes) == limit, sizes
 
 
+def test_a_session_idle_before_its_first_chunk_still_takes_one_chunk_first(pg_server, spark, tmp_path):
+    """At CHUNK_INTERVAL_SECONDS=0 an idle Y decides against the idle warm-up (nothing is paced) and so stays
+    cold: the backlog that arrives next still starts with a batch of one chunk. Y is stopped once idle, so the
+    backlog is all there when it is asked for its next batch."""
+    from src.mechanism_y.stream_processor import StreamProcessor
+    from src.resources import open_lake
+    from src.utils.db import Database
+
+    env = {**HAND_ENV, "CHUNK_INTERVAL_SECONDS": "0"}
+    with product_run(pg_server, tmp_path, env) as run:
+        now = time.time()
+        write_csv(run.inbox / "CustomerImportance.csv", CI_HEADER, ["'C1','M1',0.50,'es_food',0"], now - 100)
+        run_x(run.settings)  # the weights only
+        db = Database(run.settings)
+        db.apply_schema()
+        stop = threading.Event()
+        processor = StreamProcessor(run.settings, db, open_lake(run.settings), spark, stop)
+        worker = threading.Thread(target=processor.run, kwargs={"drain": False}, daemon=True)
+        worker.start()
+        try:
+            deadline = time.monotonic() + 300
+            while not processor._warmed:  # idle long enough to have decided on the warm-up
+                assert worker.is_alive() and time.monotonic() < deadline, "Y never went idle"
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            worker.join(120)
+        assert not worker.is_alive()
+        try:
+            write_csv(run.inbox / "t.csv", TX_HEADER, [txn(f"C{i % 3}", "M1", "F", "10.00") for i in range(4 * B)], now)
+            run_x(run.settings)
+            assert run.rows("SELECT count(*) FROM chunks WHERE status = 'written'") == [(4,)]
+            assert [c.chunk_seq for c in processor._waiting_chunks()] == [0]
+        finally:
+            db.close()
+
+
 def test_handcrafted_detections_match_reference_replay(handcrafted_run):
     run = handcrafted_run
     expected = assert_detections_match_replay(run)

@@ -135,7 +135,8 @@ class StreamProcessor:
         self._prepared = False
         self._state_table: pa.Table | None = None  # read by `prepare`, handed to Spark by `_load_state`
         self._prefetched_weights: tuple[int, pa.Table] | None = None
-        self._warmed = False
+        self._warmed = False  # no idle warm-up from now on: a batch or a warm-up ran, or it was decided against
+        self._spark_cold = True  # no batch and no warm-up has been through Spark yet in this session
         self._problem: tuple[object, object] | None = None  # (session, `problem_column()`): built once per session
         self._idle_since: float | None = None
         self.holder = ledger.holder_id()
@@ -342,7 +343,7 @@ class StreamProcessor:
         batch pays Spark's first plans, code generation and JIT whatever its size, so a backlog found at start
         shows its first processed chunk after a cold batch of one chunk (2-3 s on 2 cores) rather than of
         `Y_MAX_BATCH_CHUNKS` (7-11 s); the backlog then goes in full batches (bench/README.md, "ywide")."""
-        limit = 1 if self._isolate or not self._warmed else self.settings.y_max_batch_chunks
+        limit = 1 if self._isolate or self._spark_cold else self.settings.y_max_batch_chunks
         return ledger.waiting_chunks(self.db, limit)
 
     @staticmethod
@@ -423,6 +424,7 @@ class StreamProcessor:
                 if self.stop.is_set():
                     break
                 self._warmed = True  # this batch warms Spark up: no made-up chunk after it
+                self._spark_cold = False
                 self._idle_since = None
                 self.archive_build.pause()
                 self._process_or_count(batch)
@@ -566,6 +568,7 @@ class StreamProcessor:
             path.unlink(missing_ok=True)
             if done is not None:
                 done.versions.unpersist()
+        self._spark_cold = False
         log.info("Spark warmed up in %.1f s, while idle", time.perf_counter() - t0, extra={"event": "y_warmed_up"})
         return True
 
