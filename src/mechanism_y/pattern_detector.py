@@ -212,9 +212,10 @@ SELECT h.p AS pattern_id, h.c AS customer_name, merchant AS merchant_id, h.cut A
 # whose work grows less with the state. `_DETECT_SQL` sorts every version by merchant, then every row of the
 # expansion by (merchant, j): with 100k pairs and 20 cuts that is over a million wide rows sorted per batch. Here
 # nothing the size of the state or of the expansion is sorted; aggregates and joins are hashed, only rows of a few
-# per merchant are windowed, and only the expansion is exchanged (`cells`). Its fixed cost (more branches, hash tables, tasks) makes it slower on small
-# batches, so lone chunks keep the one pass (bench/README.md, "ydetect"). Branches, each reading the versions
-# (re-instanced with their partitioning, see the fold's note) without a shuffle:
+# per merchant are windowed, and only the expansion is exchanged (`cells`). Its fixed cost (more branches, hash
+# tables, tasks) makes it slower on small batches, so lone chunks keep the one pass (bench/README.md, "ydetect",
+# "ywide"). Branches, each reading the versions (re-instanced with their partitioning, see the fold's note) without
+# a shuffle:
 #   steps       per merchant and step j (a cut; the base state, cut -1, joins step 0, which judges what already held
 #               on it): T(m), F(m), M(m) after the step, cumulated over a hash aggregate of a few rows per merchant.
 #               T adds up the versions' increments `dn` (a base row's is its n); F and M count the pairs whose first
@@ -227,6 +228,8 @@ SELECT h.p AS pattern_id, h.c AS customer_name, merchant AS merchant_id, h.cut A
 #               partitioned by merchant, and a few merchants hold most of them (the qualifying ones, by definition):
 #               without it one task did all of PatId1's work while the other cores waited (bench/README.md, "ywide").
 #   P           per (merchant, j), hashed: T(m), P_n, P_w at cut j; joined back to `cells` on (merchant, j).
+# PatId2 is judged on every version at its own cut, PatId3 on every step; a base row replaced at cut 0 (`cut_to` =
+# 0) is never judged, its cut-0 version is.
 _DETECT_WIDE_SQL = """
 WITH steps AS (
   SELECT merchant, j,
@@ -277,7 +280,7 @@ WHERE F < M AND F > :min_f
 
 # From this many cuts a batch takes `_DETECT_WIDE_SQL`. Measured, detection alone (bench/README.md, "ywide"): at 2
 # cuts the one pass is faster (0.51-0.56 s against 0.59-1.0 s at 20k pairs; its fixed cost is lower); at 5 cuts both
-# take 0.68-0.74 s at 20k pairs, and the wide shape 1.34-1.51 s against 1.83-2.30 s at 80k pairs; at 10 and 20 cuts
+# take 0.68-0.77 s at 20k pairs, and the wide shape 1.34-1.51 s against 1.83-2.30 s at 80k pairs; at 10 and 20 cuts
 # the wide shape is faster at every size measured. Paced chunks come in batches of 1-4.
 WIDE_BATCH_CUTS = 5
 
