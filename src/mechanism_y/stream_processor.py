@@ -341,8 +341,8 @@ class StreamProcessor:
 
         One at a time after a failed batch (to find its chunk), and for the first batch of a cold session: that
         batch pays Spark's first plans, code generation and JIT whatever its size, so a backlog found at start
-        shows its first processed chunk after a cold batch of one chunk (2-3 s on 2 cores) rather than of
-        `Y_MAX_BATCH_CHUNKS` (7-11 s); the backlog then goes in full batches (bench/README.md, "ywide")."""
+        shows its first processed chunk after a cold batch of one chunk (3.2-3.3 s on 2 cores, quiet) rather than
+        of `Y_MAX_BATCH_CHUNKS` (6.8-10.4 s); the backlog then goes in full batches (bench/README.md, "ywide")."""
         limit = 1 if self._isolate or self._spark_cold else self.settings.y_max_batch_chunks
         return ledger.waiting_chunks(self.db, limit)
 
