@@ -821,6 +821,84 @@ def test_chunks_without_staged_rows_go_through_the_driver_and_match_the_referenc
         assert run.rows("SELECT count(*) FROM staged_rows") == [(0,)]
 
 
+def test_a_commit_runs_beside_the_next_pass_and_a_refused_one_undoes_the_pass_folded_onto_it(
+    pg_server, spark, tmp_path
+):
+    """Issue 12: Y commits a batch on its commit thread while the next batch's Spark pass runs, and that pass folds
+    onto the versions of the batch still committing. PostgreSQL refuses one commit, once (a trigger on `chunks`
+    raises the server's own error): the pass folded onto it is dropped, Y's state goes back to the last commit,
+    and both chunks come again. Another chunk's staged rows are not its object's: its commit fails the check, the
+    chunk goes again at once through the driver (that commit alone, not beside a pass), and the pass folded onto
+    it is dropped too. The detections are still the reference's, each at its chunk, and Spark's state,
+    `y_state`, `transactions` and the source rows agree."""
+    from src.mechanism_y.stream_processor import StreamProcessor
+    from src.sample_data import generate
+
+    passes: list[int] = []  # the first chunk of each Spark pass's batch, in order
+    commits: list[tuple[int, str, bool, bool]] = []  # (first chunk, thread, beside the next pass, committed)
+    pass_started = threading.Condition()
+
+    class ObservedProcessor(StreamProcessor):
+        """The product's processor. Each commit first waits (up to 2 s) for the pass of a later batch to start
+        after its own batch's pass: beside the next pass, that pass starts at once (or has already); a commit
+        made before the next pass begins would wait in vain."""
+
+        def _spark_pass(self, batch, *args, **kwargs):
+            with pass_started:
+                passes.append(batch[0].seq)
+                pass_started.notify_all()
+            return super()._spark_pass(batch, *args, **kwargs)
+
+        def _commit(self, batch_id, batch, *args):
+            with pass_started:
+                own = max(i for i, first in enumerate(passes) if first == batch[0].seq)
+                beside = pass_started.wait_for(lambda: any(s > batch[-1].seq for s in passes[own + 1 :]), 2.0)
+            ok = False
+            try:
+                super()._commit(batch_id, batch, *args)
+                ok = True
+            finally:
+                commits.append((batch[0].seq, threading.current_thread().name, beside, ok))
+
+    with product_run(pg_server, tmp_path, GENERATED_ENV) as run:
+        generate(run.inbox, rows=GENERATED_ROWS, seed=GENERATED_SEED)
+        run_x(run.settings)
+        seqs = [s for (s,) in run.rows("SELECT seq FROM chunks WHERE status = 'written' ORDER BY seq")]
+        refused, after, replaced = seqs[4], seqs[5], seqs[8]
+        with run.conn.cursor() as cur:
+            cur.execute(
+                "UPDATE staged_rows SET amount = amount + 1 WHERE seq = %s "
+                "AND source_line = (SELECT min(source_line) FROM staged_rows WHERE seq = %s)",
+                (replaced, replaced),
+            )
+            assert cur.rowcount == 1
+            cur.execute("CREATE SEQUENCE refusals")
+            cur.execute(
+                "CREATE FUNCTION refuse_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF NEW.seq = {refused} AND nextval('refusals') = 1 THEN "
+                "RAISE EXCEPTION 'the test refuses the commit of chunk % once', NEW.seq; END IF; RETURN NEW; END $$"
+            )
+            cur.execute(
+                "CREATE TRIGGER refuse_once BEFORE UPDATE OF processed_at ON chunks FOR EACH ROW "
+                "WHEN (NEW.processed_at IS NOT NULL) EXECUTE FUNCTION refuse_once()"
+            )
+
+        run.spark_state = run_y(run.settings, spark, ObservedProcessor)
+
+        assert [c[0] for c in commits if not c[3]] == [refused, replaced], commits
+        assert {c[1].split("_")[0] for c in commits} == {"y-commit"}, commits  # never on the loop's own thread
+        # Every commit ran beside the pass of the batch after it, but the driver path's and the last one.
+        assert [(c[0], c[3]) for c in commits if not c[2]] == [(replaced, True), (seqs[-1], True)], commits
+        # Each failed commit had the next chunk's pass folded onto it: that pass was dropped and the chunk went again.
+        assert passes.count(after) == 2 and passes.count(refused) == 2, passes
+        assert passes.count(seqs[9]) == 2 and passes.count(replaced) == 2, passes
+        assert run.rows("SELECT count(*) FROM staged_rows") == [(0,)]
+        assert run.rows("SELECT count(*) FROM chunks WHERE processed_at IS NULL") == [(0,)]
+        assert_detections_match_replay(run)
+        assert_state_matches_sources(run)
+        assert_state_matches_transactions(run)
+
+
 def test_warm_lone_batches_compile_no_new_code(pg_server, spark, tmp_path):
     """Spark generates Java for each batch's plans and compiles it with Janino unless its cache already holds the
     same code: a per-batch literal that reached the generated code (the batch's file names, the number of cuts, a

@@ -9,10 +9,12 @@ catches up without paying Spark's per-job cost per chunk. The action returns to 
 detections, each chunk's counts and its rejected rows: the rows themselves reach `transactions` from the
 copy X staged with each chunk's ledger record (`staged_rows`). Y then commits in ONE PostgreSQL
 transaction: the staged rows published (minus the rejected) and folded into `y_state`, the new
-detections and every chunk's processed mark. A crash before the commit leaves no trace, so the batch is
-done again from the state of the previous commit; after it, none of its chunks is ever redone. Chunks
-without staged rows (recorded by an older X) and chunks repeating a row id take the driver path: their
-rows are collected, and the commit loads them.
+detections and every chunk's processed mark. The commit runs on a thread of its own, beside the next
+batch's Spark pass, which folds onto the committing batch's versions; a failed commit undoes that pass
+too (`process_batch`). A crash before the commit leaves no trace, so the batch is done again from the
+state of the previous commit; after it, none of its chunks is ever redone. Chunks without staged rows
+(recorded by an older X) and chunks repeating a row id take the driver path: their rows are collected,
+and the commit loads them.
 
     python -m src.mechanism_y.stream_processor [--drain]
 """
@@ -20,6 +22,7 @@ rows are collected, and the commit loads them.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import logging
 import os
@@ -27,7 +30,8 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Callable, TypeVar
@@ -147,6 +151,9 @@ class StreamProcessor:
         self._standby_warm_up: threading.Thread | None = None
         # Rows the last batch's Spark work returned to this driver: hits, per-chunk summaries and rejected rows.
         self.rows_to_driver = 0
+        self._pending: _Computed | None = None  # a batch whose Spark pass is done, waiting for its commit
+        self._in_flight: tuple[_Computed, Future] | None = None  # a batch committing on the commit thread
+        self._committer: ThreadPoolExecutor | None = None
         self.archive_build = BackgroundBuild(settings)  # runs only while Y is idle (`_run`)
 
     # ---------------------------------------------------------------- start-up
@@ -344,7 +351,10 @@ class StreamProcessor:
         shows its first processed chunk after a cold batch of one chunk (3.2-3.3 s on 2 cores, quiet) rather than
         of `Y_MAX_BATCH_CHUNKS` (6.8-10.4 s); the backlog then goes in full batches (bench/README.md, "ywide")."""
         limit = 1 if self._isolate or self._spark_cold else self.settings.y_max_batch_chunks
-        return ledger.waiting_chunks(self.db, limit)
+        if self._pending is None:
+            return ledger.waiting_chunks(self.db, limit)
+        last = self._pending.batch[-1].seq  # the batch waiting for its commit is not waiting for Spark
+        return [c for c in ledger.waiting_chunks(self.db, limit + len(self._pending.batch)) if c.seq > last][:limit]
 
     @staticmethod
     def _ready_prefix(rows: list[ChunkRef]) -> list[ChunkRef]:
@@ -397,6 +407,9 @@ class StreamProcessor:
                 if x_finished():  # main.py --drain: the supervisor's mark that X has ingested everything
                     self.drain_requested.set()
                 draining = drain or self.drain_requested.is_set()
+                if not batch and self._pending is not None:
+                    self._process_or_count(self._pending.batch, self.commit_pending)  # nothing to overlap it with
+                    continue
                 if not batch:
                     self._refresh_weights()  # while idle, so the next chunk does not wait for a reload
                     if draining and not waiting and (self.drain_requested.is_set() or not self._x_busy()):
@@ -427,21 +440,30 @@ class StreamProcessor:
                 self._spark_cold = False
                 self._idle_since = None
                 self.archive_build.pause()
-                self._process_or_count(batch)
+                self._process_or_count(batch, functools.partial(self.process_batch, batch))
             return 0
         finally:
+            self.drop_pending()
+            if self._committer is not None:
+                self._committer.shutdown(wait=True)
+                self._committer = None
             try:
                 self.writer.tick(final=True)
             finally:
                 if self._listen is not None:
                     self._listen.close()
 
-    def _process_or_count(self, batch: list[ChunkRef]) -> None:
-        """Process a batch; a transient fault is waited out, any other failure is pinned on one chunk and
-        counted, so a poison chunk is failed after MAX_ATTEMPTS instead of wedging every later chunk."""
+    def _process_or_count(self, batch: list[ChunkRef], step: Callable[[], object]) -> None:
+        """`step()`: process `batch` (and commit the one before it), or commit the batch waiting for its commit. A
+        transient fault is waited out, any other failure is pinned on one chunk and counted, so a poison chunk
+        is failed after MAX_ATTEMPTS instead of wedging every later chunk. A failed commit is its own batch's
+        failure (`_BatchFailed`), whichever batch's step it came in."""
         try:
-            self.process_batch(batch)
-        except Exception as exc:  # noqa: BLE001 - sorted below: transient, or counted against a chunk
+            step()
+        except Exception as raised:  # noqa: BLE001 - sorted below: transient, or counted against a chunk
+            exc = raised
+            if isinstance(raised, _BatchFailed):
+                batch, exc = raised.batch, raised.cause
             if self.stop.is_set():
                 log.info("batch from chunk %d abandoned: stopping (%s)", batch[0].seq, brief(exc))
                 return
@@ -470,7 +492,6 @@ class StreamProcessor:
             self._chunk_attempt_failed(batch[0], exc)
             return
         self._fault_delay = 0.0
-        self._isolate = False
 
     def _cancel_jobs_on_stop(self) -> None:
         """After a stop request, cancel Spark's jobs for a while: also those submitted after the first cancel,
@@ -695,6 +716,7 @@ class StreamProcessor:
         except Exception as exc:  # noqa: BLE001 - the object may be bad; find out which before giving up
             if self.stop.is_set():
                 raise
+            self._settle()  # the commit in flight first: the failure handling below uses PostgreSQL too
             if self._fail_unreadable(batch, exc):
                 raise _ChunksFailed from exc
             if read_only or any(name in str(exc) for name in names):
@@ -718,7 +740,16 @@ class StreamProcessor:
         return self._reading(batch, names, lambda: self._driver_pass(scan, names), read_only=False)
 
     def process_batch(self, batch: list[ChunkRef]) -> int:
-        """Fold, judge and commit the chunks of `batch` (consecutive in the ledger); returns new detections.
+        """Fold and judge the chunks of `batch` (consecutive in the ledger, after the batch waiting for its commit,
+        if any) in Spark while that previous batch commits on the commit thread; returns the previous batch's new
+        detections.
+
+        The batch's own commit waits (`_pending`): the next batch hands it to the commit thread once that batch
+        has asked PostgreSQL what it needs, so one connection serves both threads in turn, and the commit
+        (PostgreSQL's CPU) runs beside the next batch's Spark pass (the JVM's). With no next batch, the loop
+        commits it at once (`commit_pending`). The next batch folds onto this one's versions before its commit
+        is confirmed: if that commit fails, Y's state goes back to the last committed one (`_settle`), the next
+        batch's pass is dropped, and both come again.
 
         Chunks X staged (all, from a current X) take the single pass: one Spark action, and their rows reach
         `transactions` from the staging, inside the commit. A chunk not staged, or repeating a row id, sends its
@@ -726,58 +757,135 @@ class StreamProcessor:
         t0 = time.perf_counter()
         names = [c.key.rsplit("/", 1)[-1] for c in batch]
         uris = [self.store.spark_uri(c.key) for c in batch]
+        committed: int | None = 0
         try:
             scan = self._reading(batch, names, lambda: self._scan(uris, names), read_only=True)
             staged = len(ledger.staged_chunks(self.db, [c.seq for c in batch])) == len(batch)
             t_read = time.perf_counter()
             self._stop_point()
-            batch_id = uuid.uuid4().hex[:16]
-            while True:
+            self._submit_pending()  # PostgreSQL is the commit thread's until `_settle`
+            try:
                 done = self._spark_pass(batch, names, scan, staged=staged)
-                t_spark = time.perf_counter()
+            except BaseException:
+                self._settle()  # a failed commit of the previous batch is the failure to handle first
+                raise
+            t_spark = time.perf_counter()
+            try:
+                committed = self._settle()
                 self._stop_point()
-                new = sorted((cut, key) for key, cut in done.found.items() if key not in self.emitted)
-                if done.rejected.num_rows:
-                    self._write_rejected_objects(batch, done.rejected)  # before the commit: same bytes on a redo
-                try:
-                    self._commit(batch_id, batch, done, new)
-                    break
-                except _StagingMismatch as exc:
-                    done.versions.unpersist()
-                    staged = False
-                    log.warning(
-                        "%s; the batch goes through the driver, from the objects",
-                        exc,
-                        extra={"event": "batch_driver_path", "chunk_id": batch[0].seq},
-                    )
+            except BaseException:
+                done.versions.unpersist()
+                raise
+            if committed is None:  # the previous batch went again, through the driver: this pass folded onto
+                done.versions.unpersist()  # versions that are gone, and this batch comes again next round
+                return 0
+            self._hold(_Computed(batch, uuid.uuid4().hex[:16], done, t0, t_read, t_spark))
         except _ChunksFailed:
-            return 0
-        t_commit = time.perf_counter()
-        self._after_commit(batch, batch_id, done, new, (t0, t_read, done.planned, t_spark, t_commit))
-        return len(new)
+            return committed or 0
+        return committed
 
-    def _after_commit(
-        self, batch: list[ChunkRef], batch_id: str, done: _Pass, new: list, times: tuple[float, ...]
-    ) -> None:
-        """The committed batch becomes Y's state in Spark; its chunks are logged and measured."""
-        t0, t_read, t_fold, t_spark, t_commit = times
+    def _hold(self, c: _Computed) -> None:
+        """A batch whose Spark pass is done waits for its commit. Its versions become the state the next batch
+        folds onto; the committed versions are kept until its commit is confirmed."""
+        c.new = sorted((cut, key) for key, cut in c.done.found.items() if key not in self.emitted)
+        if c.done.rejected.num_rows:
+            self._write_rejected_objects(c.batch, c.done.rejected)  # before the commit: same bytes on a redo
+        c.previous = self.state
+        self.state = patterns.latest_state(c.done.versions, len(c.batch))
+        self.rows_to_driver = c.done.rows_to_driver
+        self._pending = c
+
+    def commit_pending(self) -> int | None:
+        """Commit the batch waiting for its commit, if any, and wait for it: its new detections (None: the batch
+        went through the driver path instead, see `_settle`)."""
+        self._submit_pending()
+        return self._settle()
+
+    def drop_pending(self) -> None:
+        """Forget the batch waiting for its commit (Y stops): it was never committed, so the next start does it
+        again from the committed state."""
+        c, self._pending = self._pending, None
+        if c is not None:
+            c.done.versions.unpersist()
+            self.state = c.previous
+
+    def _submit_pending(self) -> None:
+        c, self._pending = self._pending, None
+        if c is None:
+            return
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="y-commit")
+        self._in_flight = (c, self._committer.submit(self._timed_commit, c))
+
+    def _timed_commit(self, c: _Computed) -> tuple[float, float, datetime]:
+        started = time.perf_counter()
+        self._commit(c.batch_id, c.batch, c.done, c.new)
+        return started, time.perf_counter(), datetime.now(timezone.utc)
+
+    def _settle(self) -> int | None:
+        """Wait for the commit in flight, if any. Committed: its batch becomes Y's committed state, and is logged
+        and measured; returns its new detections. Failed: Y's state goes back to the last committed one (the
+        caller drops the pass folded onto it since) and the failure is raised for the failed batch
+        (`_BatchFailed`), except a staging mismatch: that batch goes again at once, through the driver, and None
+        is returned."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return 0
+        c, future = flight
+        waited = time.perf_counter()
+        try:
+            started, ended, finished = future.result()
+        except BaseException as exc:
+            c.done.versions.unpersist()
+            self.state = c.previous
+            if isinstance(exc, _StagingMismatch) and not self.stop.is_set():
+                log.warning(
+                    "%s; the batch goes through the driver, from the objects",
+                    exc,
+                    extra={"event": "batch_driver_path", "chunk_id": c.batch[0].seq},
+                )
+                self._redo_on_driver_path(c)
+                return None
+            raise _BatchFailed(c.batch, exc) from exc
+        # Y's own time for the batch: its Spark pass and the part of its commit Y waited for; the rest ran beside
+        # the next batch's pass.
+        self._after_commit(c, ended - started, time.perf_counter() - max(waited, started), finished)
+        return len(c.new)
+
+    def _redo_on_driver_path(self, c: _Computed) -> None:
+        """A batch whose staged rows were not its objects' rows, again from the committed state with its rows
+        through the driver, and committed before anything else."""
+        names = [x.key.rsplit("/", 1)[-1] for x in c.batch]
+        uris = [self.store.spark_uri(x.key) for x in c.batch]
+        t0 = time.perf_counter()
+        scan = self._reading(c.batch, names, lambda: self._scan(uris, names), read_only=True)
+        t_read = time.perf_counter()
+        done = self._spark_pass(c.batch, names, scan, staged=False)
+        self._hold(_Computed(c.batch, c.batch_id, done, t0, t_read, time.perf_counter()))
+        self.commit_pending()
+
+    def _after_commit(self, computed: _Computed, commit_s: float, visible_s: float, finished: datetime) -> None:
+        """The committed batch becomes Y's committed state; its chunks are logged and measured."""
+        batch, batch_id, done, new = computed.batch, computed.batch_id, computed.done, computed.new
+        t0, t_read, t_fold, t_spark = computed.started, computed.read, done.planned, computed.spark
         k = len(batch)
         if self._versions is not None:
             self._versions.unpersist()
         self._versions = done.versions
-        self.state = patterns.latest_state(done.versions, k)
-        self.rows_to_driver = done.rows_to_driver
         self.emitted.update(key for _, key in new)
         self.writer.note_new(len(new))
-        finished = datetime.now(timezone.utc)
-        metrics.observe_batch(t_read - t0, t_fold - t_read, t_spark - t_fold, t_commit - t_spark)
+        if k == 1:
+            self._isolate = False  # a lone chunk went through: back to full batches
+        metrics.observe_batch(t_read - t0, t_fold - t_read, t_spark - t_fold, commit_s)
+        t_commit = t_spark + visible_s  # Y's own time: the pass, and the part of the commit Y waited for
         for i, c in enumerate(batch):
             here = [key for cut, key in new if cut == i]
             if c.written_at is not None:
                 metrics.observe_chunk_latency((finished - c.written_at).total_seconds())
             log.info(
                 "chunk %d (%s-%06d): %d rows, %d rejected, %d new detection(s) %s, latency %.3f s "
-                "[batch of %d: %.0f ms in Y (read %.0f, fold %.0f, detect %.0f, commit %.0f)]",
+                "[batch of %d: %.0f ms in Y (read %.0f, fold %.0f, detect %.0f, commit %.0f)] "
+                "[commit %.0f ms, %.0f of them beside the next batch's pass]",
                 c.seq,
                 c.file_id,
                 c.chunk_seq,
@@ -792,6 +900,8 @@ class StreamProcessor:
                 (t_fold - t_read) * 1000,
                 (t_spark - t_fold) * 1000,
                 (t_commit - t_spark) * 1000,
+                commit_s * 1000,
+                max(0.0, commit_s - visible_s) * 1000,
                 extra={
                     "event": "chunk_processed",
                     "file_id": c.file_id,
@@ -993,6 +1103,29 @@ class _Pass:
     clean_amounts: list[Decimal] | None  # single pass: per chunk, the sum of the clean rows' amounts
     rows_to_driver: int
     planned: float  # perf_counter when the Spark plans were built and the work began
+
+
+@dataclass
+class _Computed:
+    """A batch whose Spark pass is done, waiting for its commit (`StreamProcessor._hold`)."""
+
+    batch: list[ChunkRef]
+    batch_id: str
+    done: _Pass
+    started: float  # perf_counter at the batch's start
+    read: float  # ... once its objects' scan was planned
+    spark: float  # ... once its Spark pass was done
+    new: list[tuple[int, tuple[str, str, str]]] = field(default_factory=list)  # (cut, key) of its new detections
+    previous: object = None  # Y's state before it: the state again if its commit fails
+
+
+class _BatchFailed(Exception):
+    """The commit of `batch` failed (`cause`): handled as a failure of that batch, not of the one after it."""
+
+    def __init__(self, batch: list[ChunkRef], cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.batch = batch
+        self.cause = cause
 
 
 class _ChunksFailed(Exception):
