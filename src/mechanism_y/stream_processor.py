@@ -460,6 +460,8 @@ class StreamProcessor:
         failure (`_BatchFailed`), whichever batch's step it came in."""
         try:
             step()
+        except _ChunksFailed:
+            return  # a bad object was failed and quarantined; the other chunks come next round
         except Exception as raised:  # noqa: BLE001 - sorted below: transient, or counted against a chunk
             exc = raised
             if isinstance(raised, _BatchFailed):
