@@ -822,7 +822,7 @@ def test_chunks_without_staged_rows_go_through_the_driver_and_match_the_referenc
 
 
 def test_a_commit_runs_beside_the_next_pass_and_a_refused_one_undoes_the_pass_folded_onto_it(
-    pg_server, spark, tmp_path
+    pg_server, spark, tmp_path, caplog
 ):
     """Issue 12: Y commits a batch on its commit thread while the next batch's Spark pass runs, and that pass folds
     onto the versions of the batch still committing. PostgreSQL refuses one commit, once (a trigger on `chunks`
@@ -830,7 +830,8 @@ def test_a_commit_runs_beside_the_next_pass_and_a_refused_one_undoes_the_pass_fo
     and both chunks come again. Another chunk's staged rows are not its object's: its commit fails the check, the
     chunk goes again at once through the driver (that commit alone, not beside a pass), and the pass folded onto
     it is dropped too. The detections are still the reference's, each at its chunk, and Spark's state,
-    `y_state`, `transactions` and the source rows agree."""
+    `y_state`, `transactions` and the source rows agree. Each chunk is logged as processed by the commit thread,
+    once committed, not after the next pass."""
     from src.mechanism_y.stream_processor import StreamProcessor
     from src.sample_data import generate
 
@@ -883,6 +884,7 @@ def test_a_commit_runs_beside_the_next_pass_and_a_refused_one_undoes_the_pass_fo
                 "WHEN (NEW.processed_at IS NOT NULL) EXECUTE FUNCTION refuse_once()"
             )
 
+        caplog.set_level(logging.INFO, logger="src.mechanism_y.stream_processor")
         run.spark_state = run_y(run.settings, spark, ObservedProcessor)
 
         assert [c[0] for c in commits if not c[3]] == [refused, replaced], commits
@@ -894,6 +896,9 @@ def test_a_commit_runs_beside_the_next_pass_and_a_refused_one_undoes_the_pass_fo
         assert passes.count(seqs[9]) == 2 and passes.count(replaced) == 2, passes
         assert run.rows("SELECT count(*) FROM staged_rows") == [(0,)]
         assert run.rows("SELECT count(*) FROM chunks WHERE processed_at IS NULL") == [(0,)]
+        logged = [r for r in caplog.records if getattr(r, "event", None) == "chunk_processed"]
+        assert sorted(r.chunk_id for r in logged) == seqs, logged  # each chunk once: a dropped pass logs nothing
+        assert {r.threadName.split("_")[0] for r in logged} == {"y-commit"}
         assert_detections_match_replay(run)
         assert_state_matches_sources(run)
         assert_state_matches_transactions(run)

@@ -154,6 +154,7 @@ class StreamProcessor:
         self._pending: _Computed | None = None  # a batch whose Spark pass is done, waiting for its commit
         self._in_flight: tuple[_Computed, Future] | None = None  # a batch committing on the commit thread
         self._committer: ThreadPoolExecutor | None = None
+        self._settle_waiting: float | None = None  # perf_counter since which the loop waits for the commit
         self.archive_build = BackgroundBuild(settings)  # runs only while Y is idle (`_run`)
 
     # ---------------------------------------------------------------- start-up
@@ -819,10 +820,20 @@ class StreamProcessor:
             self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="y-commit")
         self._in_flight = (c, self._committer.submit(self._timed_commit, c))
 
-    def _timed_commit(self, c: _Computed) -> tuple[float, float, datetime]:
+    def _timed_commit(self, c: _Computed) -> None:
+        """On the commit thread: the batch's commit, then its log lines and measures, as soon as it is committed
+        (the loop may still be in the next batch's pass)."""
         started = time.perf_counter()
         self._commit(c.batch_id, c.batch, c.done, c.new)
-        return started, time.perf_counter(), datetime.now(timezone.utc)
+        ended = time.perf_counter()
+        # Y's own time for the batch: its pass, and the part of its commit the loop waited for (from `_settle`);
+        # the rest ran beside the next batch's pass.
+        waiting = self._settle_waiting
+        visible = ended - max(started, waiting) if waiting is not None else 0.0
+        try:
+            self._log_batch(c, ended - started, visible, datetime.now(timezone.utc))
+        except Exception:  # the batch is committed whatever happens to its log lines and report
+            log.exception("batch from chunk %d committed, but logging it failed", c.batch[0].seq)
 
     def _settle(self) -> int | None:
         """Wait for the commit in flight, if any. Committed: its batch becomes Y's committed state, and is logged
@@ -834,9 +845,9 @@ class StreamProcessor:
         if flight is None:
             return 0
         c, future = flight
-        waited = time.perf_counter()
+        self._settle_waiting = time.perf_counter()
         try:
-            started, ended, finished = future.result()
+            future.result()
         except BaseException as exc:
             c.done.versions.unpersist()
             self.state = c.previous
@@ -849,9 +860,9 @@ class StreamProcessor:
                 self._redo_on_driver_path(c)
                 return None
             raise _BatchFailed(c.batch, exc) from exc
-        # Y's own time for the batch: its Spark pass and the part of its commit Y waited for; the rest ran beside
-        # the next batch's pass.
-        self._after_commit(c, ended - started, time.perf_counter() - max(waited, started), finished)
+        finally:
+            self._settle_waiting = None
+        self._promote(c)
         return len(c.new)
 
     def _redo_on_driver_path(self, c: _Computed) -> None:
@@ -866,18 +877,21 @@ class StreamProcessor:
         self._hold(_Computed(c.batch, c.batch_id, done, t0, t_read, time.perf_counter()))
         self.commit_pending()
 
-    def _after_commit(self, computed: _Computed, commit_s: float, visible_s: float, finished: datetime) -> None:
-        """The committed batch becomes Y's committed state; its chunks are logged and measured."""
+    def _promote(self, c: _Computed) -> None:
+        """A committed batch becomes Y's committed state: its versions, its detections."""
+        if self._versions is not None:
+            self._versions.unpersist()
+        self._versions = c.done.versions
+        self.emitted.update(key for _, key in c.new)
+        self.writer.note_new(len(c.new))
+        if len(c.batch) == 1:
+            self._isolate = False  # a lone chunk went through: back to full batches
+
+    def _log_batch(self, computed: _Computed, commit_s: float, visible_s: float, finished: datetime) -> None:
+        """A committed batch's chunks, logged and measured."""
         batch, batch_id, done, new = computed.batch, computed.batch_id, computed.done, computed.new
         t0, t_read, t_fold, t_spark = computed.started, computed.read, done.planned, computed.spark
         k = len(batch)
-        if self._versions is not None:
-            self._versions.unpersist()
-        self._versions = done.versions
-        self.emitted.update(key for _, key in new)
-        self.writer.note_new(len(new))
-        if k == 1:
-            self._isolate = False  # a lone chunk went through: back to full batches
         metrics.observe_batch(t_read - t0, t_fold - t_read, t_spark - t_fold, commit_s)
         t_commit = t_spark + visible_s  # Y's own time: the pass, and the part of the commit Y waited for
         for i, c in enumerate(batch):
