@@ -857,7 +857,12 @@ class StreamProcessor:
                     exc,
                     extra={"event": "batch_driver_path", "chunk_id": c.batch[0].seq},
                 )
-                self._redo_on_driver_path(c)
+                try:
+                    self._redo_on_driver_path(c)
+                except (_BatchFailed, _ChunksFailed):
+                    raise
+                except Exception as again:  # that batch's failure, whichever batch's step it came in
+                    raise _BatchFailed(c.batch, again) from again
                 return None
             raise _BatchFailed(c.batch, exc) from exc
         finally:
