@@ -836,9 +836,9 @@ class StreamProcessor:
             log.exception("batch from chunk %d committed, but logging it failed", c.batch[0].seq)
 
     def _settle(self) -> int | None:
-        """Wait for the commit in flight, if any. Committed: its batch becomes Y's committed state, and is logged
-        and measured; returns its new detections. Failed: Y's state goes back to the last committed one (the
-        caller drops the pass folded onto it since) and the failure is raised for the failed batch
+        """Wait for the commit in flight, if any. Committed (and logged by the commit thread): its batch becomes
+        Y's committed state; returns its new detections. Failed: Y's state goes back to the last committed one
+        (the caller drops the pass folded onto it since) and the failure is raised for the failed batch
         (`_BatchFailed`), except a staging mismatch: that batch goes again at once, through the driver, and None
         is returned."""
         flight, self._in_flight = self._in_flight, None
