@@ -610,6 +610,12 @@ class StreamProcessor:
         if self.settings.chunk_interval_seconds > 0 and self.weights is not None:
             self.warm_up(abandon=lambda: self.stop.is_set() or bool(self._waiting_chunks()))
 
+    def _scan_batch(self, batch: list[ChunkRef]) -> tuple[list[str], object]:
+        """The batch's objects' file names and their annotated scan (`_scan`), planned through `_reading`."""
+        names = [c.key.rsplit("/", 1)[-1] for c in batch]
+        uris = [self.store.spark_uri(c.key) for c in batch]
+        return names, self._reading(batch, names, lambda: self._scan(uris, names), read_only=True)
+
     def _scan(self, uris: list[str], names: list[str]):
         """The annotated Spark read of the objects at `uris`, whose file names are `names`, in ONE projection (each
         DataFrame step is analysed on the driver as it is built): `_problem` (`annotate_problems`), `_cut` the
@@ -758,11 +764,9 @@ class StreamProcessor:
         `transactions` from the staging, inside the commit. A chunk not staged, or repeating a row id, sends its
         batch down the driver path, the way every batch went before the staging."""
         t0 = time.perf_counter()
-        names = [c.key.rsplit("/", 1)[-1] for c in batch]
-        uris = [self.store.spark_uri(c.key) for c in batch]
         committed: int | None = 0
         try:
-            scan = self._reading(batch, names, lambda: self._scan(uris, names), read_only=True)
+            names, scan = self._scan_batch(batch)
             staged = len(ledger.staged_chunks(self.db, [c.seq for c in batch])) == len(batch)
             t_read = time.perf_counter()
             self._stop_point()
@@ -873,10 +877,8 @@ class StreamProcessor:
     def _redo_on_driver_path(self, c: _Computed) -> None:
         """A batch whose staged rows were not its objects' rows, again from the committed state with its rows
         through the driver, and committed before anything else."""
-        names = [x.key.rsplit("/", 1)[-1] for x in c.batch]
-        uris = [self.store.spark_uri(x.key) for x in c.batch]
         t0 = time.perf_counter()
-        scan = self._reading(c.batch, names, lambda: self._scan(uris, names), read_only=True)
+        names, scan = self._scan_batch(c.batch)
         t_read = time.perf_counter()
         done = self._spark_pass(c.batch, names, scan, staged=False)
         self._hold(_Computed(c.batch, c.batch_id, done, t0, t_read, time.perf_counter()))
