@@ -506,12 +506,13 @@ class ChunkRef:
     attempts: int
 
 
-def waiting_chunks(db: Database, limit: int) -> list[ChunkRef]:
-    """The next unprocessed chunks in ledger order (pending ones included: a batch stops before them)."""
+def waiting_chunks(db: Database, limit: int, *, after: int = 0) -> list[ChunkRef]:
+    """The next unprocessed chunks in ledger order (pending ones included: a batch stops before them), from the
+    first after seq `after` (Y's batch waiting for its commit is not waiting for Spark)."""
     rows = db.query(
         "SELECT seq, file_id, chunk_seq, object_key, first_line, last_line, written_at, rows_total, status, attempts "
-        "FROM chunks WHERE processed_at IS NULL AND status <> 'failed' ORDER BY seq LIMIT %s",
-        (limit,),
+        "FROM chunks WHERE processed_at IS NULL AND status <> 'failed' AND seq > %s ORDER BY seq LIMIT %s",
+        (after, limit),
     )
     return [ChunkRef(*r) for r in rows]
 

@@ -352,10 +352,8 @@ class StreamProcessor:
         shows its first processed chunk after a cold batch of one chunk (3.2-3.3 s on 2 cores, quiet) rather than
         of `Y_MAX_BATCH_CHUNKS` (6.8-10.4 s); the backlog then goes in full batches (bench/README.md, "ywide")."""
         limit = 1 if self._isolate or self._spark_cold else self.settings.y_max_batch_chunks
-        if self._pending is None:
-            return ledger.waiting_chunks(self.db, limit)
-        last = self._pending.batch[-1].seq  # the batch waiting for its commit is not waiting for Spark
-        return [c for c in ledger.waiting_chunks(self.db, limit + len(self._pending.batch)) if c.seq > last][:limit]
+        after = self._pending.batch[-1].seq if self._pending is not None else 0
+        return ledger.waiting_chunks(self.db, limit, after=after)
 
     @staticmethod
     def _ready_prefix(rows: list[ChunkRef]) -> list[ChunkRef]:
