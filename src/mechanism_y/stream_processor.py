@@ -746,10 +746,9 @@ class StreamProcessor:
             )
         return self._reading(batch, names, lambda: self._driver_pass(scan, names), read_only=False)
 
-    def process_batch(self, batch: list[ChunkRef]) -> int:
+    def process_batch(self, batch: list[ChunkRef]) -> None:
         """Fold and judge the chunks of `batch` (consecutive in the ledger, after the batch waiting for its commit,
-        if any) in Spark while that previous batch commits on the commit thread; returns the previous batch's new
-        detections.
+        if any) in Spark while that previous batch commits on the commit thread.
 
         The batch's own commit waits (`_pending`): the next batch hands it to the commit thread once that batch
         has asked PostgreSQL what it needs, so one connection serves both threads in turn, and the commit
@@ -762,7 +761,6 @@ class StreamProcessor:
         `transactions` from the staging, inside the commit. A chunk not staged, or repeating a row id, sends its
         batch down the driver path, the way every batch went before the staging."""
         t0 = time.perf_counter()
-        committed: int | None = 0
         try:
             names, scan = self._scan_batch(batch)
             staged = len(ledger.staged_chunks(self.db, [c.seq for c in batch])) == len(batch)
@@ -776,18 +774,17 @@ class StreamProcessor:
                 raise
             t_spark = time.perf_counter()
             try:
-                committed = self._settle()
+                previous_stands = self._settle()
                 self._stop_point()
             except BaseException:
                 done.versions.unpersist()
                 raise
-            if committed is None:  # the previous batch went again, through the driver: this pass folded onto
+            if not previous_stands:  # the previous batch went again, through the driver: this pass folded onto
                 done.versions.unpersist()  # versions that are gone, and this batch comes again next round
-                return 0
+                return
             self._hold(_Computed(batch, uuid.uuid4().hex[:16], done, t0, t_read, t_spark))
         except _ChunksFailed:
-            return committed or 0
-        return committed
+            return
 
     def _hold(self, c: _Computed) -> None:
         """A batch whose Spark pass is done waits for its commit. Its versions become the state the next batch
@@ -800,11 +797,10 @@ class StreamProcessor:
         self.rows_to_driver = c.done.rows_to_driver
         self._pending = c
 
-    def commit_pending(self) -> int | None:
-        """Commit the batch waiting for its commit, if any, and wait for it: its new detections (None: the batch
-        went through the driver path instead, see `_settle`)."""
+    def commit_pending(self) -> None:
+        """Commit the batch waiting for its commit, if any, and wait for it (see `_settle`)."""
         self._submit_pending()
-        return self._settle()
+        self._settle()
 
     def drop_pending(self) -> None:
         """Forget the batch waiting for its commit (Y stops): it was never committed, so the next start does it
@@ -837,15 +833,15 @@ class StreamProcessor:
         except Exception:  # the batch is committed whatever happens to its log lines and report
             log.exception("batch from chunk %d committed, but logging it failed", c.batch[0].seq)
 
-    def _settle(self) -> int | None:
+    def _settle(self) -> bool:
         """Wait for the commit in flight, if any. Committed (and logged by the commit thread): its batch becomes
-        Y's committed state; returns its new detections. Failed: Y's state goes back to the last committed one
-        (the caller drops the pass folded onto it since) and the failure is raised for the failed batch
-        (`_BatchFailed`), except a staging mismatch: that batch goes again at once, through the driver, and None
-        is returned."""
+        Y's committed state. Failed: Y's state goes back to the last committed one (the caller drops the pass
+        folded onto it since) and the failure is raised for the failed batch (`_BatchFailed`), except a staging
+        mismatch: that batch goes again at once, through the driver, and False is returned (True otherwise): a
+        pass folded onto the batch as it was computed is void."""
         flight, self._in_flight = self._in_flight, None
         if flight is None:
-            return 0
+            return True
         c, future = flight
         self._settle_waiting = time.perf_counter()
         try:
@@ -865,12 +861,12 @@ class StreamProcessor:
                     raise
                 except Exception as again:  # that batch's failure, whichever batch's step it came in
                     raise _BatchFailed(c.batch, again) from again
-                return None
+                return False
             raise _BatchFailed(c.batch, exc) from exc
         finally:
             self._settle_waiting = None
         self._promote(c)
-        return len(c.new)
+        return True
 
     def _redo_on_driver_path(self, c: _Computed) -> None:
         """A batch whose staged rows were not its objects' rows, again from the committed state with its rows
