@@ -37,6 +37,7 @@ from src.utils.db import DSN_ENV, Database  # noqa: E402
 from src.utils.runtime import (  # noqa: E402
     EXIT_DRAIN_IMPOSSIBLE,
     READY_FILE_ENV,
+    START_GATE_ENV,
     SUPERVISOR_PID_ENV,
     X_DONE_FILE_ENV,
     child_of,
@@ -112,6 +113,10 @@ class Supervisor:
         # CHUNK_INTERVAL_SECONDS into a queue nobody serves during Spark's start-up.
         self.ready_file = run_dir / f"mechanism-y-ready-{os.getpid()}"
         self.x_done_file = run_dir / f"mechanism-x-done-{os.getpid()}"
+        # Workers launched before the database is ready wait for this file (`launch`, `open_gate`).
+        self.start_gate = run_dir / f"start-gate-{os.getpid()}"
+        self.env[START_GATE_ENV] = str(self.start_gate)
+        self.launched = False
         if self.y is not None:
             self.env[READY_FILE_ENV] = str(self.ready_file)
             self.env[X_DONE_FILE_ENV] = str(self.x_done_file)
@@ -145,11 +150,36 @@ class Supervisor:
                 alerts.stop()
             self._clear_marks()
 
-    def _run(self) -> int:
+    def launch(self) -> None:
+        """Start the workers (once). Until `open_gate`, each waits at its start gate (runtime.wait_for_start)."""
+        if self.launched:
+            return
+        self.launched = True
         private_dir(self.ready_file.parent)
         self._clear_marks()
+        self.metrics.prepare_workers_dir()
         for w in self.workers():
             w.start(self.env)
+
+    def open_gate(self, database_watch: EmbeddedWatch | None = None) -> None:
+        """The start-up is done: launched workers go on, with the database's URL when their environment had none
+        (the embedded server's, which exists only now). Workers started from now on find the gate open and the
+        URL in their environment. The file is written whole, then renamed into place: a worker never reads half."""
+        self.database_watch = database_watch
+        url = os.environ.get(DSN_ENV, "")
+        if url:
+            self.env[DSN_ENV] = url
+        tmp = self.start_gate.with_name(self.start_gate.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(url)
+        os.replace(tmp, self.start_gate)
+
+    def _run(self) -> int:
+        if not self.launched:
+            self.launch()
+        if not self.start_gate.exists():
+            self.open_gate(self.database_watch)
         while not self.stop.wait(TICK):
             self.beat = time.monotonic()  # /healthz: the loop turns
             self._watch_database()
@@ -163,6 +193,7 @@ class Supervisor:
     def _clear_marks(self) -> None:
         self.ready_file.unlink(missing_ok=True)
         self.x_done_file.unlink(missing_ok=True)
+        self.start_gate.unlink(missing_ok=True)
 
     def _watch_database(self) -> None:
         if self.database_watch is None:
@@ -213,6 +244,12 @@ class Supervisor:
         w.restart_at = time.monotonic() + delay
         how = f"signal {-code}" if code < 0 else f"code {code}"
         log.warning("%s (pid %d) exited with %s; restart %d in %.0fs", w.name, w.proc.pid, how, w.restarts, delay)
+
+    def abandon(self) -> None:
+        """The start-up failed after `launch`: stop the workers waiting at the gate, remove what `launch` made."""
+        self.shutdown()
+        self.metrics.stop()
+        self._clear_marks()
 
     def shutdown(self) -> None:
         """SIGTERM -> join(timeout) -> SIGKILL, for every live worker."""
@@ -275,11 +312,18 @@ def describe_setup(settings: Settings) -> None:
 
 
 def prepare(settings: Settings) -> EmbeddedWatch | None:
-    """Fail fast on what would make both workers crash-loop; start the embedded database once for both.
+    """Fail fast on what would make both workers crash-loop; start the embedded database once for both
+    (`prepare_host`, then `prepare_services`).
 
     Returns the embedded server's watch when this process started it (for the Supervisor), else None.
     """
-    from src.utils.embedded_postgres import EmbeddedWatch, start_embedded
+    prepare_host(settings)
+    return prepare_services(settings)
+
+
+def prepare_host(settings: Settings) -> None:
+    """What the workers need before they may even start: Java, and DATA_DIR private (a worker would otherwise
+    create it with the default mode)."""
     from src.utils.spark_utils import check_java
 
     check_java()
@@ -287,6 +331,13 @@ def prepare(settings: Settings) -> EmbeddedWatch | None:
     private_dir(settings.data_dir / "run")
     warn_if_readable(PROJECT_ROOT / ".env", ".env")
     warn_if_readable(settings.google_credentials_path, "GOOGLE_CREDENTIALS_PATH")
+
+
+def prepare_services(settings: Settings) -> EmbeddedWatch | None:
+    """The database (the embedded server started once for both workers, the schema), the lake, the Drive folder
+    and the inbox: workers launched already wait for this at their start gate (`Supervisor.open_gate`)."""
+    from src.utils.embedded_postgres import EmbeddedWatch, start_embedded
+
     watch = None
     if settings.embedded_postgres and not os.environ.get(DSN_ENV):
         os.environ[DSN_ENV] = start_embedded(settings)
@@ -374,15 +425,26 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings, "supervisor")
     describe_setup(settings)
     try:
-        database_watch = prepare(settings)
+        prepare_host(settings)
+        supervisor = Supervisor(settings, drain=args.drain)  # ProcessorError: METRICS_ADDR not host:port
     except ProcessorError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_CONFIG
+    # The workers start now, beside the database's start: their imports and Y's JVM are most of a start-up. They
+    # wait at the start gate before they open the database.
+    supervisor.launch()
     try:
-        supervisor = Supervisor(settings, drain=args.drain, database_watch=database_watch)
-    except ProcessorError as exc:  # METRICS_ADDR not host:port
+        started = time.monotonic()
+        database_watch = prepare_services(settings)
+    except ProcessorError as exc:
         log.error("cannot start: %s", exc)
+        supervisor.abandon()
         return EXIT_CONFIG
+    except BaseException:  # Ctrl-C mid-start: the launched workers go too
+        supervisor.abandon()
+        raise
+    supervisor.open_gate(database_watch)
+    log.info("database, lake and source ready in %.2f s; the workers go on", time.monotonic() - started)
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("%s received: stopping the workers", signal.Signals(signum).name)

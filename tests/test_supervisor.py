@@ -101,6 +101,30 @@ def test_main_help_is_truthful():
     assert "SIGTERM" in out.stdout
 
 
+def test_a_start_up_that_fails_after_the_workers_launched_stops_them(tmp_path, product_env):
+    """main.py launches the workers before it checks the lake: when that check fails, it exits 2 with a line naming
+    the lake, and the workers waiting at the start gate go with it."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the lake's parent should be")
+    env = dict(
+        product_env,
+        DATA_DIR=str(tmp_path / "data"),
+        LOCAL_LAKE_DIR=str(blocker / "lake"),
+        LOCAL_INBOX_DIR=str(tmp_path / "inbox"),
+        METRICS_ADDR="off",
+        LOG_FORMAT="text",
+    )
+    out = subprocess.run([sys.executable, "main.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text[-3000:]
+    pids = [int(p) for p in re.findall(r"mechanism [XY] started \(pid (\d+)\)", text)]
+    assert len(pids) == 2, text[-3000:]
+    assert re.search(r"cannot start: .*" + re.escape(str(blocker)), text), text[-3000:]
+    assert "stopping mechanism X" in text and "all workers stopped" in text
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not list((tmp_path / "data" / "run").glob("start-gate-*")), "the gate is removed with the workers"
+
+
 def test_bad_setting_stops_with_one_line_naming_the_variable(tmp_path):
     env = dict(os.environ, BATCH_SIZE="abc", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "main.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)

@@ -148,6 +148,8 @@ def test_embedded_default_drains_and_survives_its_server_being_killed(tmp_path, 
     assert code == 0, text[-4000:]
     assert "embedded parts: inbox, lake, PostgreSQL" in text
     assert f"database: embedded PostgreSQL (pgserver) in {pgdata}" in text
+    # The workers started beside the server's own start, and went on once it was up.
+    assert text.index("mechanism Y started") < text.index("database, lake and source ready")
     assert "drain complete: every file ingested and every chunk processed" in text
 
     # The server was stopped with the supervisor (it held the last handle); look at what the run left in it.

@@ -133,6 +133,71 @@ def test_x_done_file_reaches_a_worker_started_after_x_finished(tmp_path, caplog)
     assert not sup.x_done_file.exists(), "the mark is removed when the supervisor ends"
 
 
+def _wait_files(*paths: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(p.exists() for p in paths):
+        assert time.monotonic() < deadline, f"not all of {[p.name for p in paths]} within {timeout}s"
+        time.sleep(0.05)
+
+
+def test_workers_launched_before_the_database_wait_at_the_gate_then_get_its_url(tmp_path, monkeypatch):
+    """main.py launches the workers before it starts the embedded database. They wait at the start gate, then
+    go on with the database's URL, which exists only once the server runs; a stop at the gate ends them there."""
+    from src.utils.db import DSN_ENV
+
+    monkeypatch.delenv(DSN_ENV, raising=False)
+    sup = _supervisor(tmp_path, ("gx", ["gate", "x"]), ("gy", ["gate", "y"]))
+    marks = tmp_path / "data"
+    sup.launch()
+    try:
+        _wait_files(marks / "gate-x-waiting", marks / "gate-y-waiting")
+        time.sleep(0.5)  # the gate is polled every 20 ms: both had time to pass it, were it open
+        assert sup.x.alive() and sup.y.alive()
+        assert not list(marks.glob("gate-*-through")), "a worker went on before the database was ready"
+
+        url = "postgresql://postgres:@/tp?host=/nonexistent/socket"
+        monkeypatch.setenv(DSN_ENV, url)  # what prepare_services leaves for an embedded server
+        sup.open_gate()
+        _wait_files(marks / "gate-x-through", marks / "gate-y-through")
+        assert (marks / "gate-x-through").read_text() == url
+        assert (marks / "gate-y-through").read_text() == url
+        assert stat.S_IMODE(sup.start_gate.stat().st_mode) == 0o600
+        assert sup.env[DSN_ENV] == url, "a worker restarted later has the URL in its environment"
+    finally:
+        sup.abandon()
+    assert not sup.x.alive() and not sup.y.alive()
+    assert not sup.start_gate.exists() and not sup.ready_file.exists()
+
+    # Stopped while waiting (the start-up failed, or a stop signal): the worker ends there, cleanly.
+    sup = _supervisor(tmp_path, ("gx", ["gate", "z"]))
+    sup.launch()
+    try:
+        _wait_files(marks / "gate-z-waiting")
+    finally:
+        sup.abandon()
+    assert sup.x.proc.returncode == 0
+    assert (marks / "gate-z-stopped").exists() and not (marks / "gate-z-through").exists()
+
+
+def test_the_gate_never_replaces_a_database_url_the_worker_already_has(tmp_path, monkeypatch):
+    """A worker restarted later (or given TP_DATABASE_URL by the user) keeps its own URL; without a gate (a worker
+    run on its own) nothing is waited for."""
+    from src.utils import runtime
+    from src.utils.db import DSN_ENV
+
+    gate = tmp_path / "gate"
+    gate.write_text("postgresql://postgres:@/tp?host=/old/socket")
+    monkeypatch.setenv(runtime.START_GATE_ENV, str(gate))
+    monkeypatch.setenv(DSN_ENV, "postgresql://postgres:@/tp?host=/new/socket")
+    assert runtime.wait_for_start(threading.Event(), DSN_ENV)
+    assert os.environ[DSN_ENV] == "postgresql://postgres:@/tp?host=/new/socket"
+
+    monkeypatch.delenv(runtime.START_GATE_ENV)
+    stop = threading.Event()
+    stop.set()
+    assert runtime.wait_for_start(stop, DSN_ENV), "no gate: go at once, even with stop set"
+
+
 _ORPHAN_SCRIPT = """
 import sys
 from pathlib import Path
@@ -230,6 +295,19 @@ def _worker(argv: list[str]) -> int:
         runtime.watch_parent(stop, "stubborn")
         Path(os.environ["DATA_DIR"], "stubborn-ready").touch()
         time.sleep(3600)
+        return 0
+    if mode == "gate":  # as X and Y start: at the gate until the supervisor's start-up is done
+        from src.utils.db import DSN_ENV
+
+        stop = threading.Event()
+        runtime.install_stop_handlers(stop, "gate")
+        marks = Path(os.environ["DATA_DIR"])
+        (marks / f"gate-{argv[1]}-waiting").touch()
+        if not runtime.wait_for_start(stop, DSN_ENV):
+            (marks / f"gate-{argv[1]}-stopped").touch()
+            return 0
+        (marks / f"gate-{argv[1]}-through").write_text(os.environ.get(DSN_ENV, ""))
+        stop.wait(3600)
         return 0
     if mode == "sleep-then-wait-x-done":
         time.sleep(float(argv[1]))

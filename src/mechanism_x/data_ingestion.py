@@ -52,7 +52,7 @@ from src.mechanism_x.leases import LeaseKeeper
 from src.quality_report import LAKE_REPORTS_LOCK, reject_counts, write_quality_report
 from src.schemas.transaction_schemas import QUARANTINE_SCHEMA, QUARANTINE_TABLE_COLUMNS
 from src.utils import lake_paths
-from src.utils.db import CHUNK_CHANNEL, Database, copy_rows
+from src.utils.db import CHUNK_CHANNEL, DSN_ENV, Database, copy_rows
 from src.utils.object_store import ObjectStore, parquet_bytes
 from src.utils.retry import brief
 from src.utils.runtime import CONSUMER_READY_TIMEOUT, READY_FILE_ENV, drain_parser
@@ -883,10 +883,14 @@ class _RunningMd5:
 
 
 def run_worker(settings: Settings, *, drain: bool, stop: threading.Event | None = None) -> int:
-    """Build X's resources from the settings and run until stopped (or drained)."""
+    """Build X's resources from the settings and run until stopped (or drained): under the supervisor, once its own
+    start-up (the embedded PostgreSQL, the schema) is done (`wait_for_start`)."""
     from src.resources import open_lake, open_source
+    from src.utils.runtime import wait_for_start
 
     stop = stop or threading.Event()
+    if not wait_for_start(stop, DSN_ENV):  # launched before the supervisor's own start-up was done, then stopped
+        return 0
     db = Database(settings, stop=stop)
     db.apply_schema()
     store = open_lake(settings, stop=stop)

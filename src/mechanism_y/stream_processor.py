@@ -69,7 +69,7 @@ from src.schemas.transaction_schemas import (
     weights_spark_schema,
 )
 from src.utils import lake_paths
-from src.utils.db import CHUNK_CHANNEL, Database, Listener, LockLost, copy_csv, copy_rows
+from src.utils.db import CHUNK_CHANNEL, DSN_ENV, Database, Listener, LockLost, copy_csv, copy_rows
 from src.utils.object_store import ObjectStore, parquet_bytes
 from src.utils.retry import brief
 from src.utils.runtime import EXIT_DRAIN_IMPOSSIBLE, READY_FILE_ENV, drain_parser, x_finished
@@ -1267,7 +1267,8 @@ def run_worker(
     submitted: dict[str, str] | None = None,
 ) -> int:
     """Y's process: the Spark session starts on a thread while the PostgreSQL side of the start-up (schema,
-    leadership, state, weights, detections so far) is done here, then the loop runs. `submitted` is
+    leadership, state, weights, detections so far) is done here, then the loop runs. Under the supervisor, the JVM
+    starts even before the supervisor's own start-up (the embedded PostgreSQL) is done (`wait_for_start`). `submitted` is
     spark-submit's conf, which wins over the product's own (`src.packaging.submitted_conf`).
 
     A standby (another daemon's Y leads) waits in `prepare`. With a local master its session is started in
@@ -1276,6 +1277,7 @@ def run_worker(
     from config.spark_config import launched_jvm
     from src.observability.logs import spark_logging_conf
     from src.resources import open_lake
+    from src.utils.runtime import wait_for_start
     from src.utils.spark_utils import BackgroundSession
 
     stop = stop or threading.Event()
@@ -1285,6 +1287,10 @@ def run_worker(
         return BackgroundSession(settings, app_name="mechanism-y", extra_conf=conf)
 
     session = start_session() if settings.spark_local else None
+    if not wait_for_start(stop, DSN_ENV):  # launched before the supervisor's own start-up was done, then stopped
+        if session is not None:
+            session.discard()
+        return 0
     spark = None
     processor = None
     db = Database(settings, stop=stop)

@@ -101,6 +101,7 @@ class MetricsServer:
         self.open_lake = open_lake
         self.addr = parse_addr(settings.metrics_addr)
         self.multiproc_dir = Path(settings.data_dir) / "run" / f"prometheus-{os.getpid()}"
+        self._dir_ready = False
         self._stop = threading.Event()
         self._httpd: ThreadingHTTPServer | None = None
         self._db = None
@@ -118,13 +119,21 @@ class MetricsServer:
 
     # ---------------------------------------------------------------- life cycle
 
-    def start(self) -> None:
-        if not self.enabled:
-            log.info("metrics endpoint off (METRICS_ADDR=off)")
+    def prepare_workers_dir(self) -> None:
+        """The fresh directory the workers write their metrics to (`child_env`): before any worker starts (a
+        worker's metrics cannot be made without it), once per run."""
+        if not self.enabled or self._dir_ready:
             return
         _remove_stale_dirs(self.multiproc_dir.parent)
         shutil.rmtree(self.multiproc_dir, ignore_errors=True)  # counters of an earlier run must not add up
         self.multiproc_dir.mkdir(parents=True, exist_ok=True)
+        self._dir_ready = True
+
+    def start(self) -> None:
+        if not self.enabled:
+            log.info("metrics endpoint off (METRICS_ADDR=off)")
+            return
+        self.prepare_workers_dir()
         MultiProcessCollector(self.registry, path=str(self.multiproc_dir))
         self.registry.register(LedgerCollector(self._read))
         self.registry.register(ProcessCollector(self._worker_pids, os.getpid()))

@@ -22,6 +22,12 @@ CONSUMER_READY_TIMEOUT = 180.0
 # Under `main.py --drain`, the supervisor creates the file named here once Mechanism X has exited 0 (everything in
 # the source is ingested). A file, not a signal: a Y that starts (or restarts) after X finished still sees it.
 X_DONE_FILE_ENV = "TP_X_DONE_FILE"
+# The supervisor launches its workers before its own start-up work (the embedded PostgreSQL, the schema, the lake
+# check), so that their imports and Y's JVM start overlap it. Each worker waits for the file named here before it
+# opens the database (`wait_for_start`); the supervisor creates it once that work is done, with the database's URL
+# in it when the workers' environment had none (the embedded server's, known only once it runs).
+START_GATE_ENV = "TP_START_GATE"
+START_GATE_POLL = 0.02  # seconds between two looks for the gate file
 # The supervisor's pid, set in its workers' environment: a worker whose parent is no longer this pid is an orphan.
 SUPERVISOR_PID_ENV = "TP_SUPERVISOR_PID"
 # A worker whose supervisor is gone stops after its current step, and is ended hard if that takes longer than this.
@@ -47,6 +53,28 @@ def x_finished() -> bool:
     """True once the supervisor has marked Mechanism X finished (main.py --drain; see X_DONE_FILE_ENV)."""
     path = os.environ.get(X_DONE_FILE_ENV)
     return bool(path) and os.path.exists(path)
+
+
+def wait_for_start(stop: threading.Event, dsn_env: str) -> bool:
+    """Under the supervisor: wait until its start-up is done (the gate file of START_GATE_ENV exists), then take the
+    database URL it holds into `dsn_env` unless the environment already names one (a worker restarted later, or
+    a URL the user set). At once without a gate (a worker run on its own). False when `stop` came first."""
+    path = os.environ.get(START_GATE_ENV)
+    if not path:
+        return True
+    waited = time.monotonic()
+    while True:
+        try:
+            with open(path) as f:
+                url = f.read().strip()
+            break
+        except FileNotFoundError:
+            if stop.wait(START_GATE_POLL):
+                return False
+    if url and not os.environ.get(dsn_env):
+        os.environ[dsn_env] = url
+    log.debug("the supervisor's start-up done after %.2f s of waiting", time.monotonic() - waited)
+    return True
 
 
 def _load_prctl() -> Callable[..., int] | None:
