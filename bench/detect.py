@@ -776,6 +776,12 @@ def print_issue12(
         f"anchor (c)      one pass fold_batch+detect_batch, one cut, over all {anchor['catch_up_chunks']} chunks: "
         f"{c:.2f} s = {c_per:.3f} s per chunk ({anchor['catch_up_detections']} detections)",
     ]
+    if "floor_s" in anchor:
+        lines.append(
+            f"floor (f)       the smallest job merging a chunk into the run's state ({anchor['floor_pairs']:,} pairs, "
+            f"one percentile per merchant, no patterns, no commit): median {anchor['floor_s']:.3f} s "
+            f"= {anchor['floor_s'] / b:.2f}x (b)"
+        )
     if alone:
         m = statistics.median(alone)
         lines.append(
