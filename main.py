@@ -163,16 +163,18 @@ class Supervisor:
 
     def open_gate(self, database_watch: EmbeddedWatch | None = None) -> None:
         """The start-up is done: launched workers go on, with the database's URL when their environment had none
-        (the embedded server's, which exists only now). Workers started from now on find the gate open and the
-        URL in their environment. The file is written whole, then renamed into place: a worker never reads half."""
+        (the embedded server's, which exists only now; a URL the user set is in their environment already and never
+        written here). Workers started from now on find the gate open and the URL in their environment. The file is
+        written whole, then renamed into place: a worker never reads half."""
         self.database_watch = database_watch
         url = os.environ.get(DSN_ENV, "")
+        handed = url if self.env.get(DSN_ENV) != url else ""
         if url:
             self.env[DSN_ENV] = url
         tmp = self.start_gate.with_name(self.start_gate.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(url)
+            f.write(handed)
         os.replace(tmp, self.start_gate)
 
     def _run(self) -> int:

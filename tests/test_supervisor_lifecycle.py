@@ -168,6 +168,17 @@ def test_workers_launched_before_the_database_wait_at_the_gate_then_get_its_url(
     assert not sup.x.alive() and not sup.y.alive()
     assert not sup.start_gate.exists() and not sup.ready_file.exists()
 
+    # A URL the user set reaches the workers through their environment, never through the gate's file.
+    sup = _supervisor(tmp_path, ("gx", ["gate", "u"]))
+    sup.launch()
+    try:
+        sup.open_gate()
+        _wait_files(marks / "gate-u-through")
+        assert (marks / "gate-u-through").read_text() == url, "from the environment the worker started with"
+        assert sup.start_gate.read_text() == ""
+    finally:
+        sup.abandon()
+
     # Stopped while waiting (the start-up failed, or a stop signal): the worker ends there, cleanly.
     sup = _supervisor(tmp_path, ("gx", ["gate", "z"]))
     sup.launch()
