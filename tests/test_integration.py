@@ -310,7 +310,19 @@ def test_missing_bucket_stops_start_with_one_line(pg_server, pg_db, s3_server, t
     assert len(errors) == 1, output[-3000:]
     assert bucket in errors[0] and "does not exist" in errors[0] and "us-east-1" in errors[0]
     assert "Traceback" not in output and TEST_SECRET_KEY not in output
-    assert "started (pid" not in output  # no worker was started
+    # The workers were launched beside the checks (they wait at the start gate); the failed check stops them.
+    pids = [int(pid) for pid in re.findall(r"mechanism [XY] started \(pid (\d+)\)", output)]
+    assert len(pids) == 2 and "all workers stopped" in output, output[-3000:]
+    assert not [pid for pid in pids if _running(pid)], "a worker outlived the failed start"
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 # -------------------------------------------------------------------- Google Drive
