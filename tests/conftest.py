@@ -7,6 +7,7 @@ The server is the machine's PostgreSQL (initdb + pg_ctl on 127.0.0.1, a free por
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -157,12 +158,12 @@ def spark():
     from config.config import Settings
     from src.utils.spark_utils import start_session
 
-    settings = Settings.from_env(
-        {"SPARK_MASTER": "local[2]", "DATA_DIR": tempfile.mkdtemp(prefix="tp-spark-")}, dotenv=Path("/nonexistent")
-    )
+    data_dir = tempfile.mkdtemp(prefix="tp-spark-")
+    settings = Settings.from_env({"SPARK_MASTER": "local[2]", "DATA_DIR": data_dir}, dotenv=Path("/nonexistent"))
     session = start_session(settings, app_name="tests")
     yield session
     session.stop()
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

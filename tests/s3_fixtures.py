@@ -22,6 +22,7 @@ import http.client
 import logging
 import os
 import random
+import shutil
 import socket
 import struct
 import tempfile
@@ -352,7 +353,7 @@ def use_shared_ivy(data_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def hadoop_aws_jars() -> list[Path]:
+def hadoop_aws_jars() -> Iterator[list[Path]]:
     """hadoop-aws and its SDK in the shared cache (downloaded from Maven Central on the first run only)."""
     from config.config import Settings
     from src.utils.spark_utils import fetch_hadoop_aws_jars
@@ -363,7 +364,9 @@ def hadoop_aws_jars() -> list[Path]:
     # and the second must find the first one's jars instead of downloading into the same files.
     with open(shared_cache_dir() / "hadoop-aws.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return fetch_hadoop_aws_jars(settings)
+        jars = fetch_hadoop_aws_jars(settings)
+    yield jars  # paths through data_dir's link into the shared cache: the link goes only at the session's end
+    shutil.rmtree(data_dir, ignore_errors=True)  # the link, never the cache it points to
 
 
 @pytest.fixture
@@ -386,7 +389,8 @@ def s3_settings(s3_server: str, s3_bucket: str):
         env.update({k: str(v) for k, v in overrides.items()})
         return Settings.from_env(env, dotenv=Path("/nonexistent"))
 
-    return make
+    yield make
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 __all__ = [
