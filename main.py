@@ -178,8 +178,7 @@ class Supervisor:
         os.replace(tmp, self.start_gate)
 
     def _run(self) -> int:
-        if not self.launched:
-            self.launch()
+        self.launch()  # done already by main(), beside the start-up checks
         if not self.start_gate.exists():
             self.open_gate(self.database_watch)
         while not self.stop.wait(TICK):
@@ -313,19 +312,9 @@ def describe_setup(settings: Settings) -> None:
     log.info("database: %s", describe_target(settings))
 
 
-def prepare(settings: Settings) -> EmbeddedWatch | None:
-    """Fail fast on what would make both workers crash-loop; start the embedded database once for both
-    (`prepare_host`, then `prepare_services`).
-
-    Returns the embedded server's watch when this process started it (for the Supervisor), else None.
-    """
-    prepare_host(settings)
-    return prepare_services(settings)
-
-
 def prepare_host(settings: Settings) -> None:
-    """What the workers need before they may even start: Java, and DATA_DIR private (a worker would otherwise
-    create it with the default mode)."""
+    """Fail fast on what would make both workers crash-loop, before they start: Java, and DATA_DIR private (a
+    worker would otherwise create it with the default mode). `prepare_services` does the rest once they run."""
     from src.utils.spark_utils import check_java
 
     check_java()
@@ -337,7 +326,9 @@ def prepare_host(settings: Settings) -> None:
 
 def prepare_services(settings: Settings) -> EmbeddedWatch | None:
     """The database (the embedded server started once for both workers, the schema), the lake, the Drive folder
-    and the inbox: workers launched already wait for this at their start gate (`Supervisor.open_gate`)."""
+    and the inbox: workers launched already wait for this at their start gate (`Supervisor.open_gate`).
+
+    Returns the embedded server's watch when this process started it (for the Supervisor), else None."""
     from src.utils.embedded_postgres import EmbeddedWatch, start_embedded
 
     watch = None

@@ -249,16 +249,14 @@ def test_workers_die_with_a_killed_supervisor(tmp_path):
 
 
 def test_prepare_keeps_data_dir_private_and_warns_of_readable_secrets(tmp_path, make_settings, caplog):
-    from main import prepare
+    from main import prepare_host
 
     key = tmp_path / "key.json"
     key.write_text("{}")
     key.chmod(0o644)
-    inbox = tmp_path / "inbox"
-    (inbox / "transactions.csv").write_text("step\n")  # an inbox with a file: no sample is generated
     settings = make_settings(GOOGLE_CREDENTIALS_PATH=str(key))
     caplog.set_level(logging.INFO, logger="supervisor")
-    prepare(settings)
+    prepare_host(settings)
     assert stat.S_IMODE(settings.data_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE((settings.data_dir / "run").stat().st_mode) == 0o700
 
@@ -268,7 +266,7 @@ def test_prepare_keeps_data_dir_private_and_warns_of_readable_secrets(tmp_path, 
     assert warnings() == [f"GOOGLE_CREDENTIALS_PATH {key} is readable by other users (mode 0644): run chmod 600 {key}"]
     key.chmod(0o600)
     caplog.clear()
-    prepare(settings)
+    prepare_host(settings)
     assert warnings() == []
 
 
