@@ -807,8 +807,12 @@ class StreamProcessor:
         again from the committed state."""
         c, self._pending = self._pending, None
         if c is not None:
-            c.done.versions.unpersist()
-            self.state = c.previous
+            self._revert(c)
+
+    def _revert(self, c: _Computed) -> None:
+        """`c` will not be committed as computed: its versions go, and Y's state is the one it folded onto."""
+        c.done.versions.unpersist()
+        self.state = c.previous
 
     def _submit_pending(self) -> None:
         c, self._pending = self._pending, None
@@ -847,8 +851,7 @@ class StreamProcessor:
         try:
             future.result()
         except BaseException as exc:
-            c.done.versions.unpersist()
-            self.state = c.previous
+            self._revert(c)
             if isinstance(exc, _StagingMismatch) and not self.stop.is_set():
                 log.warning(
                     "%s; the batch goes through the driver, from the objects",
