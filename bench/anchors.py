@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,10 +141,8 @@ def _run_warm(lake: Path, importance: Path) -> dict[str, float]:
     files = chunk_files(lake)
     uris = [str(f) for f in files]
 
-    def chunk_job(uri: str) -> float:
-        t0 = time.perf_counter()
+    def chunk_job(uri: str) -> None:
         spark.read.schema(chunk_spark_schema()).parquet(uri).groupBy("merchant").count().collect()
-        return time.perf_counter() - t0
 
     # (c) first, on a JVM as warm as it always had it (7 chunk jobs before it), so that its figures compare with
     # every earlier run; then (b) and (f), warmed further.
@@ -167,9 +166,7 @@ def _run_warm(lake: Path, importance: Path) -> dict[str, float]:
     one_pass(uris[:1])  # plans and code generation, as the daemon's warm-up does
     pass_s, detections = one_pass(uris)
 
-    for i in range(WARM_ROUNDS):
-        chunk_job(uris[i % len(uris)])
-    times = [chunk_job(uris[i % len(uris)]) for i in range(CHUNK_REPEATS)]
+    times = _warm_then_timed(chunk_job, uris)
     floor = _state_merge_floor(spark, uris)
     spark.stop()
     return {
@@ -180,6 +177,19 @@ def _run_warm(lake: Path, importance: Path) -> dict[str, float]:
         "catch_up_chunks": len(uris),
         "catch_up_detections": detections,
     }
+
+
+def _warm_then_timed(job: Callable[[str], None], uris: list[str]) -> list[float]:
+    """`job(uri)` over the run's chunk objects in turn: WARM_ROUNDS untimed, then the seconds of CHUNK_REPEATS
+    more, from the first object again (planning included: each call plans its own job)."""
+    for i in range(WARM_ROUNDS):
+        job(uris[i % len(uris)])
+    times = []
+    for i in range(CHUNK_REPEATS):
+        t0 = time.perf_counter()
+        job(uris[i % len(uris)])
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 # (f): the smallest job that does what Y must do with each chunk in Spark, with none of the patterns: the chunk's
@@ -208,15 +218,11 @@ def _state_merge_floor(spark, uris: list[str]) -> dict[str, float]:
         every=every,
     ).localCheckpoint(eager=True)
 
-    def merge(uri: str) -> float:
-        t0 = time.perf_counter()
+    def merge(uri: str) -> None:
         rows = spark.read.schema(chunk_spark_schema()).parquet(uri)
         spark.sql(_FLOOR_SQL, rows=rows, state=state).collect()
-        return time.perf_counter() - t0
 
-    for i in range(WARM_ROUNDS):
-        merge(uris[i % len(uris)])
-    times = [merge(uris[i % len(uris)]) for i in range(CHUNK_REPEATS)]
+    times = _warm_then_timed(merge, uris)
     return {"floor_s": statistics.median(times), "floor_pairs": state.count()}
 
 
