@@ -34,6 +34,7 @@ from tests.fake_drive import FakeDrive
 from tests.reference import credited_chunks, expected_detections, limits_of, read_importance, read_transactions
 from tests.s3_fixtures import *  # noqa: F403
 from tests.s3_fixtures import TEST_ACCESS_KEY, TEST_SECRET_KEY, use_shared_ivy
+from tests.test_supervisor import _dead, _launched_workers
 
 pytestmark = pytest.mark.slow
 
@@ -311,18 +312,9 @@ def test_missing_bucket_stops_start_with_one_line(pg_server, pg_db, s3_server, t
     assert bucket in errors[0] and "does not exist" in errors[0] and "us-east-1" in errors[0]
     assert "Traceback" not in output and TEST_SECRET_KEY not in output
     # The workers were launched beside the checks (they wait at the start gate); the failed check stops them.
-    pids = [int(pid) for pid in re.findall(r"mechanism [XY] started \(pid (\d+)\)", output)]
+    pids = _launched_workers(output)
     assert len(pids) == 2 and "all workers stopped" in output, output[-3000:]
-    assert not [pid for pid in pids if _running(pid)], "a worker outlived the failed start"
-
-
-def _running(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    assert not [pid for pid in pids if not _dead(pid)], "a worker outlived the failed start"
 
 
 # -------------------------------------------------------------------- Google Drive

@@ -95,6 +95,19 @@ def _first_ts(text: str, needle: str) -> str:
     raise AssertionError(f"no log line with {needle!r}")
 
 
+def _launched_workers(log_text: str) -> list[int]:
+    """The pids of the workers the supervisor logged as started."""
+    return [int(pid) for pid in re.findall(r"mechanism [XY] started \(pid (\d+)\)", log_text)]
+
+
+def _dead(pid: int) -> bool:
+    """Gone, or a zombie waiting for its parent to read its exit."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_main_help_is_truthful():
     out = subprocess.run([sys.executable, "main.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
     assert "--drain" in out.stdout
@@ -117,11 +130,11 @@ def test_a_start_up_that_fails_after_the_workers_launched_stops_them(tmp_path, p
     out = subprocess.run([sys.executable, "main.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     text = out.stdout + out.stderr
     assert out.returncode == 2, text[-3000:]
-    pids = [int(p) for p in re.findall(r"mechanism [XY] started \(pid (\d+)\)", text)]
+    pids = _launched_workers(text)
     assert len(pids) == 2, text[-3000:]
     assert re.search(r"cannot start: .*" + re.escape(str(blocker)), text), text[-3000:]
     assert "stopping mechanism X" in text and "all workers stopped" in text
-    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not [p for p in pids if not _dead(p)], "a worker outlived the failed start"
     assert not list((tmp_path / "data" / "run").glob("start-gate-*")), "the gate is removed with the workers"
 
 

@@ -14,12 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import psycopg2
 import pytest
 
 from src.sample_data import generate
-from tests.test_supervisor import _wait_for
+from tests.test_supervisor import _dead, _wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,13 +40,6 @@ def _settings(data_dir: Path):
 
 def _postmaster_pid(pgdata: Path) -> int:
     return int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
-
-
-def _dead(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def _stop_server(pgdata: Path) -> None:
