@@ -349,6 +349,20 @@ def test_patid2_at_exactly_23_and_exactly_80_transactions(spark):
     }
 
 
+def test_patid2_threshold_with_seventeen_significant_digits(spark):
+    # The setting is a float: 22.999999999999996 reaches the detection as that decimal, 17 significant digits. With
+    # n = 10^13, a mean can sit exactly on it or one unit of its last digit below, and only the one below fires.
+    assert repr(22.999999999999996) == "22.999999999999996"
+    state = [
+        ("m", "on_it", 10**13, "229999999999999.96", False, False),  # mean 22.999999999999996 exactly
+        ("m", "below", 10**13, "229999999999999.95", False, False),  # mean 22.999999999999995
+        ("m", "at_23", 80, "1840.00", False, False),
+        ("m", "cheap", 80, "1839.20", False, False),  # mean 22.99
+    ]
+    found = judge(spark, thresholds(PATID2_MAX_AVG_AMOUNT="22.999999999999996"), state=state)
+    assert hits(found, "PatId2") == {("below", "m"), ("cheap", "m")}
+
+
 def _gender_state(merchant: str, females: int, males: int, both: int = 0) -> list:
     rows = [(merchant, f"f{i}", 1, "100.00", True, False) for i in range(females)]
     rows += [(merchant, f"m{i}", 1, "100.00", False, True) for i in range(males)]

@@ -42,7 +42,7 @@ class Thresholds:
     min_merchant_txns: int  # PatId1: T(m) > this
     count_percentile: float  # PatId1: n(c,m) >= P_q(n over m)
     weight_percentile: float  # PatId1: w(c,m) <= P_q(w over m)
-    max_avg_amount: Decimal  # PatId2: a(c,m) < this (compared exactly, in decimal)
+    max_avg_amount: Decimal  # PatId2: a(c,m) < this (compared exactly, in decimal: amount_sum < this * n)
     min_txns: int  # PatId2: n(c,m) >= this
     min_female_customers: int  # PatId3: F(m) > this
 
@@ -137,26 +137,24 @@ WINDOW pair_in_order AS (PARTITION BY pair_key, merchant, customer ORDER BY cut)
 
 # One pass over the versions, without a shuffle. A version row is a pair (c, m) with its cumulative n(c,m) from `cut`
 # until `cut_to`.
-#   v_w    w(c,m) through a co-partitioned join, a 20-decimal exact quotient (0.90/3 and 0.30/1 must tie). Keyed
-#          by (pair_key, merchant, customer) on both sides, first: the versions and the weights are already
-#          sorted that way, so this join sorts nothing.
+#   v_w    w(c,m) through a co-partitioned join (`by_pair` computed it when the weights were loaded). Keyed by
+#          (pair_key, merchant, customer) on both sides, first: the versions and the weights are already sorted
+#          that way, so this join sorts nothing.
 #   F_M    windows by merchant in (cut, pair_key, customer) order: F(m), M(m) after each row (a step's last row,
 #          `last_of_step`, holds the step's F and M), and T_end, T(m) after the batch. Any total order within a
 #          cut would do; pair_key decides it without comparing the customer strings.
 #   at_cut j, the cuts a row is judged at: every cut it is valid at for a merchant with T_end > min
 #          (PatId1 judges whole merchants per cut), else once (j = -1).
-#   a_w    a(c,m), exact in decimal (sum has 2 decimals and n < 10^18, so 20 decimals decide `a < x`).
 #   T_P    windows by (merchant, j): T(m), P_n = P_q(n over m), P_w = P_q(w over m) at cut j.
-#   conditions  SPEC §4's table, one column per pattern.
+#   conditions  SPEC §4's table, one column per pattern. PatId2's a(c,m) < x is decided as amount_sum < x * n
+#          (n >= 1): exact in decimal, without a division per row.
 # Each row then yields the hits it proves: PatId1 at j, PatId2 and PatId3 at the row's own cut
 # (`j <= greatest(cut, 0)` picks one copy of an expanded row); conditions already holding on the base
 # state count at cut 0. The merchant windows share one ordering, so they cost one sort; their frames grow
 # from the partition start (Spark re-aggregates a frame that ends at UNBOUNDED FOLLOWING for every row).
 _DETECT_SQL = """
 WITH v_w AS (
-  SELECT /*+ MERGE(importance) */ v.*,
-         CAST(CAST(importance.weight_sum AS DECIMAL(20,2)) / CAST(importance.weight_count AS DECIMAL(20,0))
-              AS DOUBLE) AS w
+  SELECT /*+ MERGE(importance) */ v.*, importance.w
   FROM {versions} v LEFT JOIN {weights} importance
     ON importance.pair_key = v.pair_key AND importance.merchant = v.merchant AND importance.customer = v.customer
 ),
@@ -177,21 +175,18 @@ at_cut AS (
   SELECT *, explode(CASE WHEN T_end > :min_t THEN sequence(greatest(cut, 0), cut_to - 1) ELSE array(-1) END) AS j
   FROM F_M WHERE cut_to > 0
 ),
-a_w AS (
-  SELECT *, CAST(amount_sum AS DECIMAL(20,2)) / CAST(n AS DECIMAL(20,0)) AS a FROM at_cut
-),
 T_P AS (
   SELECT *,
          sum(CASE WHEN j >= 0 THEN n END) OVER merchant_at_j AS T,
          percentile(CASE WHEN j >= 0 THEN CAST(n AS DOUBLE) END, :q_n) OVER merchant_at_j AS P_n,
          percentile(CASE WHEN j >= 0 THEN w END, :q_w) OVER merchant_at_j AS P_w
-  FROM a_w
+  FROM at_cut
   WINDOW merchant_at_j AS (PARTITION BY merchant, j)
 ),
 conditions AS (
   SELECT merchant, customer, cut, j, last_of_step,
          T > :min_t AND n >= P_n - :tol * abs(P_n) AND w <= P_w + :tol * abs(P_w) AS PatId1,
-         a < :max_avg AND n >= :min_n AS PatId2,
+         amount_sum < :max_avg * n AND n >= :min_n AS PatId2,
          F < M AND F > :min_f AS PatId3
   FROM T_P
 ),
@@ -221,8 +216,7 @@ SELECT h.p AS pattern_id, h.c AS customer_name, merchant AS merchant_id, h.cut A
 #               T adds up the versions' increments `dn` (a base row's is its n); F and M count the pairs whose first
 #               F (M) payment falls in the step. T_end is T(m) after the batch; `first_step` picks one row per merchant.
 #   qualifying  the merchants with T_end > min (T only grows: no other merchant can qualify at any cut).
-#   big         their versions valid at some cut, with w(c,m) (the exact quotient of `_DETECT_SQL`, through the same
-#               join that sorts nothing).
+#   big         their versions valid at some cut, with w(c,m) (through the same join that sorts nothing).
 #   cells       `big` expanded to the cuts j each version is valid at, and distributed by (merchant, j): the only
 #               exchange of the statement (each of its two readers exchanges the columns it reads). The versions are
 #               partitioned by merchant, and a few merchants hold most of them (the qualifying ones, by definition):
@@ -245,8 +239,7 @@ WITH steps AS (
 ),
 big AS (
   SELECT /*+ MERGE(importance), SHUFFLE_HASH(qualifying) */ v.merchant, v.customer, v.cut, v.cut_to, v.n,
-         CAST(CAST(importance.weight_sum AS DECIMAL(20,2)) / CAST(importance.weight_count AS DECIMAL(20,0))
-              AS DOUBLE) AS w
+         importance.w
   FROM {versions} v
   LEFT JOIN {weights} importance
     ON importance.pair_key = v.pair_key AND importance.merchant = v.merchant AND importance.customer = v.customer
@@ -271,7 +264,7 @@ WHERE P.T > :min_t AND cells.n >= P.P_n - :tol * abs(P.P_n) AND cells.w <= P.P_w
 UNION ALL
 SELECT 'PatId2', customer, merchant, greatest(cut, 0)
 FROM {versions}
-WHERE cut_to > 0 AND CAST(amount_sum AS DECIMAL(20,2)) / CAST(n AS DECIMAL(20,0)) < :max_avg AND n >= :min_n
+WHERE cut_to > 0 AND amount_sum < :max_avg * n AND n >= :min_n
 UNION ALL
 SELECT 'PatId3', '', merchant, j
 FROM steps
@@ -288,10 +281,14 @@ _LATEST_SQL = "SELECT merchant, customer, n, amount_sum, has_f, has_m FROM {vers
 
 _BY_MERCHANT_SQL = "SELECT * FROM {frame} DISTRIBUTE BY merchant SORT BY merchant, customer"
 
-_BY_PAIR_SQL = (
-    "SELECT *, xxhash64(merchant, customer) AS pair_key FROM {frame} "
-    "DISTRIBUTE BY merchant SORT BY pair_key, merchant, customer"
-)
+# w(c,m), a 20-decimal exact quotient (0.90/3 and 0.30/1 must tie) turned into a double, computed once per load of
+# the weights rather than for every version the detection joins them to, batch after batch.
+_BY_PAIR_SQL = """
+SELECT *, xxhash64(merchant, customer) AS pair_key,
+       CAST(CAST(weight_sum AS DECIMAL(20,2)) / CAST(weight_count AS DECIMAL(20,0)) AS DOUBLE) AS w
+FROM {frame}
+DISTRIBUTE BY merchant SORT BY pair_key, merchant, customer
+"""
 
 
 def fold_batch(state: DataFrame, rows: DataFrame, cuts: int) -> DataFrame:
@@ -352,9 +349,10 @@ def by_merchant(df: DataFrame) -> DataFrame:
 
 
 def by_pair(df: DataFrame) -> DataFrame:
-    """`df` (with merchant and customer) plus its `pair_key`, hash-partitioned by merchant and sorted by (pair_key,
-    merchant, customer), as the fold leaves the versions: checkpoint the weights through this so that joining them
-    to the versions needs neither a shuffle nor a sort."""
+    """The weights `df` (customer, merchant, weight_sum, weight_count) plus their `pair_key` and w(c,m), hash-partitioned
+    by merchant and sorted by (pair_key, merchant, customer), as the fold leaves the versions: checkpoint the weights
+    through this so that joining them to the versions needs neither a shuffle nor a sort, and w is computed once per
+    load of the weights, not for every version the detection joins them to."""
     return df.sparkSession.sql(_BY_PAIR_SQL, frame=df)
 
 
