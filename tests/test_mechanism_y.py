@@ -1337,6 +1337,71 @@ def test_y_picks_up_new_weights_mid_run(pg_server, spark, tmp_path, caplog):
         assert found == patid1_with(new) == set()
 
 
+def test_weights_are_read_per_pair_in_one_hash_aggregate(pg_server, tmp_path):
+    """Y reads the weights as one row per (customer, merchant): the sum and count of the importance rows of the pair,
+    whatever their typeTrans (checked against the rows the test wrote). Its transaction alone has the work_mem for a
+    hash table of the pairs: PostgreSQL then reads the table once instead of walking the pair index row by row
+    (3,000,000 rows: 2.98 s -> 1.15 s), and the connection's later transactions are back to the server's setting."""
+    import io
+
+    from src.mechanism_y.stream_processor import WEIGHTS_SQL, WEIGHTS_WORK_MEM, StreamProcessor
+    from src.resources import open_lake
+    from src.utils.db import Database
+
+    rng = random.Random(12)
+    pairs = [(f"C{i}", f"M{i % 37}") for i in range(40_000)]
+    rows = [(c, m, Decimal(rng.randint(0, 99_999)) / 100, t) for c, m in pairs for t in ("es_food", "es_health", "x")]
+    rows += [(c, m, Decimal("0.01"), "es_food") for c, m in pairs[:5]]  # a pair repeated within one typeTrans
+    expected: dict[tuple[str, str], tuple[Decimal, int]] = {}
+    for c, m, w, _ in rows:
+        total, n = expected.get((c, m), (Decimal(0), 0))
+        expected[(c, m)] = (total + w, n + 1)
+
+    with product_run(pg_server, tmp_path, {}) as run:
+        db = Database(run.settings)
+        try:
+            db.apply_schema()
+            payload = "".join(f"{c},{m},{w},{t},0\n" for c, m, w, t in rows).encode()
+            db.run(
+                lambda cur: cur.copy_expert(
+                    "COPY customer_importance (source, target, weight, type_trans, fraud) FROM STDIN WITH (FORMAT csv)",
+                    io.BytesIO(payload),
+                )
+            )
+            server_default = db.query("SHOW work_mem")[0][0]
+            processor = StreamProcessor(run.settings, db, open_lake(run.settings), None, threading.Event())
+
+            table = processor._copy_weights()
+            got = {
+                (c, m): (Decimal(w), n)
+                for c, m, w, n in zip(
+                    *(table.column(k).to_pylist() for k in ("customer", "merchant", "weight_sum", "weight_count"))
+                )
+            }
+            assert got == expected
+            assert db.query("SHOW work_mem")[0][0] == server_default  # SET LOCAL: gone with the transaction
+
+            setting = processor._copy_out(
+                "SELECT current_setting('work_mem') AS work_mem",
+                pa.schema([("work_mem", pa.string())]),
+                work_mem="64MB",
+            )
+            assert setting.column("work_mem").to_pylist() == ["64MB"]
+
+            def plan(cur) -> list[str]:
+                cur.execute("SELECT set_config('work_mem', %s, true)", (WEIGHTS_WORK_MEM,))
+                cur.execute(f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {WEIGHTS_SQL}")
+                return [r[0] for r in cur.fetchall()]
+
+            lines = db.run(plan)
+            aggregates = [ln for ln in lines if "Aggregate" in ln]
+            assert aggregates and all("HashAggregate" in ln for ln in aggregates), lines
+            assert not any("Index" in ln for ln in lines), lines  # one read of the table
+            assert all(ln.split("Batches: ")[1].startswith("1 ") for ln in lines if "Batches: " in ln), lines
+        finally:
+            db.close()
+
+
 def test_an_idle_y_builds_the_class_archive_and_pauses_the_build_while_a_chunk_waits(
     pg_server, spark, tmp_path, monkeypatch
 ):
