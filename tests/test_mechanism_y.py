@@ -1384,6 +1384,7 @@ def test_weights_are_read_per_pair_in_one_hash_aggregate(pg_server, tmp_path):
             setting = processor._copy_out(
                 "SELECT current_setting('work_mem') AS work_mem",
                 pa.schema([("work_mem", pa.string())]),
+                what="read the setting",
                 work_mem="64MB",
             )
             assert setting.column("work_mem").to_pylist() == ["64MB"]

@@ -173,7 +173,7 @@ class StreamProcessor:
         self._standby_drain = drain
         self._lead()
         self._listen = Listener(self.db, CHUNK_CHANNEL)
-        self._state_table = self._copy_out(STATE_SQL, STATE_ARROW_SCHEMA)
+        self._state_table = self._copy_state()
         self._prefetched_weights = self._fetch_weights()
         self.emitted = {
             (p, c, m)
@@ -277,8 +277,9 @@ class StreamProcessor:
             with open(ready, "w") as f:
                 f.write(f"{os.getpid()}\n")
 
-    def _copy_out(self, sql: str, schema: pa.Schema, *, work_mem: str | None = None) -> pa.Table:
-        """The rows of `sql` as an Arrow table of `schema`, through one COPY (`work_mem` for its transaction)."""
+    def _copy_out(self, sql: str, schema: pa.Schema, *, what: str, work_mem: str | None = None) -> pa.Table:
+        """The rows of `sql` as an Arrow table of `schema`, through one COPY (`work_mem` for its transaction);
+        `what` names the read in the retry's messages."""
         buf = io.BytesIO()
 
         def fn(cur) -> None:
@@ -288,7 +289,7 @@ class StreamProcessor:
                 cur.execute("SELECT set_config('work_mem', %s, true)", (work_mem,))
             cur.copy_expert(f"COPY ({sql}) TO STDOUT WITH (FORMAT csv, HEADER true)", buf)
 
-        self.db.run(fn, what="read state")
+        self.db.run(fn, what=what)
         if buf.tell() == 0:
             return schema.empty_table()
         buf.seek(0)
@@ -306,7 +307,7 @@ class StreamProcessor:
         return table.cast(schema)
 
     def _load_state(self) -> None:
-        table = self._state_table if self._state_table is not None else self._copy_out(STATE_SQL, STATE_ARROW_SCHEMA)
+        table = self._state_table if self._state_table is not None else self._copy_state()
         self._state_table = None
         state = patterns.arrow_frame(self.spark, table, state_spark_schema())
         # Lazy: the first fold computes and keeps it, instead of a job of its own on a cold JVM (seconds).
@@ -323,7 +324,10 @@ class StreamProcessor:
         return rows[0][0], self._copy_weights()
 
     def _copy_weights(self) -> pa.Table:
-        return self._copy_out(WEIGHTS_SQL, WEIGHTS_ARROW_SCHEMA, work_mem=WEIGHTS_WORK_MEM)
+        return self._copy_out(WEIGHTS_SQL, WEIGHTS_ARROW_SCHEMA, what="read the weights", work_mem=WEIGHTS_WORK_MEM)
+
+    def _copy_state(self) -> pa.Table:
+        return self._copy_out(STATE_SQL, STATE_ARROW_SCHEMA, what="read state")
 
     def _refresh_weights(self) -> bool:
         """Load (or reload) the importance weights when X has loaded a new version; False if none yet."""
