@@ -349,14 +349,15 @@ class StreamProcessor:
         # Partitioned and sorted like the versions the detection joins them to: that join needs no shuffle.
         # Lazy, like the state: computed and kept by the first detection that needs them.
         self.weights = checkpoint(patterns.by_pair(weights), self.settings, eager=False)
+        t_done = time.perf_counter()
         log.info(
             "importance weights loaded: version %d, %d (customer, merchant) pairs in %.2f s "
             "(read from PostgreSQL %.2f s, handed to Spark %.2f s)",
             version,
             table.num_rows,
-            time.perf_counter() - t0,
+            t_done - t0,
             t_read - t0,
-            time.perf_counter() - t_read,
+            t_done - t_read,
         )
         self.weights_version = version
         return True
