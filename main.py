@@ -71,9 +71,11 @@ class Worker:
     starts: int = 0  # for tp_worker_restarts_total (restarts resets once a worker is healthy)
 
     def start(self, env: dict[str, str]) -> None:
-        """Start the worker tied to this process: it gets SIGTERM if the supervisor dies (see runtime.child_of)."""
+        """Start the worker tied to this process: it gets SIGTERM if the supervisor dies (see runtime.child_of).
+
+        Through `src.launcher`, which handles that SIGTERM while the worker still imports its modules."""
         self.proc = subprocess.Popen(  # noqa: S603 - our own worker module; argv from constants
-            [sys.executable, "-m", self.module, *self.args],
+            [sys.executable, "-m", "src.launcher", self.name, self.module, *self.args],
             env=env,
             cwd=str(ROOT),
             preexec_fn=child_of(os.getpid()),  # only a prctl call between fork and exec (runtime.child_of)

@@ -248,6 +248,51 @@ def test_workers_die_with_a_killed_supervisor(tmp_path):
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_worker_stopped_before_its_handlers_are_in_says_so(tmp_path, sig):
+    """The supervisor's stop, or its death (the parent-death signal is SIGTERM), can come while a worker still imports
+    its modules, before `worker_main` installs its handlers. The worker then ends by that signal, as before, but it
+    says so first: it used to vanish without a line (a race seen in
+    test_no_worker_nor_spark_jvm_outlives_a_killed_supervisor)."""
+    from main import Worker
+
+    data = tmp_path / "data"
+    data.mkdir()
+    log_file = tmp_path / "worker.log"
+    env = dict(os.environ, DATA_DIR=str(data), LOG_FORMAT="text", LOG_FILE=str(log_file), METRICS_ADDR="off")
+    env["PYTHONPATH"] = str(ROOT)
+    worker = Worker("mechanism X", THIS, ["slow-start"])
+    worker.start(env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (data / "slow-start-ready").exists():
+            assert worker.proc.poll() is None, f"the worker exited with {worker.proc.returncode}"
+            assert time.monotonic() < deadline, "the worker never got going"
+            time.sleep(0.05)
+        worker.proc.send_signal(sig)
+        code = worker.proc.wait(30)
+    finally:
+        if worker.proc.poll() is None:
+            worker.proc.kill()
+    assert code == -sig
+    lines = log_file.read_text().splitlines()
+    said = [line for line in lines if f"mechanism X: {sig.name} received while starting; exiting" in line]
+    assert len(said) == 1, lines
+    assert " INFO " in said[0] and "mechanism_x" in said[0]
+
+
+def test_the_launcher_runs_the_module_as_python_m_does(tmp_path):
+    """Exit codes, arguments and `__name__ == "__main__"` reach the worker module unchanged."""
+    env = dict(os.environ, DATA_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    for args, code in ((["exit", "3"], 3), (["sleep-exit", "0", "0"], 0), (["nonsense"], 1)):
+        run = subprocess.run(
+            [sys.executable, "-m", "src.launcher", "a worker", THIS, *args], cwd=ROOT, env=env, capture_output=True
+        )
+        assert run.returncode == code, run.stderr
+    run = subprocess.run([sys.executable, "-m", "src.launcher", "a worker"], cwd=ROOT, env=env, capture_output=True)
+    assert run.returncode == 2 and b"usage: python -m src.launcher NAME MODULE" in run.stderr
+
+
 def test_prepare_keeps_data_dir_private_and_warns_of_readable_secrets(tmp_path, make_settings, caplog):
     from main import prepare_host
 
@@ -296,6 +341,10 @@ def _worker(argv: list[str]) -> int:
         time.sleep(float(argv[1]))
         return int(argv[2])
     if mode == "sleep":
+        time.sleep(3600)
+        return 0
+    if mode == "slow-start":  # a worker still importing its modules (X: pyarrow, pydantic) when the stop comes
+        Path(os.environ["DATA_DIR"], "slow-start-ready").touch()
         time.sleep(3600)
         return 0
     if mode == "stubborn":  # like a worker busy starting Spark: SIGTERM only sets a flag it does not look at yet
