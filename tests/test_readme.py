@@ -141,7 +141,10 @@ def test_the_command_parser_reads_continuations_comments_and_prompts():
 def project_copy(tmp_path_factory) -> Path:
     """The project without its data, caches and git, so a command cannot write into the working tree."""
     dest = tmp_path_factory.mktemp("readme") / "project"
-    ignore = shutil.ignore_patterns(".git", "data", "out", "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info")
+    # .coverage.*: the data files other processes of this very run write and remove while the copy walks the tree
+    ignore = shutil.ignore_patterns(
+        ".git", "data", "out", "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", ".coverage*", "htmlcov"
+    )
     shutil.copytree(ROOT, dest, ignore=ignore)
     return dest
 
