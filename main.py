@@ -133,6 +133,8 @@ class Supervisor:
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env[SUPERVISOR_PID_ENV] = str(os.getpid())
+        if self.drain and self.settings.spark_driver_jit == "auto":
+            env["SPARK_DRIVER_JIT"] = "c1"  # a finite run: C1 only (config.spark_config.JIT_OPTIONS)
         return env
 
     def workers(self) -> list[Worker]:

@@ -444,16 +444,19 @@ class PySpy(threading.Thread):
 
 def install_class_archive(env: dict[str, str], data: Path) -> None:
     """The class archive for this Java and Spark, built once under bench/out/ (minutes), linked into `data`."""
+    from config.config import Settings
+    from src.utils.spark_utils import class_archive
+
     cache = ROOT / "bench" / "out" / "class-archive-data"
-    archive_dir = Path("spark") / "class-archive"
-    if not list((cache / archive_dir).glob("driver-*.jsa")):
+    build_env = {**env, "DATA_DIR": str(cache)}
+    jsa = class_archive(Settings.from_env(build_env, dotenv=Path("/nonexistent")))  # this Java, Spark and options
+    if not jsa.is_file():
         print(f"building the driver JVM's class archive into {cache} (once) ...", flush=True)
-        build_env = {**env, "DATA_DIR": str(cache)}
         subprocess.run([sys.executable, "-m", "src.mechanism_y.class_archive"], cwd=ROOT, env=build_env, check=True)
-    (data / archive_dir).mkdir(parents=True, exist_ok=True)
-    for jsa in (cache / archive_dir).glob("driver-*.jsa"):
-        os.link(jsa, data / archive_dir / jsa.name)
-        print(f"class archive   {jsa.name} linked into the run's DATA_DIR", flush=True)
+    archive_dir = data / jsa.parent.relative_to(cache)
+    archive_dir.mkdir(parents=True, exist_ok=True)
+    os.link(jsa, archive_dir / jsa.name)
+    print(f"class archive   {jsa.name} linked into the run's DATA_DIR", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -649,6 +652,12 @@ def run(args: argparse.Namespace, sample: Path, work: Path, cluster: SparkCluste
     lines = [
         f"run             python main.py --drain, {args.rows:,} rows, CHUNK_INTERVAL_SECONDS={args.interval:g}",
         f"master          {master_line}",
+        f"compilers       SPARK_DRIVER_JIT={env.get('SPARK_DRIVER_JIT') or 'auto'}"
+        + (
+            " (under --drain: C1 only; the daemon's default is tiered)"
+            if env.get("SPARK_DRIVER_JIT", "auto") == "auto"
+            else ""
+        ),
         f"load average    {' '.join(f'{x:.2f}' for x in load_start)} at the start, "
         f"{' '.join(f'{x:.2f}' for x in load_end)} at the end (2 cores, shared)",
         f"wall time       {wall:.1f} s, Spark start included"

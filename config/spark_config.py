@@ -22,15 +22,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JAVA_OPTIONS_KEY = "spark.driver.extraJavaOptions"
-# The driver JVM compiles with C1 only: C2's compiler threads burn a core for most of a start on a 2-core
-# machine (measured: about half the JVM's CPU to the session up and through the first jobs), and the work
-# per chunk is small enough that C2's faster code never pays that back (bench/README.md, start-up).
-# Measured again on Y's batch of one 10,000-row chunk (bench/README.md, "h-yfast"), driver JVM CPU seconds,
-# C1 only / tiered C1+C2: session up 6.4 / 11.3, session up -> first batch done 13.6 / 26.6, a batch, median
-# of batches 2-30, 1.52 / 2.01. C2 wins only once it has compiled everything (a quiet run saw ~0.8 s per
-# batch after 30 chunks against ~1.0 s); a middle with fewer compiler threads does not exist here: tiered
-# compilation needs at least 2 (`-XX:CICompilerCount=1` is refused), which is already the 2-core default.
-# And with the parallel collector instead of G1 (bench/README.md, "yplan"). Per warm lone batch of Y (one
+# The driver JVM's compilers (SPARK_DRIVER_JIT), a trade between the start and the steady state.
+# - c1, C1 only: C2's compiler thread burns a core for most of a start on a 2-core machine (measured: about half
+#   the JVM's CPU to the session up and through the first jobs). Measured on Y's batch of one 10,000-row chunk
+#   (bench/README.md, "h-yfast"), driver JVM CPU seconds, C1 only / tiered C1+C2: session up 6.4 / 11.3, session
+#   up -> first batch done 13.6 / 26.6, a batch, median of batches 2-30, 1.52 / 2.01. A catch-up of the 594,643-row
+#   sample (`main.py --drain`, interval 0) takes 30-34 s with C1 only and 43 s tiered (bench/README.md, "jit").
+# - tiered, C1 then C2: once C2 has compiled the hot paths (about 40-50 paced chunks here), a lone batch takes a
+#   third less: 0.68-0.85 s against 0.98-1.53 s at the default pace on 2 cores, where C1's code keeps Y at the edge
+#   of the pace and C2's leaves it room (latency of the last 10 of 120 chunks 0.45-0.67 s against 1.5-3.5 s).
+#   A middle with fewer compiler threads does not exist here: tiered compilation needs at least 2
+#   (`-XX:CICompilerCount=1` is refused), which is already the 2-core default.
+# So `auto`: tiered for the daemon's Y, whose JVM runs for days, C1 only for `--drain` and the one-off sessions
+# (tests, benches' anchors, the class archive's build).
+JIT_OPTIONS = {"c1": "-XX:TieredStopAtLevel=1", "tiered": "-XX:+TieredCompilation"}
+# The parallel collector instead of G1 (bench/README.md, "yplan"). Per warm lone batch of Y (one
 # 10,000-row chunk through Y's own `_scan` + `_single_pass`; driver JVM CPU by thread, medians of batches 6-30;
 # four pairs of runs alternated, load 3-4), G1 / parallel: the thread that plans (Py4J) 355-362 / 301-314 ms,
 # the C1 compiler threads 159-168 / 71-75 ms (G1 also keeps the code cache sweeper busy, ~60 ms), executor
@@ -40,7 +46,23 @@ JAVA_OPTIONS_KEY = "spark.driver.extraJavaOptions"
 # stall that adds to one chunk's latency where the CPU saved shortens every chunk's. A metaspace threshold
 # above what the driver's classes take (~155 MB after 30 batches) spares the start the 4 full collections
 # (0.3-0.6 s of pauses) that the parallel collector otherwise makes at each "Metadata GC Threshold".
-DRIVER_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseParallelGC -XX:MetaspaceSize=256m"
+# These are the options every driver JVM gets whatever its compilers (the class archive's key holds them; an
+# archive maps under either compiler).
+DRIVER_JAVA_OPTIONS = "-XX:+UseParallelGC -XX:MetaspaceSize=256m"
+
+
+def driver_jit(settings: Settings) -> str:
+    """c1 or tiered: SPARK_DRIVER_JIT, with `auto` as C1 only (a session whose caller did not say it runs for long;
+    Mechanism Y says so through `resolve_jit`)."""
+    return "c1" if settings.spark_driver_jit == "auto" else settings.spark_driver_jit
+
+
+def resolve_jit(settings: Settings, *, runs_until_stopped: bool) -> Settings:
+    """`settings` with SPARK_DRIVER_JIT=auto made concrete: tiered for a process that runs until it is stopped (the
+    daemon's Mechanism Y), C1 only for one that ends when its work is done (`--drain`). A value the user set stays."""
+    if settings.spark_driver_jit != "auto":
+        return settings
+    return settings.model_copy(update={"spark_driver_jit": "tiered" if runs_until_stopped else "c1"})
 
 
 def spark_conf(settings: Settings, app_name: str) -> dict[str, str]:
@@ -68,7 +90,7 @@ def spark_conf(settings: Settings, app_name: str) -> dict[str, str]:
         "spark.sql.sources.partitionColumnTypeInference.enabled": "false",
         "spark.checkpoint.dir": settings.checkpoint_dir,
         "spark.log.level": "WARN",
-        JAVA_OPTIONS_KEY: DRIVER_JAVA_OPTIONS,
+        JAVA_OPTIONS_KEY: f"{JIT_OPTIONS[driver_jit(settings)]} {DRIVER_JAVA_OPTIONS}",
     }
     return conf
 
@@ -100,7 +122,12 @@ def build_spark_session(
     leave_sigterm_to_python(session)
     session.sparkContext.setLogLevel("WARN")
     session.sparkContext.setCheckpointDir(conf["spark.checkpoint.dir"])
-    log.info("Spark %s session up (master %s)", session.version, settings.spark_master)
+    log.info(
+        "Spark %s session up (master %s, driver compilers %s)",
+        session.version,
+        settings.spark_master,
+        driver_jit(settings),
+    )
     return session
 
 

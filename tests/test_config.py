@@ -109,6 +109,7 @@ BAD_VALUES = [
     ("SPARK_DRIVER_MEMORY", "lots", ["memory"]),
     ("SPARK_UI_ENABLED", "maybe", ["'maybe'", "true or false"]),
     ("SPARK_CLASS_ARCHIVE", "always", ["'always'", "auto, off"]),
+    ("SPARK_DRIVER_JIT", "c2", ["'c2'", "auto, c1, tiered"]),
     ("SPARK_CHECKPOINT_DIR", "/var/tp/checkpoints", ["local path", "s3a://", "LOCAL_LAKE_SHARED=true"]),
     ("LOCAL_LAKE_SHARED", "maybe", ["'maybe'", "true or false"]),
     ("PATID1_MIN_MERCHANT_TXNS", "-1", ["out of range", ">= 0"]),
@@ -407,6 +408,7 @@ NON_DEFAULT = {
     "SPARK_DRIVER_MEMORY": "2G",
     "SPARK_UI_ENABLED": "true",
     "SPARK_CLASS_ARCHIVE": "OFF",
+    "SPARK_DRIVER_JIT": "Tiered",
     "SPARK_JARS": "/opt/jars/*.jar",
     "SPARK_CHECKPOINT_DIR": "s3a://lake-bucket/checkpoints",
     "LOCAL_LAKE_SHARED": "true",
@@ -556,3 +558,41 @@ def test_driver_java_options_add_up_instead_of_replacing():
         "spark.app.name": "b",
     }
     assert merged_conf({"spark.app.name": "a"}, None) == {"spark.app.name": "a"}
+
+
+@pytest.mark.parametrize(
+    ("setting", "until_stopped", "resolved", "flag"),
+    [
+        ("auto", True, "tiered", "-XX:+TieredCompilation"),
+        ("auto", False, "c1", "-XX:TieredStopAtLevel=1"),
+        ("c1", True, "c1", "-XX:TieredStopAtLevel=1"),
+        ("tiered", False, "tiered", "-XX:+TieredCompilation"),
+    ],
+)
+def test_the_driver_jit_is_tiered_for_a_y_that_runs_until_stopped_unless_set(
+    make_settings, setting, until_stopped, resolved, flag
+):
+    from config.spark_config import DRIVER_JAVA_OPTIONS, JAVA_OPTIONS_KEY, resolve_jit, spark_conf
+
+    settings = resolve_jit(make_settings(SPARK_DRIVER_JIT=setting), runs_until_stopped=until_stopped)
+    assert settings.spark_driver_jit == resolved
+    options = spark_conf(settings, "t")[JAVA_OPTIONS_KEY].split()
+    assert options == [flag, *DRIVER_JAVA_OPTIONS.split()]
+    assert "TieredStopAtLevel" not in DRIVER_JAVA_OPTIONS  # the class archive's key: the same under either compiler
+    # a session whose caller says nothing (tests, anchors, the archive's build) compiles with C1 only
+    assert (
+        spark_conf(make_settings(SPARK_DRIVER_JIT="auto"), "t")[JAVA_OPTIONS_KEY].split()[0]
+        == "-XX:TieredStopAtLevel=1"
+    )
+
+
+@pytest.mark.parametrize(("drain", "handed"), [(True, "c1"), (False, "auto")])
+def test_the_supervisor_hands_a_drains_workers_c1(tmp_path, make_settings, drain, handed):
+    """Under `main.py --drain` Y runs without `--drain` of its own (it learns of the end from the supervisor's mark),
+    so the supervisor resolves SPARK_DRIVER_JIT=auto for it; the daemon's Y resolves it itself (tiered)."""
+    from main import Supervisor
+
+    settings = make_settings(DATA_DIR=str(tmp_path / "data"), METRICS_ADDR="off")
+    assert Supervisor(settings, drain=drain).env["SPARK_DRIVER_JIT"] == handed
+    set_by_user = make_settings(DATA_DIR=str(tmp_path / "data"), METRICS_ADDR="off", SPARK_DRIVER_JIT="tiered")
+    assert Supervisor(set_by_user, drain=drain).env["SPARK_DRIVER_JIT"] == "tiered"

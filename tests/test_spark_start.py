@@ -173,17 +173,20 @@ def test_the_class_archive_is_mapped_only_when_built_for_this_java_and_spark(tmp
 
 
 def test_the_driver_jvm_compiles_with_c1_only_and_collects_with_the_parallel_collector(spark):
-    """The product's session (`start_session`, as the daemon's Y builds it) hands the driver JVM the flags of
-    `DRIVER_JAVA_OPTIONS`, and the JVM runs with them: its collectors are the parallel ones, not G1 (the default
-    on a machine this size), and the flags are among its own arguments (bench/README.md, "yplan")."""
+    """The product's session (`start_session`; SPARK_DRIVER_JIT=auto in a session that does not run until stopped)
+    hands the driver JVM the flags of `DRIVER_JAVA_OPTIONS` and C1 only, and the JVM runs with them: its collectors
+    are the parallel ones, not G1 (the default on a machine this size), and the flags are among its own arguments
+    (bench/README.md, "yplan"). The tiered compilers of the daemon's Y: `test_the_background_build_pauses_...` below."""
     from config.spark_config import DRIVER_JAVA_OPTIONS, JAVA_OPTIONS_KEY
 
     assert "-XX:+UseParallelGC" in DRIVER_JAVA_OPTIONS.split()
-    assert set(DRIVER_JAVA_OPTIONS.split()) <= set(spark.sparkContext.getConf().get(JAVA_OPTIONS_KEY).split())
+    flags = {"-XX:TieredStopAtLevel=1", *DRIVER_JAVA_OPTIONS.split()}
+    assert flags <= set(spark.sparkContext.getConf().get(JAVA_OPTIONS_KEY).split())
     management = spark.sparkContext._jvm.java.lang.management.ManagementFactory
     collectors = {bean.getName() for bean in management.getGarbageCollectorMXBeans()}
     assert collectors == {"PS Scavenge", "PS MarkSweep"}
-    assert set(DRIVER_JAVA_OPTIONS.split()) <= set(management.getRuntimeMXBean().getInputArguments())
+    arguments = set(management.getRuntimeMXBean().getInputArguments())
+    assert flags <= arguments and "-XX:+TieredCompilation" not in arguments
 
 
 _MAPS_THE_ARCHIVE = """
@@ -198,6 +201,8 @@ spark = start_session(
     extra_conf={"spark.driver.extraJavaOptions": f"-Xlog:class+load=info:file={log}"},
 )
 spark.range(3).count()
+arguments = spark.sparkContext._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments()
+print("jit flags:", " ".join(sorted(a for a in arguments if "Tiered" in a)))
 spark.stop()
 """
 
@@ -282,7 +287,8 @@ def test_the_background_build_pauses_for_chunks_and_makes_an_archive_that_the_ne
     (README) in a process group of its own at nice 19. `pause` stops its JVM (the builder waits on it) and
     `run_while_idle` resumes it; the archive lands under its key's name, the outcome is reported once, nothing
     temporary is left, and a session started afterwards loads Spark's classes from it (the JVM's class loading
-    log names the archive's top layer as their source), without being told anything but DATA_DIR."""
+    log names the archive's top layer as their source), without being told anything but DATA_DIR, whichever its
+    compilers (SPARK_DRIVER_JIT: the archive is built under C1 only, the daemon's Y compiles with C1 and C2)."""
     from src.mechanism_y.background_archive import BackgroundBuild
 
     root = Path(__file__).resolve().parent.parent
@@ -335,3 +341,18 @@ def test_the_background_build_pauses_for_chunks_and_makes_an_archive_that_the_ne
     sources = loads.read_text(errors="replace")
     assert "source: shared objects file (top)" in sources, "no class came from the dynamic archive"
     assert "org.apache.spark.SparkContext source: shared objects file (top)" in sources
+    assert "jit flags: -XX:TieredStopAtLevel=1" in mapped.stdout
+
+    # The archive, built under C1 only, serves the daemon's Y too, which compiles with C1 and C2 (SPARK_DRIVER_JIT).
+    loads.unlink()
+    tiered = subprocess.run(
+        [sys.executable, "-c", _MAPS_THE_ARCHIVE, str(loads)],
+        cwd=root,
+        env={**env, "SPARK_DRIVER_JIT": "tiered"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert tiered.returncode == 0, tiered.stderr[-3000:]
+    assert "jit flags: -XX:+TieredCompilation" in tiered.stdout
+    assert "org.apache.spark.SparkContext source: shared objects file (top)" in loads.read_text(errors="replace")

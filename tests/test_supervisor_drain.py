@@ -83,6 +83,7 @@ def test_drain_finishes_when_y_dies_after_x_and_a_second_drain_ends_right_after_
     assert len(re.findall(r"mechanism Y started", text)) == 2, "Y restarted once, and only once"
     assert "signal 10" not in text and IMPOSSIBLE not in text
     assert "drain complete: every file ingested and every chunk processed" in text
+    assert "driver compilers c1)" in text and "driver compilers tiered" not in text  # a drain ends: C1 only
     chunks = _chunks(pg_conn)
     assert len(chunks) == 3 and all(status == "written" and done for _, status, done in chunks), chunks
 

@@ -78,6 +78,7 @@ def test_a_stop_signal_stops_both_workers_and_spark_cleanly(tmp_path, product_en
     assert f"{'SIGTERM' if to_group else 'SIGINT'} received: stopping the workers" in text
     assert "mechanism X: SIGTERM received" in text and "mechanism Y: SIGTERM received" in text
     assert "all workers stopped" in text and "did not stop" not in text and "Traceback" not in text
+    assert "driver compilers tiered)" in text  # SPARK_DRIVER_JIT=auto: the daemon's Y runs until stopped
     errors = [line for line in text.splitlines() if " ERROR " in line or "stopped mid-step" in line]
     assert not errors, "\n".join(errors)
     assert not _survivors(tree, 30)

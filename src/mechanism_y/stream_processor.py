@@ -1294,16 +1294,20 @@ def run_worker(
     starts even before the supervisor's own start-up (the embedded PostgreSQL) is done (`wait_for_start`). `submitted` is
     spark-submit's conf, which wins over the product's own (`src.packaging.submitted_conf`).
 
+    SPARK_DRIVER_JIT=auto becomes tiered compilation for a Y that runs until stopped and C1 only for `drain` (under
+    `main.py --drain` the supervisor hands its workers c1 itself).
+
     A standby (another daemon's Y leads) waits in `prepare`. With a local master its session is started in
     advance meanwhile (memory of this machine only; takeover then skips the JVM's start); with a cluster master
     it starts only once this Y leads, so a standby holds none of the cluster's executors."""
-    from config.spark_config import launched_jvm
+    from config.spark_config import launched_jvm, resolve_jit
     from src.observability.logs import spark_logging_conf
     from src.resources import open_lake
     from src.utils.runtime import wait_for_start
     from src.utils.spark_utils import BackgroundSession
 
     stop = stop or threading.Event()
+    settings = resolve_jit(settings, runs_until_stopped=not drain)
     conf = {**spark_logging_conf(settings), **(submitted or {})}
 
     def start_session() -> BackgroundSession:
