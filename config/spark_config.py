@@ -122,12 +122,9 @@ def build_spark_session(
     leave_sigterm_to_python(session)
     session.sparkContext.setLogLevel("WARN")
     session.sparkContext.setCheckpointDir(conf["spark.checkpoint.dir"])
-    log.info(
-        "Spark %s session up (master %s, driver compilers %s)",
-        session.version,
-        settings.spark_master,
-        driver_jit(settings),
-    )
+    # Under spark-submit the driver's JVM was started before these options: its compilers are spark-submit's.
+    compilers = driver_jit(settings) if launched_jvm(session) is not None else "as spark-submit started it"
+    log.info("Spark %s session up (master %s, driver compilers %s)", session.version, settings.spark_master, compilers)
     return session
 
 

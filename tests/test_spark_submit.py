@@ -105,6 +105,7 @@ def test_spark_submit_from_the_zip_drains_exactly(
     assert code == 0, text[-5000:]
     assert "mechanism Y: reading" in text and TEST_SECRET_KEY not in text
     assert f"master {spark_cluster.master_url}" in text, "the session is on spark-submit's master"
+    assert "driver compilers as spark-submit started it)" in text  # SPARK_DRIVER_JIT cannot reach that JVM
     assert all("Running task" in spark_cluster.executor_log(i) for i in range(2)), "Y's work ran on both executors"
 
     conn = psycopg2.connect(pg_server.dsn_for(pg_db))
