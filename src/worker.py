@@ -30,7 +30,8 @@ def worker_main(name: str, parser, argv: list[str] | None, run: Callable[..., in
     from src.errors import ProcessorError, SettingsError
 
     stop = threading.Event()
-    install_stop_handlers(stop, name)  # first: a SIGTERM from the supervisor is never fatal mid-start
+    received: list[str] = []
+    install_stop_handlers(stop, name, received)  # first: a SIGTERM from the supervisor is never fatal mid-start
     watch_parent(stop, name)
     args = parser.parse_args(argv)
     try:
@@ -43,6 +44,8 @@ def worker_main(name: str, parser, argv: list[str] | None, run: Callable[..., in
     from src.utils import retry
 
     configure_logging(settings, worker_id(name))
+    if received:  # came before the log was set up, so the handler's line went nowhere
+        log.info("%s: %s received while starting, stopping after the current step", name, received[0])
     install_worker_metrics()
     retry.configure(max_delay=settings.retry_max_delay_seconds)
     try:

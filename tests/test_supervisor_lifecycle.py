@@ -281,6 +281,37 @@ def test_a_worker_stopped_before_its_handlers_are_in_says_so(tmp_path, sig):
     assert " INFO " in said[0] and "mechanism_x" in said[0]
 
 
+def test_a_stop_before_the_worker_log_is_set_up_is_logged_once_it_is(tmp_path):
+    """`worker_main` installs its handlers first, then reads its settings and sets up its log: a SIGTERM in between
+    (the supervisor killed while X reads its settings) stopped X cleanly, but its handler's line went nowhere (seen
+    once in test_no_worker_nor_spark_jvm_outlives_a_killed_supervisor). The worker logs it once its log is set up."""
+    from main import Worker
+
+    data = tmp_path / "data"
+    data.mkdir()
+    log_file = tmp_path / "worker.log"
+    env = dict(os.environ, DATA_DIR=str(data), LOG_FORMAT="text", LOG_FILE=str(log_file), METRICS_ADDR="off")
+    env["PYTHONPATH"] = str(ROOT)
+    worker = Worker("mechanism X", THIS, ["slow-args"])
+    worker.start(env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (data / "slow-args-ready").exists():
+            assert worker.proc.poll() is None, f"the worker exited with {worker.proc.returncode}"
+            assert time.monotonic() < deadline, "the worker never got going"
+            time.sleep(0.05)
+        worker.proc.send_signal(signal.SIGTERM)
+        (data / "signalled").touch()
+        code = worker.proc.wait(60)
+    finally:
+        if worker.proc.poll() is None:
+            worker.proc.kill()
+    assert code == 0  # stopped cleanly: run() saw the stop
+    lines = log_file.read_text().splitlines()
+    said = [line for line in lines if "mechanism X: SIGTERM received" in line]
+    assert len(said) == 1 and "while starting, stopping after the current step" in said[0], lines
+
+
 def test_the_launcher_runs_the_module_as_python_m_does(tmp_path):
     """Exit codes, arguments and `__name__ == "__main__"` reach the worker module unchanged."""
     env = dict(os.environ, DATA_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
@@ -347,6 +378,21 @@ def _worker(argv: list[str]) -> int:
         Path(os.environ["DATA_DIR"], "slow-start-ready").touch()
         time.sleep(3600)
         return 0
+    if mode == "slow-args":  # worker_main's handlers are in, its log not yet set up (parsing, settings)
+        import argparse
+
+        from src.worker import worker_main
+
+        class SlowParser(argparse.ArgumentParser):
+            def parse_args(self, args=None, namespace=None):
+                Path(os.environ["DATA_DIR"], "slow-args-ready").touch()
+                time.sleep(2)  # the test's SIGTERM comes in here, and ends this sleep at once
+                deadline = time.monotonic() + 30
+                while not Path(os.environ["DATA_DIR"], "signalled").exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                return super().parse_args([], namespace)
+
+        return worker_main("mechanism X", SlowParser(), [], lambda settings, args, stop: 0 if stop.is_set() else 1)
     if mode == "stubborn":  # like a worker busy starting Spark: SIGTERM only sets a flag it does not look at yet
         stop = threading.Event()
         runtime.install_stop_handlers(stop, "stubborn")

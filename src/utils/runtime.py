@@ -37,10 +37,14 @@ _PR_SET_PDEATHSIG = 1
 log = logging.getLogger(__name__)
 
 
-def install_stop_handlers(stop: threading.Event, name: str) -> None:
-    """SIGTERM and SIGINT set `stop`; the worker finishes its current step and exits cleanly."""
+def install_stop_handlers(stop: threading.Event, name: str, received: list[str] | None = None) -> None:
+    """SIGTERM and SIGINT set `stop`; the worker finishes its current step and exits cleanly. Each signal's name is
+    appended to `received`: one that comes before the worker has set up its log is logged by the worker then
+    (`worker.worker_main`), since the handler's own line goes nowhere yet."""
 
     def handler(signum: int, _frame: object) -> None:
+        if received is not None:
+            received.append(signal.Signals(signum).name)
         if not stop.is_set():
             log.info("%s: %s received, stopping after the current step", name, signal.Signals(signum).name)
         stop.set()
