@@ -248,12 +248,9 @@ def test_workers_die_with_a_killed_supervisor(tmp_path):
     assert time.monotonic() - started < 30
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
-def test_a_worker_stopped_before_its_handlers_are_in_says_so(tmp_path, sig):
-    """The supervisor's stop, or its death (the parent-death signal is SIGTERM), can come while a worker still imports
-    its modules, before `worker_main` installs its handlers. The worker then ends by that signal, as before, but it
-    says so first: it used to vanish without a line (a race seen in
-    test_no_worker_nor_spark_jvm_outlives_a_killed_supervisor)."""
+def _signal_stub_x(tmp_path: Path, mode: str, sig: int) -> tuple[int, list[str]]:
+    """Start the stub worker `mode` as the supervisor starts mechanism X (through `src.launcher`), send it `sig` once
+    it marks `<mode>-ready` in DATA_DIR, then mark `signalled`: its exit code and the lines of its text log."""
     from main import Worker
 
     data = tmp_path / "data"
@@ -261,21 +258,31 @@ def test_a_worker_stopped_before_its_handlers_are_in_says_so(tmp_path, sig):
     log_file = tmp_path / "worker.log"
     env = dict(os.environ, DATA_DIR=str(data), LOG_FORMAT="text", LOG_FILE=str(log_file), METRICS_ADDR="off")
     env["PYTHONPATH"] = str(ROOT)
-    worker = Worker("mechanism X", THIS, ["slow-start"])
+    worker = Worker("mechanism X", THIS, [mode])
     worker.start(env)
     try:
         deadline = time.monotonic() + 60
-        while not (data / "slow-start-ready").exists():
+        while not (data / f"{mode}-ready").exists():
             assert worker.proc.poll() is None, f"the worker exited with {worker.proc.returncode}"
             assert time.monotonic() < deadline, "the worker never got going"
             time.sleep(0.05)
         worker.proc.send_signal(sig)
-        code = worker.proc.wait(30)
+        (data / "signalled").touch()
+        code = worker.proc.wait(60)
     finally:
         if worker.proc.poll() is None:
             worker.proc.kill()
+    return code, log_file.read_text().splitlines()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_worker_stopped_before_its_handlers_are_in_says_so(tmp_path, sig):
+    """The supervisor's stop, or its death (the parent-death signal is SIGTERM), can come while a worker still imports
+    its modules, before `worker_main` installs its handlers. The worker then ends by that signal, as before, but it
+    says so first: it used to vanish without a line (a race seen in
+    test_no_worker_nor_spark_jvm_outlives_a_killed_supervisor)."""
+    code, lines = _signal_stub_x(tmp_path, "slow-start", sig)
     assert code == -sig
-    lines = log_file.read_text().splitlines()
     said = [line for line in lines if f"mechanism X: {sig.name} received while starting; exiting" in line]
     assert len(said) == 1, lines
     assert " INFO " in said[0] and "mechanism_x" in said[0]
@@ -285,29 +292,8 @@ def test_a_stop_before_the_worker_log_is_set_up_is_logged_once_it_is(tmp_path):
     """`worker_main` installs its handlers first, then reads its settings and sets up its log: a SIGTERM in between
     (the supervisor killed while X reads its settings) stopped X cleanly, but its handler's line went nowhere (seen
     once in test_no_worker_nor_spark_jvm_outlives_a_killed_supervisor). The worker logs it once its log is set up."""
-    from main import Worker
-
-    data = tmp_path / "data"
-    data.mkdir()
-    log_file = tmp_path / "worker.log"
-    env = dict(os.environ, DATA_DIR=str(data), LOG_FORMAT="text", LOG_FILE=str(log_file), METRICS_ADDR="off")
-    env["PYTHONPATH"] = str(ROOT)
-    worker = Worker("mechanism X", THIS, ["slow-args"])
-    worker.start(env)
-    try:
-        deadline = time.monotonic() + 60
-        while not (data / "slow-args-ready").exists():
-            assert worker.proc.poll() is None, f"the worker exited with {worker.proc.returncode}"
-            assert time.monotonic() < deadline, "the worker never got going"
-            time.sleep(0.05)
-        worker.proc.send_signal(signal.SIGTERM)
-        (data / "signalled").touch()
-        code = worker.proc.wait(60)
-    finally:
-        if worker.proc.poll() is None:
-            worker.proc.kill()
+    code, lines = _signal_stub_x(tmp_path, "slow-args", signal.SIGTERM)
     assert code == 0  # stopped cleanly: run() saw the stop
-    lines = log_file.read_text().splitlines()
     said = [line for line in lines if "mechanism X: SIGTERM received" in line]
     assert len(said) == 1 and "while starting, stopping after the current step" in said[0], lines
 
