@@ -4,7 +4,8 @@ Machines differ threefold in speed, so every target of issue 12 is a ratio to on
 
 (a) `bare_session`: a fresh Python process that builds the product's SparkSession
     (`src.utils.spark_utils.start_session`, the same conf) and runs `spark.range(1).count()`;
-    timed from the process's launch to the end of that job.
+    timed from the process's launch to the end of that job. BARE_RUNS processes one after the other, the
+    median taken: one start moved by 2x between two runs of the same bench on a quiet machine.
 (b) `chunk_job` (in `warm_anchors`): on a warm session (WARM_ROUNDS untimed jobs first), one minimal job per
     chunk: read one chunk object, group by merchant, count, collect. Median of CHUNK_REPEATS.
 (c) `catch_up_pass` (in `warm_anchors`): one Spark pass that folds ALL the chunks of the run as a
@@ -38,6 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 CHUNK_REPEATS = 10
+BARE_RUNS = 3
 # (b) is compared with Y's lone batches, most of them dozens of jobs into Y's JVM: the anchor's JVM is warmed as far
 # before it is timed. After 2 untimed jobs (until 2026-12-03) the median was 35 % higher than after 20 (0.144-0.154 s
 # against 0.096-0.100 s on the 2-core machine, bench/README.md, "Anchor (b) measured warm"), which flattered target 1.
@@ -66,21 +68,26 @@ def _last_json(stdout: str) -> dict:
     raise RuntimeError(f"the anchor process printed no JSON result; its output ends with: {stdout[-500:]!r}")
 
 
-def bare_session(env: dict[str, str]) -> dict[str, float]:
-    """(a): seconds from launching a fresh Python to the end of `spark.range(1).count()` on the product's session."""
-    launched = time.time()
-    done = subprocess.run(
-        [sys.executable, "-c", _BARE.format(root=str(ROOT))],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"bare SparkSession anchor exited {done.returncode}: {done.stderr[-800:]}")
-    out = _last_json(done.stdout)
-    return {"session_s": out["session_up"] - launched, "total_s": out["job_done"] - launched}
+def bare_session(env: dict[str, str], runs: int = BARE_RUNS) -> dict:
+    """(a): seconds from launching a fresh Python to the end of `spark.range(1).count()` on the product's session;
+    the run of median total out of `runs` fresh processes, and every run's total (`total_all`)."""
+    measured = []
+    for _ in range(runs):
+        launched = time.time()
+        done = subprocess.run(
+            [sys.executable, "-c", _BARE.format(root=str(ROOT))],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"bare SparkSession anchor exited {done.returncode}: {done.stderr[-800:]}")
+        out = _last_json(done.stdout)
+        measured.append({"session_s": out["session_up"] - launched, "total_s": out["job_done"] - launched})
+    median = sorted(measured, key=lambda m: m["total_s"])[(runs - 1) // 2]
+    return {**median, "total_all": [m["total_s"] for m in measured]}
 
 
 def warm(env: dict[str, str], lake: Path, importance: Path) -> dict[str, float]:

@@ -3,6 +3,12 @@
     python bench/detect.py                   # 594,643-row sample, CHUNK_INTERVAL_SECONDS=0
     python bench/detect.py --rows 3000000    # does the latency stay flat as history grows?
     python bench/detect.py --interval 1      # the default pace: does Y keep up?
+    python bench/detect.py --interval 1 --daemon   # the same, as the service runs (no --drain)
+
+`--daemon` runs `python main.py` itself, not `--drain`, and stops it with SIGTERM once Y has processed every
+chunk of the transactions file (X's "done: ... in K chunks" line, then K of Y's chunk lines): Y then runs with
+the driver compilers the service picks (SPARK_DRIVER_JIT=auto: tiered), and so do the anchors. The wall time
+then ends at that SIGTERM; the stop's own time is printed apart.
 
 Everything lives in a temporary directory (DATA_DIR, LOCAL_INBOX_DIR, LOCAL_LAKE_DIR), with the
 sample (generated once into bench/out/) copied into its inbox, so the run starts from nothing: a first
@@ -29,6 +35,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -407,6 +414,44 @@ def startup_timeline(log_text: str, launched: datetime) -> list[tuple[str, float
     return [(label, found[label]) for label, _, _ in STARTUP_MILESTONES if label in found]
 
 
+# X's line once a transactions file is fully cut, and Y's line per processed chunk (text log).
+X_FILE_DONE = re.compile(r" mechanism_x \S+ \S+: file \S+ \(.*\) done: \d+ rows in (\d+) chunks")
+Y_CHUNK = re.compile(r" mechanism_y \S+ \S+: chunk (\d+) \(")
+
+
+class DaemonStopper(threading.Thread):
+    """Under `--daemon`: read the daemon's log every 0.2 s and send it SIGTERM once Y has processed as many chunks
+    as X has announced for the transactions file. `done_at` is when that was seen (perf_counter), or None."""
+
+    def __init__(self, proc: subprocess.Popen, log_path: Path) -> None:
+        super().__init__(daemon=True)
+        self.proc, self.log_path = proc, log_path
+        self.done_at: float | None = None
+        self.chunks = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        expected: int | None = None
+        seen: set[str] = set()
+        offset, rest = 0, b""
+        while not self.halt.wait(0.2) and self.proc.poll() is None:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+            offset += len(data)
+            *lines, rest = (rest + data).split(b"\n")
+            for raw in lines:
+                line = raw.decode(errors="replace")
+                if (m := X_FILE_DONE.search(line)) is not None:
+                    expected = (expected or 0) + int(m.group(1))
+                elif (m := Y_CHUNK.search(line)) is not None:
+                    seen.add(m.group(1))
+            if expected is not None and len(seen) >= expected:
+                self.done_at, self.chunks = time.perf_counter(), len(seen)
+                self.proc.send_signal(signal.SIGTERM)
+                return
+
+
 def write_profile_conf(work: Path, base: Path | None = None) -> tuple[Path, Path]:
     """A SPARK_CONF_DIR whose spark-defaults.conf turns Spark's event log on (the product has no extra-conf hook),
     after the lines of `base` (a cluster's spark-defaults.conf) if given."""
@@ -477,6 +522,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--py-spy", help="path to a py-spy binary: record Y's driver with it (with --profile)")
     parser.add_argument("--no-anchors", action="store_true", help="skip the issue-12 anchors (bench/anchors.py)")
+    parser.add_argument(
+        "--daemon",
+        action="store_true",
+        help="run python main.py as the service runs (no --drain) and stop it with SIGTERM once Y has processed "
+        "every chunk: Y's driver compilers are then the daemon's (SPARK_DRIVER_JIT=auto: tiered), and the anchors "
+        "get the same",
+    )
     parser.add_argument(
         "--master",
         default="local",
@@ -562,6 +614,9 @@ def run(args: argparse.Namespace, sample: Path, work: Path, cluster: SparkCluste
     if args.class_archive:
         install_class_archive(env, data)
     anchor_env = dict(env)
+    daemon_jit = env.get("SPARK_DRIVER_JIT") or "auto"
+    if args.daemon and daemon_jit == "auto":
+        anchor_env["SPARK_DRIVER_JIT"] = daemon_jit = "tiered"  # what the daemon's Y picks (resolve_jit)
     spark_env, master_line = cluster_settings(args, work, cluster)
     env.update(spark_env)
     checkpoints = Path(spark_env["SPARK_CHECKPOINT_DIR"]) if spark_env else None
@@ -575,17 +630,19 @@ def run(args: argparse.Namespace, sample: Path, work: Path, cluster: SparkCluste
         print("anchors skipped: they measure a local session (Spark in one JVM), not this cluster", flush=True)
     db_name = env.get("POSTGRES_DB") or "transactions"
     log_path = args.log or work / "daemon.log"
-    print(
-        f"running python main.py --drain on {args.rows:,} rows, CHUNK_INTERVAL_SECONDS={args.interval:g}, in {work}",
-        flush=True,
-    )
+    command = ["main.py"] if args.daemon else ["main.py", "--drain"]
+    what = "python " + " ".join(command)
+    print(f"running {what} on {args.rows:,} rows, CHUNK_INTERVAL_SECONDS={args.interval:g}, in {work}", flush=True)
     load_start = os.getloadavg()
     with open(log_path, "wb") as log_file:
         started = time.perf_counter()
         launched = datetime.now(timezone.utc)
         proc = subprocess.Popen(
-            [sys.executable, "main.py", "--drain"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
+            [sys.executable, *command], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
         )
+        stopper = DaemonStopper(proc, Path(log_path)) if args.daemon else None
+        if stopper is not None:
+            stopper.start()
         sampler = MemorySampler(psutil.Process(proc.pid), data / "postgres", spark_env.get("SPARK_MASTER"), checkpoints)
         sampler.start()
         spy = None
@@ -598,12 +655,22 @@ def run(args: argparse.Namespace, sample: Path, work: Path, cluster: SparkCluste
             proc.terminate()
             code = proc.wait(30)
             print(f"timed out after {args.timeout:.0f} s")
-        wall = time.perf_counter() - started
+        ended = time.perf_counter()
         load_end = os.getloadavg()
         sampler.stop.set()
         sampler.join()
+        stop_s = None
+        if stopper is not None:
+            stopper.halt.set()
+            stopper.join()
+            if stopper.done_at is None:
+                print(f"{what} exited before Y had processed every chunk")
+                code = code or 1
+            else:
+                stop_s, ended = ended - stopper.done_at, stopper.done_at
+        wall = ended - started
     if code != 0:
-        print(f"python main.py --drain exited with {code}; last lines of {log_path}:")
+        print(f"{what} exited with {code}; last lines of {log_path}:")
         print("\n".join(Path(log_path).read_text(errors="replace").splitlines()[-30:]))
         return 1
     if spy is not None:
@@ -650,17 +717,25 @@ def run(args: argparse.Namespace, sample: Path, work: Path, cluster: SparkCluste
     # The wall-time and p95 targets of issue 3 are for the 594,643-row sample at full speed.
     reference_run = args.rows == DEFAULT_ROWS and args.interval == 0
     lines = [
-        f"run             python main.py --drain, {args.rows:,} rows, CHUNK_INTERVAL_SECONDS={args.interval:g}",
+        f"run             {what}, {args.rows:,} rows, CHUNK_INTERVAL_SECONDS={args.interval:g}"
+        + (
+            f"; SIGTERM once Y had processed all {stopper.chunks} chunks, stopped {stop_s:.1f} s later"
+            if stopper is not None and stop_s is not None
+            else ""
+        ),
         f"master          {master_line}",
         f"compilers       SPARK_DRIVER_JIT={env.get('SPARK_DRIVER_JIT') or 'auto'}"
         + (
-            " (under --drain: C1 only; the daemon's default is tiered)"
-            if env.get("SPARK_DRIVER_JIT", "auto") == "auto"
+            f" (the daemon's Y and the anchors: {daemon_jit})"
+            if args.daemon
+            else " (under --drain: C1 only; the daemon's default is tiered)"
+            if daemon_jit == "auto"
             else ""
         ),
         f"load average    {' '.join(f'{x:.2f}' for x in load_start)} at the start, "
         f"{' '.join(f'{x:.2f}' for x in load_end)} at the end (2 cores, shared)",
         f"wall time       {wall:.1f} s, Spark start included"
+        + (", the stop left out" if args.daemon else "")
         + (f"  (target <= {TARGET_WALL_S:.0f} s: {verdict(wall <= TARGET_WALL_S)})" if reference_run else ""),
         f"chunks          {len(done)} processed of {len(chunks)} recorded; first write -> last processed {span:.1f} s",
         f"detections      {', '.join(f'{p}: {n}' for p, n in detections) or 'none'}; digest "
@@ -779,7 +854,8 @@ def print_issue12(
     cold = bool(multi) and multi[0] is yb[0]
     lines = [
         f"anchor (a)      bare SparkSession + spark.range(1).count() in a fresh process: {a_total:.2f} s "
-        f"(session up at {anchor['session_s']:.2f} s)",
+        f"(session up at {anchor['session_s']:.2f} s; median of "
+        f"{' / '.join(f'{t:.2f}' for t in anchor['total_all'])} s)",
         f"anchor (b)      one minimal job per chunk on a warm session (read chunk, group by merchant, count, "
         f"collect): median {b:.3f} s of {len(anchor['chunk_job_all'])}",
         f"anchor (c)      one pass fold_batch+detect_batch, one cut, over all {anchor['catch_up_chunks']} chunks: "
