@@ -50,6 +50,7 @@ NOT_RUNNABLE: dict[str, str] = {
     "python bench/detect.py": "benchmark: a full end-to-end run on the 594,643-row sample",
     "python bench/detect.py --rows 3000000": "benchmark: 3 million rows, many minutes",
     "python bench/detect.py --interval 1": "benchmark at the default pace, many minutes",
+    "python bench/detect.py --interval 1 --daemon": "benchmark at the default pace on the daemon, many minutes",
     "python -m bench.s3": "benchmark against an S3 server",
     "unzip -o transaction-processor.zip src/mechanism_y/stream_processor.py": (
         "part of the spark-submit walk-through: run where the zip was copied (tests/test_spark_submit.py does it)"
