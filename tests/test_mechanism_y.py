@@ -1337,6 +1337,55 @@ def test_y_picks_up_new_weights_mid_run(pg_server, spark, tmp_path, caplog):
         assert found == patid1_with(new) == set()
 
 
+def test_weights_that_x_loads_while_the_jvm_starts_are_read_before_the_session_is_up(pg_server, tmp_path):
+    """`prefetch_weights`, which `run_worker` calls between `prepare` and waiting for the session: X loads the
+    importance file while Y's JVM is still starting (`prepare` found none), and Y reads its weights then, so that
+    once the session is up they only have to be handed to Spark. It stops looking, with nothing read, when the
+    session is up first or Y is stopped."""
+    from src.mechanism_y.stream_processor import StreamProcessor
+    from src.resources import open_lake
+    from src.utils.db import Database
+
+    with product_run(pg_server, tmp_path, {}) as run:
+        db = Database(run.settings)
+        try:
+            db.apply_schema()
+            processor = StreamProcessor(run.settings, db, open_lake(run.settings), None, threading.Event())
+            processor.prepare()
+            assert processor._prefetched_weights is None  # no importance file loaded yet
+            processor.prefetch_weights(lambda: True)  # the session came up first
+            assert processor._prefetched_weights is None
+            stopped = StreamProcessor(run.settings, db, open_lake(run.settings), None, threading.Event())
+            stopped.stop.set()
+            stopped.prefetch_weights(lambda: False)  # returns: Y is stopping
+            assert stopped._prefetched_weights is None
+
+            weights = ["'C1','M1',0.30,'es_food',0", "'C1','M1',0.60,'es_health',0", "'C2','M1',0.90,'es_food',0"]
+            (run.inbox / "weights.csv").write_text("\n".join([CI_HEADER, *weights]) + "\n")
+            session_up = threading.Event()
+            x = threading.Thread(target=lambda: (time.sleep(0.5), run_x(run.settings)))
+            guard = threading.Timer(300, session_up.set)  # ends a wait that would never end (a failure below)
+            x.start()
+            guard.start()
+            try:
+                processor.prefetch_weights(session_up.is_set)
+            finally:
+                guard.cancel()
+                x.join()
+            assert not session_up.is_set()
+            assert processor._prefetched_weights is not None, "the weights X loaded were not read"
+            version, table = processor._prefetched_weights
+            got = {
+                (c, m): (w, n)
+                for c, m, w, n in zip(
+                    *(table.column(k).to_pylist() for k in ("customer", "merchant", "weight_sum", "weight_count"))
+                )
+            }
+            assert (version, got) == (1, {("C1", "M1"): (Decimal("0.90"), 2), ("C2", "M1"): (Decimal("0.90"), 1)})
+        finally:
+            db.close()
+
+
 def test_weights_are_read_per_pair_in_one_hash_aggregate(pg_server, tmp_path):
     """Y reads the weights as one row per (customer, merchant): the sum and count of the importance rows of the pair,
     whatever their typeTrans (checked against the rows the test wrote). Its transaction alone has the work_mem for a
