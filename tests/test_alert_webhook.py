@@ -11,6 +11,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import psycopg2
 import pytest
 
 from tests.pg_cluster import PgCluster, pg_bindir
@@ -328,7 +329,7 @@ def test_what_cannot_be_judged_while_postgresql_is_down_stays_as_it_was(make_set
     assert list(m.open) == [(FILE_FAILED, "f")]
 
 
-def test_an_incident_open_before_a_restart_is_not_announced_again(make_settings, pg_conn, base_env, receiver):
+def test_an_incident_open_before_a_restart_is_not_announced_again(make_settings, pg_conn, base_env, receiver, request):
     """Two AlertManagers in turn on the same ledger (a daemon restart): one firing, one resolved in all."""
     from src.observability import alerts
     from src.observability.status import collect_from
@@ -341,9 +342,14 @@ def test_an_incident_open_before_a_restart_is_not_announced_again(make_settings,
             "VALUES ('local-x', 'local', 'x.csv', 'unknown', 'failed', 'not a CSV file')"
         )
     settings = make_settings()
+    # The managers' snapshots read on a connection of their own, as the daemon's do: `collect_from` runs a
+    # read-only transaction, and on the test's connection an UPDATE of this thread could land inside one.
+    reader = psycopg2.connect(pg_conn.dsn)
+    reader.autocommit = True
+    request.addfinalizer(reader.close)
 
     def snapshot() -> dict:
-        return {"time": time.time(), "status": collect_from(pg_conn), "workers": []}
+        return {"time": time.time(), "status": collect_from(reader), "workers": []}
 
     def run_manager(until) -> None:
         manager = alerts.AlertManager(
