@@ -145,7 +145,6 @@ class StreamProcessor:
         self._prepared = False
         self._state_table: pa.Table | None = None  # read by `prepare`, handed to Spark by `_load_state`
         self._prefetched_weights: tuple[int, pa.Table] | None = None
-        self._weights_prefetched_early = False  # read by `prepare` or `prefetch_weights` (for the log line)
         self._warmed = False  # no idle warm-up from now on: a batch or a warm-up ran, or it was decided against
         self._spark_cold = True  # no batch and no warm-up has been through Spark yet in this session
         self._problem: tuple[object, object] | None = None  # (session, `problem_column()`): built once per session
@@ -177,7 +176,6 @@ class StreamProcessor:
         self._listen = Listener(self.db, CHUNK_CHANNEL)
         self._state_table = self._copy_state()
         self._prefetched_weights = self._fetch_weights()
-        self._weights_prefetched_early = self._prefetched_weights is not None
         self.emitted = {
             (p, c, m)
             for p, c, m in self.db.query("SELECT pattern_id, customer_name, merchant_id FROM pattern_detections")
@@ -332,11 +330,9 @@ class StreamProcessor:
         JVM starts, and reading its weights then (an aggregate of the whole file in PostgreSQL: 0.1-1 s for
         0.3-1.2 million rows) takes that read off the start's path: the session is not up yet anyway."""
         while self._prefetched_weights is None and not session_up() and not self.stop.is_set():
-            if self.db.query("SELECT 1 FROM importance_state WHERE id = 1"):
-                self._prefetched_weights = self._fetch_weights()
-                self._weights_prefetched_early = True
-                return
-            self.stop.wait(WEIGHTS_POLL_S)
+            self._prefetched_weights = self._fetch_weights()
+            if self._prefetched_weights is None:
+                self.stop.wait(WEIGHTS_POLL_S)
 
     def _copy_weights(self) -> pa.Table:
         return self._copy_out(WEIGHTS_SQL, WEIGHTS_ARROW_SCHEMA, what="read the weights", work_mem=WEIGHTS_WORK_MEM)
@@ -354,9 +350,10 @@ class StreamProcessor:
             return True
         t0 = time.perf_counter()
         fetched, self._prefetched_weights = self._prefetched_weights, None
-        early, self._weights_prefetched_early = self._weights_prefetched_early, False
-        if fetched is None or fetched[0] != version:
-            fetched, early = (version, self._copy_weights()), False  # the version just read
+        # Read while the JVM started (`prepare`, `prefetch_weights`), if of the version just read.
+        early = fetched is not None and fetched[0] == version
+        if not early:
+            fetched = (version, self._copy_weights())  # the version just read
         version, table = fetched
         t_read = time.perf_counter()
         if self.weights is not None:
