@@ -52,6 +52,7 @@ NOT_RUNNABLE: dict[str, str] = {
     "python bench/detect.py --interval 1": "benchmark at the default pace, many minutes",
     "python bench/detect.py --interval 1 --daemon": "benchmark at the default pace on the daemon, many minutes",
     "python -m bench.s3": "benchmark against an S3 server",
+    "python bench/commit_growth.py": "benchmark: fills a table to 30 million rows, minutes",
     "unzip -o transaction-processor.zip src/mechanism_y/stream_processor.py": (
         "part of the spark-submit walk-through: run where the zip was copied (tests/test_spark_submit.py does it)"
     ),
