@@ -11,6 +11,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy
 import psycopg2
 import pytest
 
@@ -230,6 +231,7 @@ def test_webhook_alerts_are_named_as_in_the_prometheus_rules():
         alerts.WORKER_RESTARTING,
         alerts.NO_CHUNK_PROCESSED,
         alerts.QUARANTINE_RATE_HIGH,
+        alerts.DATA_DIR_FILLING_UP,
     }
     assert webhook == rules
 
@@ -316,6 +318,89 @@ def test_quarantine_rate_above_the_setting(make_settings, ledger_status):
     fired = m.evaluate(snap(2, 10_000, 501))
     assert _fired(fired) == [(QUARANTINE_RATE_HIGH, "firing")] and "5.0% of the rows" in fired[0]["text"]
     assert _fired(m.evaluate(snap(3, 10_000, 10))) == [(QUARANTINE_RATE_HIGH, "resolved")]
+
+
+def test_data_dir_filling_up_needs_the_rate_for_the_whole_hold_and_ends_with_it(make_settings):
+    """The free space is fitted like Prometheus' predict_linear: a rate that fills the disk within the horizon, held
+    for `disk_for_seconds`, fires once; it resolves when the fitted rate no longer fills the disk, and an unreadable
+    free space leaves the incident as it was."""
+    from src.observability.alerts import DATA_DIR_FILLING_UP
+
+    m = _manager(
+        make_settings, disk_window_seconds=600, disk_horizon_seconds=3600, disk_for_seconds=120, disk_sample_seconds=10
+    )
+
+    def snap(t: float, free: float | None) -> dict:
+        return {"time": t, "status": None, "workers": [], "data_dir_free_bytes": free}
+
+    # 1,000,000 bytes free, 100 bytes/s less: 360,000 bytes an hour, the disk lasts 10,000 s: not within the horizon.
+    # From t=300, 1,000 bytes/s less (3.6 MB an hour, 970,000 bytes left): within the hour, once the fit sees it.
+    def free_at(t: int) -> int:
+        return 1_000_000 - 100 * t if t < 300 else 970_000 - 1_000 * (t - 300)
+
+    # The reference: numpy's least-squares line over the last 600 s of samples, read 3600 s ahead.
+    first_below = None
+    for t in range(0, 700, 10):
+        ts = [u for u in range(0, t + 1, 10) if u >= t - 600]
+        slope, intercept = numpy.polyfit(ts, [free_at(u) for u in ts], 1) if len(ts) > 1 else (0.0, 1.0)
+        if slope * (t + 3600) + intercept < 0:
+            first_below = t
+            break
+    assert first_below is not None and 300 < first_below < 500, first_below
+    fired_at = None
+    for t in range(0, 700, 10):
+        fired = m.evaluate(snap(t, free_at(t)))
+        if fired:
+            assert fired_at is None and _fired(fired) == [(DATA_DIR_FILLING_UP, "firing")], fired
+            assert "fills up within 1 h at the rate of the last 10 min" in fired[0]["text"], fired[0]["text"]
+            fired_at = t
+    assert fired_at == first_below + 120, (fired_at, first_below)  # held for disk_for_seconds, not before
+    assert m.evaluate(snap(700, None)) == []  # unknown: neither resolved nor fired again
+    assert list(m.open) == [(DATA_DIR_FILLING_UP,)]
+    # Steady from here: the fit over the 600 s window flattens, and the incident ends.
+    resolved = [(t, msg) for t in range(710, 1400, 10) for msg in m.evaluate(snap(t, 570_000))]
+    assert [(msg["alert"], msg["status"]) for _, msg in resolved] == [(DATA_DIR_FILLING_UP, "resolved")], resolved
+    assert m.open == {}
+
+    slow = _manager(make_settings, disk_window_seconds=600, disk_horizon_seconds=3600, disk_for_seconds=120)
+    for t in range(0, 3000, 10):  # 100 bytes/s from 1 MB: 360 kB an hour, never within the horizon
+        assert slow.evaluate(snap(t, 1_000_000 - 100 * t)) == []
+
+
+def test_data_dir_filling_up_taken_over_after_a_restart_stays_open_while_the_rate_holds(make_settings):
+    """A restarted daemon takes over the open incident (as `_evaluate_loop` does from IncidentStore) with no samples
+    of its own: nothing is announced while it has too few samples to fit, nor while the rate still fills the disk
+    (the hour's hold is for opening an incident), and the incident resolves once the rate no longer does."""
+    from src.observability.alerts import DATA_DIR_FILLING_UP
+
+    limits = {"disk_window_seconds": 600, "disk_horizon_seconds": 3600, "disk_for_seconds": 120}
+    before = _manager(make_settings, disk_sample_seconds=10, **limits)
+
+    def snap(t: float, free: float) -> dict:
+        return {"time": t, "status": None, "workers": [], "data_dir_free_bytes": free}
+
+    fired = [msg for t in range(0, 400, 10) for msg in before.evaluate(snap(t, 1_000_000 - 1_000 * t))]
+    assert _fired(fired) == [(DATA_DIR_FILLING_UP, "firing")]
+
+    after = _manager(make_settings, disk_sample_seconds=10, **limits)
+    after.open.update(before.open)  # the take-over
+    filling = [msg for t in range(400, 500, 10) for msg in after.evaluate(snap(t, 1_000_000 - 1_000 * t))]
+    assert filling == [] and list(after.open) == [(DATA_DIR_FILLING_UP,)]
+    steady = [msg for t in range(500, 1200, 10) for msg in after.evaluate(snap(t, 500_000))]
+    assert _fired(steady) == [(DATA_DIR_FILLING_UP, "resolved")]
+
+
+def test_the_supervisor_snapshot_reads_the_free_space_of_data_dir(make_settings, tmp_path):
+    import shutil
+
+    from src.observability.alerts import data_dir_free_bytes
+
+    settings = make_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # the supervisor creates it before the alerts start
+    free = data_dir_free_bytes(settings)
+    assert free is not None and abs(free - shutil.disk_usage(settings.data_dir).free) < 512 * 2**20
+    gone = settings.model_copy(update={"data_dir": tmp_path / "nowhere" / "data"})
+    assert data_dir_free_bytes(gone) is None
 
 
 def test_what_cannot_be_judged_while_postgresql_is_down_stays_as_it_was(make_settings, ledger_status):

@@ -1,11 +1,11 @@
 """Webhook alerts for installations without Prometheus (`ALERT_WEBHOOK_URL`).
 
-The supervisor's AlertManager looks at a snapshot of the pipeline every few seconds (the ledger
-summary of `status.py`, PostgreSQL and lake reachability, the workers' restart counts), keeps the set
-of open incidents, and POSTs one message when an incident starts and one when it resolves. The same
-incidents as `config/alerts.yml`, under the same names. Messages go through a bounded queue to a
-sender thread that retries with capped backoff: the pipeline never waits for the receiver, and a
-receiver that is down costs nothing but that thread's time.
+The supervisor's AlertManager looks at a snapshot of the pipeline every few seconds (the ledger summary
+of `status.py`, PostgreSQL and lake reachability, the workers' restart counts, the free space of
+DATA_DIR's file system), keeps the set of open incidents, and POSTs one message when an incident starts
+and one when it resolves. The same incidents as `config/alerts.yml`, under the same names. Messages go
+through a bounded queue to a sender thread that retries with capped backoff: the pipeline never waits
+for the receiver, and a receiver that is down costs nothing but that thread's time.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import logging
 import queue
+import shutil
 import threading
 import time
 import urllib.error
@@ -30,6 +31,7 @@ BACKLOG_GROWING = "BacklogGrowing"
 WORKER_RESTARTING = "WorkerRestarting"
 NO_CHUNK_PROCESSED = "NoChunkProcessed"
 QUARANTINE_RATE_HIGH = "QuarantineRateHigh"
+DATA_DIR_FILLING_UP = "DataDirFillingUp"
 
 # Labels as in tp_dependency_up (src/observability/server.py), names as a person reads them.
 DEPENDENCY_NAMES = {"postgresql": "PostgreSQL", "lake": "the lake", "drive": "Google Drive"}
@@ -49,6 +51,12 @@ class Thresholds:
     worker_healthy_seconds: float = 60.0
     quarantine_ratio: float = 0.05
     quarantine_min_rows: int = 1000
+    # DataDirFillingUp: the free space of DATA_DIR's file system, fitted over `disk_window_seconds` and projected
+    # `disk_horizon_seconds` ahead (Prometheus' predict_linear), below zero for `disk_for_seconds`.
+    disk_window_seconds: float = 6 * 3600.0
+    disk_horizon_seconds: float = 24 * 3600.0
+    disk_for_seconds: float = 3600.0
+    disk_sample_seconds: float = 60.0  # one sample a minute is kept for the fit, as Prometheus would scrape
 
 
 @dataclass
@@ -85,6 +93,8 @@ class AlertManager:
         self.stop_event = threading.Event()
         self._down_since: dict[str, float] = {}
         self._backlog: collections.deque[tuple[float, int]] = collections.deque()
+        self._free: collections.deque[tuple[float, float]] = collections.deque()
+        self._filling_since: float | None = None
         self._threads: list[threading.Thread] = []
         self.store = store
         self._dirty = False
@@ -149,19 +159,21 @@ class AlertManager:
             self._enqueue(m)
         return messages
 
-    @staticmethod
-    def _unknowable(snapshot: dict[str, Any]) -> set[str]:
+    def _unknowable(self, snapshot: dict[str, Any]) -> set[str]:
         """Alerts that cannot be judged from this snapshot: they stay as they are, neither fired nor resolved."""
         out: set[str] = set()
         if snapshot.get("status") is None:
             out |= {FILE_FAILED, BACKLOG_GROWING, NO_CHUNK_PROCESSED, QUARANTINE_RATE_HIGH}
         if snapshot.get("workers") is None:
             out.add(WORKER_RESTARTING)
+        if snapshot.get("data_dir_free_bytes") is None or len(self._free) < 2:  # no rate to fit yet
+            out.add(DATA_DIR_FILLING_UP)
         return out
 
     def _incidents(self, snapshot: dict[str, Any], now: float) -> Iterable[Incident]:
         yield from self._dependencies(snapshot, now)
         yield from self._workers(snapshot.get("workers") or [])
+        yield from self._data_dir(snapshot.get("data_dir_free_bytes"), now)
         status = snapshot.get("status")
         if status is not None:
             yield from self._files(status)
@@ -250,6 +262,33 @@ class AlertManager:
                 (QUARANTINE_RATE_HIGH,),
                 f"{bad / rows:.1%} of the rows ingested in the last {q.get('minutes')} min were quarantined "
                 f"({bad} of {rows}; the limit is ALERT_QUARANTINE_RATIO={limit})",
+                {},
+            )
+
+    def _data_dir(self, free: float | None, now: float) -> Iterable[Incident]:
+        if free is None:
+            return
+        t = self.thresholds
+        samples = self._free
+        if not samples or now - samples[-1][0] >= t.disk_sample_seconds:
+            samples.append((now, float(free)))
+        while samples and samples[0][0] < now - t.disk_window_seconds:
+            samples.popleft()
+        predicted = _predict_linear(samples, now, t.disk_horizon_seconds)
+        if predicted is None:
+            return  # not judged yet (see _unknowable): an incident a restart took over stays open meanwhile
+        if predicted >= 0:
+            self._filling_since = None
+            return
+        if self._filling_since is None:
+            self._filling_since = now
+        # The hour's hold is for opening it; one already open (taken over from before a restart) stays while it holds.
+        if now - self._filling_since >= t.disk_for_seconds or (DATA_DIR_FILLING_UP,) in self.open:
+            yield Incident(
+                DATA_DIR_FILLING_UP,
+                (DATA_DIR_FILLING_UP,),
+                f"the disk holding DATA_DIR fills up within {_span(t.disk_horizon_seconds)} at the rate of the last "
+                f"{_span(t.disk_window_seconds)} ({free / 2**30:.1f} GiB free now)",
                 {},
             )
 
@@ -474,6 +513,14 @@ def worker_facts(workers: Iterable[Any]) -> list[dict[str, Any]]:
     ]
 
 
+def data_dir_free_bytes(settings: Any) -> int | None:
+    """Free bytes of the file system holding DATA_DIR (as tp_data_dir_free_bytes), None if it cannot be read."""
+    try:
+        return shutil.disk_usage(settings.data_dir).free
+    except OSError:
+        return None
+
+
 def start_alerts(
     settings: Any, workers: Callable[[], Iterable[Any]], *, open_lake: Callable[..., Any] | None = None
 ) -> AlertManager | None:
@@ -485,9 +532,31 @@ def start_alerts(
     def snapshot() -> dict[str, Any]:
         snap = probe()
         snap["workers"] = worker_facts(workers())
+        snap["data_dir_free_bytes"] = data_dir_free_bytes(settings)
         return snap
 
     return AlertManager(settings, snapshot=snapshot, store=IncidentStore(settings)).start()
+
+
+def _predict_linear(samples: Iterable[tuple[float, float]], now: float, ahead: float) -> float | None:
+    """The least-squares line through `samples` (time, value), read `ahead` seconds after `now`, as Prometheus'
+    predict_linear does; None with fewer than two samples or all at one time."""
+    points = list(samples)
+    if len(points) < 2:
+        return None
+    n = len(points)
+    mean_t = sum(p[0] for p in points) / n
+    mean_v = sum(p[1] for p in points) / n
+    var = sum((p[0] - mean_t) ** 2 for p in points)
+    if var == 0:
+        return None
+    slope = sum((p[0] - mean_t) * (p[1] - mean_v) for p in points) / var
+    return mean_v + slope * (now + ahead - mean_t)
+
+
+def _span(seconds: float) -> str:
+    """A duration as a person reads it in a message: "24 h", "10 min"."""
+    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds / 60:g} min"
 
 
 def _iso(epoch: float) -> str:
